@@ -1,0 +1,45 @@
+"""distgrad: define-by-run autograd on NumPy/CuPy with exact data-parallel gradients over Ray.
+
+Example::
+
+    import distgrad as dg
+    from distgrad.autograd import Variable
+
+    x = Variable(dg.ones(2, 2), requires_grad=True)
+    out = ((x + 2) * (x + 2) * 3).mean()
+    out.backward()          # x.grad == 4.5 everywhere
+"""
+import numpy as np
+
+from . import autograd
+from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
+from .factories import *  # noqa: F401,F403
+from .factories import (BoolTensor, ByteTensor, DoubleTensor, FloatTensor, IntTensor, LongTensor,
+                        arange, cat, empty, eye, from_numpy, full, linspace, ones, ones_like,
+                        rand, randint, randn, randn_like, randperm, stack, tensor, where, zeros,
+                        zeros_like)
+from .random import manual_seed
+from .tensor import Size, Tensor, Variable, apply_op
+
+__version__ = "0.1.0"
+
+float16, float32, float64 = np.float16, np.float32, np.float64
+half, float, double = np.float16, np.float32, np.float64
+int8, int16, int32, int64, uint8 = np.int8, np.int16, np.int32, np.int64, np.uint8
+long, bool = np.int64, np.bool_
+
+
+def is_tensor(x):
+    return isinstance(x, Tensor)
+
+
+def __getattr__(name):
+    # Heavier subpackages load on first use so ``import distgrad`` stays fast.
+    import importlib
+    if name in ("nn", "optim", "distributed", "cuda"):
+        return importlib.import_module(f".{name}", __name__)
+    if name in ("save", "load"):
+        return getattr(importlib.import_module(".serialization", __name__), name)
+    if name in ("init", "Cluster", "Shard", "Replicate", "Partial"):
+        return getattr(importlib.import_module(".distributed", __name__), name)
+    raise AttributeError(f"module 'distgrad' has no attribute {name!r}")

@@ -1,0 +1,81 @@
+"""Array-module selection: the one place that knows about numpy vs cupy.
+
+Op code receives ``xp`` (numpy or cupy) and never imports cupy itself.
+cupy is imported only when a CUDA device is asked for.
+"""
+import numpy as np
+
+_cupy = None
+
+
+class DeviceError(RuntimeError):
+    """A device was requested that this machine cannot provide."""
+
+
+def cupy_module():
+    """Return the cupy module, importing it on first use (clear error if absent)."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy  # noqa: PLC0415  (imported only when CUDA is asked for)
+        except ImportError as e:
+            raise DeviceError(
+                "device='cuda' needs cupy and an NVIDIA GPU: pip install 'distgrad[gpu]' "
+                f"(import cupy failed: {e})") from None
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # cupy raises CUDARuntimeError without a driver
+            raise DeviceError(f"device='cuda': cupy is installed but no CUDA GPU is usable ({e})") from None
+        if count < 1:
+            raise DeviceError("device='cuda': cupy is installed but no CUDA GPU was found")
+        _cupy = cupy
+    return _cupy
+
+
+def normalize_device(device):
+    """'cpu', 'cuda', 'cuda:0' -> canonical string; anything else is an error."""
+    if device is None:
+        return "cpu"
+    device = str(device)
+    if device == "cpu" or device == "cuda" or device.startswith("cuda:"):
+        return device
+    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+
+
+def xp_for_device(device):
+    """The array module for a device string."""
+    return np if normalize_device(device) == "cpu" else cupy_module()
+
+
+def is_cupy_array(a):
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def array_module(*arrays):
+    """numpy or cupy, whichever the arrays belong to (scalars count as numpy)."""
+    for a in arrays:
+        if is_cupy_array(a):
+            return cupy_module()
+    return np
+
+
+def device_of(array):
+    if is_cupy_array(array):
+        return f"cuda:{array.device.id}" if array.device.id else "cuda"
+    return "cpu"
+
+
+def to_device(array, device):
+    """Copy an array to a device (no copy when it is already there)."""
+    device = normalize_device(device)
+    if device == "cpu":
+        return array.get() if is_cupy_array(array) else array
+    cp = cupy_module()
+    if device != "cuda":
+        with cp.cuda.Device(int(device.split(":")[1])):
+            return cp.asarray(array)
+    return cp.asarray(array)
+
+
+def to_numpy(array):
+    return array.get() if is_cupy_array(array) else np.asarray(array)

@@ -1,0 +1,268 @@
+"""The backward engine: graph nodes, op application, and the iterative backward walk.
+
+A node is created for every op whose inputs need gradients. Its class is named after
+the op (``MulBackward``) so ``y.grad_fn`` reads like PyTorch. Nodes hold their
+inputs and the version each had when the op ran; a VJP that reads an input modified
+in place since then gets a clear error instead of a wrong gradient.
+"""
+import itertools
+import threading
+import weakref
+from contextlib import contextmanager
+
+_state = threading.local()          # grad mode is per thread: local-backend workers are threads
+_seq = itertools.count()            # creation order = a valid topological order of the graph
+
+
+def is_grad_enabled():
+    return getattr(_state, "grad_enabled", True)
+
+
+def set_grad_enabled(mode):
+    _state.grad_enabled = bool(mode)
+
+
+@contextmanager
+def no_grad():
+    """Context manager that disables graph recording.
+
+    Example::
+
+        with dg.no_grad():
+            w -= lr * w.grad      # not recorded
+    """
+    prev = is_grad_enabled()
+    set_grad_enabled(False)
+    try:
+        yield
+    finally:
+        set_grad_enabled(prev)
+
+
+@contextmanager
+def enable_grad():
+    prev = is_grad_enabled()
+    set_grad_enabled(True)
+    try:
+        yield
+    finally:
+        set_grad_enabled(prev)
+
+
+class Node:
+    """Base of every ``grad_fn``. ``next_nodes[i]`` receives the gradient of input i."""
+
+    __slots__ = ("next_nodes", "seq", "pre_hooks", "released", "__weakref__")
+    op_name = "?"
+
+    def __init__(self, next_nodes):
+        self.next_nodes = next_nodes
+        self.seq = next(_seq)
+        self.pre_hooks = None
+        self.released = False
+
+    def name(self):
+        return type(self).__name__
+
+    def __repr__(self):
+        return f"<distgrad.autograd.{type(self).__name__} object at {hex(id(self))}>"
+
+    def register_prehook(self, fn):
+        if self.pre_hooks is None:
+            self.pre_hooks = []
+        self.pre_hooks.append(fn)
+
+    def input_grads(self, grad):
+        """Gradients for each entry of ``next_nodes`` (None where not needed)."""
+        raise NotImplementedError
+
+    def release(self):
+        self.released = True
+
+
+_node_classes = {}
+
+
+def node_class(name, base):
+    """One Node subclass per op, named ``<Op>Backward`` (cached)."""
+    key = (name, base)
+    cls = _node_classes.get(key)
+    if cls is None:
+        camel = "".join(part[:1].upper() + part[1:] for part in name.split("_"))
+        cls = type(f"{camel}Backward", (base,), {"__slots__": (), "op_name": name})
+        _node_classes[key] = cls
+    return cls
+
+
+def check_version(tensor, saved_version, node):
+    """Raise if a tensor a VJP needs was modified in place after it was saved."""
+    if tensor._store.version != saved_version:
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: a tensor of shape {tuple(tensor.shape)} used by {node.name()} "
+            f"is at version {tensor._store.version}; expected version {saved_version} instead.")
+
+
+class OpNode(Node):
+    """grad_fn of a registry op: calls the op's per-input VJPs."""
+
+    __slots__ = ("op", "inputs", "versions", "attrs", "out_array")
+
+    def __init__(self, op, inputs, attrs, out_array, next_nodes):
+        super().__init__(next_nodes)
+        self.op = op
+        self.inputs = inputs
+        self.versions = tuple(getattr(x, "_store", None) and x._store.version for x in inputs)
+        self.attrs = attrs
+        self.out_array = out_array
+
+    def input_grads(self, grad):
+        from ..tensor import Tensor, SavedTensor
+        if self.released:
+            raise RuntimeError(
+                f"Trying to backward through the graph a second time ({self.name()}), but its "
+                "saved values were already freed. Specify retain_graph=True on the first backward.")
+        saved = tuple(SavedTensor(x, v, self) if isinstance(x, Tensor) else x
+                      for x, v in zip(self.inputs, self.versions))
+        ans = Tensor._from_array(self.out_array, grad_fn=self) if self.op.uses_output else None
+        out = []
+        for i, nxt in enumerate(self.next_nodes):
+            if nxt is None:
+                out.append(None)
+                continue
+            g = self.op.vjp(i, grad, ans, saved, self.attrs)
+            out.append(g)
+        return out
+
+    def release(self):
+        super().release()
+        self.inputs = self.out_array = None
+
+
+class AccumulateGrad(Node):
+    """Sink node of a leaf tensor: adds the incoming gradient into ``leaf.grad``."""
+
+    __slots__ = ("variable",)
+
+    def __init__(self, variable):
+        super().__init__(())
+        self.variable = variable
+
+    def accumulate(self, grad, create_graph):
+        leaf = self.variable
+        if grad.shape != leaf.shape:
+            raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match leaf of shape "
+                               f"{tuple(leaf.shape)}")
+        leaf._accumulate_grad(grad, create_graph)
+
+
+def next_node_of(t):
+    """The node that receives the gradient of tensor ``t`` (None if it needs none)."""
+    if not t.requires_grad:
+        return None
+    if t.grad_fn is not None:
+        return t.grad_fn
+    acc = t._accum_ref() if t._accum_ref is not None else None
+    if acc is None:
+        acc = AccumulateGrad(t)
+        t._accum_ref = weakref.ref(acc)
+    return acc
+
+
+def _topo_order(roots):
+    """All nodes reachable from ``roots``, consumers before producers (by creation seq)."""
+    seen = set()
+    stack = [r for r in roots if r is not None]
+    nodes = []
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        nodes.append(n)
+        stack.extend(m for m in n.next_nodes if m is not None and id(m) not in seen)
+    # A node is always created after the nodes of its inputs, so descending seq is a
+    # topological order from outputs to inputs.
+    nodes.sort(key=lambda n: n.seq, reverse=True)
+    return nodes
+
+
+def _needed(order, targets):
+    """Ids of nodes on some path to a target node (for autograd.grad's pruning)."""
+    need = set(id(t) for t in targets)
+    for n in reversed(order):          # producers first
+        if any(m is not None and id(m) in need for m in n.next_nodes):
+            need.add(id(n))
+    return need
+
+
+def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inputs=None,
+                 on_leaf_ready=None):
+    """Propagate ``root_grads`` from ``roots`` (tensors) to the leaves.
+
+    With ``inputs`` given, returns their gradients instead of accumulating into
+    ``.grad`` (``autograd.grad``). ``on_leaf_ready(leaf)`` is called as soon as a leaf's
+    gradient is final: the distributed worker launches its all-reduce buckets from it.
+    """
+    from ..tensor import Tensor
+    root_nodes, buffers = [], {}
+    capture = {}
+    if inputs is not None:
+        for t in inputs:
+            capture[id(next_node_of(t) if t.requires_grad else None)] = None
+    for t, g in zip(roots, root_grads):
+        node = next_node_of(t)
+        if node is None:
+            raise RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn")
+        root_nodes.append(node)
+        buffers[id(node)] = g if id(node) not in buffers else buffers[id(node)] + g
+    order = _topo_order(root_nodes)
+    need = _needed(order, [next_node_of(t) for t in inputs]) if inputs is not None else None
+    prev_mode = is_grad_enabled()
+    set_grad_enabled(create_graph)
+    try:
+        for node in order:
+            grad = buffers.pop(id(node), None)
+            if grad is None or (need is not None and id(node) not in need):
+                continue
+            if node.pre_hooks:
+                for hook in node.pre_hooks:
+                    res = hook(grad)
+                    if res is not None:
+                        grad = res
+            if id(node) in capture:
+                capture[id(node)] = grad
+                if isinstance(node, AccumulateGrad):
+                    continue
+            if isinstance(node, AccumulateGrad):
+                node.accumulate(grad, create_graph)
+                if on_leaf_ready is not None:
+                    on_leaf_ready(node.variable)
+                continue
+            grads = node.input_grads(grad)
+            if not retain_graph:
+                node.release()
+            for nxt, g in zip(node.next_nodes, grads):
+                if nxt is None or g is None:
+                    continue
+                if need is not None and id(nxt) not in need:
+                    continue
+                prev = buffers.get(id(nxt))
+                buffers[id(nxt)] = g if prev is None else prev + g
+    finally:
+        set_grad_enabled(prev_mode)
+    if inputs is not None:
+        return [capture.get(id(next_node_of(t)) if t.requires_grad else None) for t in inputs]
+    return None
+
+
+def make_node(op, inputs, attrs, out_array):
+    """Record a node for an op application, or None if no input needs a gradient."""
+    from ..tensor import Tensor
+    if not is_grad_enabled() or not op.differentiable:
+        return None
+    next_nodes = tuple(next_node_of(x) if isinstance(x, Tensor) else None for x in inputs)
+    if all(n is None for n in next_nodes):
+        return None
+    cls = node_class(op.name, OpNode)
+    return cls(op, inputs, attrs, out_array, next_nodes)

@@ -1,0 +1,98 @@
+"""Custom differentiable ops: subclass ``Function`` with static forward/backward.
+
+Example::
+
+    class Exp(Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = x.exp()
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad):
+            y, = ctx.saved_tensors
+            return grad * y
+
+    z = Exp.apply(x)
+"""
+from . import engine
+
+
+class FunctionCtx:
+    """What ``forward`` leaves for ``backward``: saved tensors and any attributes."""
+
+    def __init__(self):
+        self._saved = ()
+        self._versions = ()
+        self.needs_input_grad = ()
+        self._node = None
+
+    def save_for_backward(self, *tensors):
+        self._saved = tensors
+        self._versions = tuple(None if t is None else t._store.version for t in tensors)
+
+    @property
+    def saved_tensors(self):
+        from ..tensor import SavedTensor
+        if self._node is not None and self._node.released:
+            raise RuntimeError(f"Trying to backward through the graph a second time "
+                               f"({self._node.name()}); specify retain_graph=True.")
+        return tuple(None if t is None else SavedTensor(t, v, self._node)
+                     for t, v in zip(self._saved, self._versions))
+
+
+class FunctionNode(engine.Node):
+    """grad_fn of a custom Function: calls its ``backward`` once for all inputs."""
+
+    __slots__ = ("ctx", "fn_cls", "n_inputs")
+
+    def input_grads(self, grad):
+        grads = self.fn_cls.backward(self.ctx, grad)
+        if not isinstance(grads, tuple):
+            grads = (grads,)
+        if len(grads) != self.n_inputs:
+            raise RuntimeError(f"{self.fn_cls.__name__}.backward returned {len(grads)} gradients, "
+                               f"but forward took {self.n_inputs} inputs")
+        from ..tensor import Tensor
+        out = []
+        for g, nxt in zip(grads, self.next_nodes):
+            if g is not None and not isinstance(g, Tensor):
+                g = Tensor(g)
+            out.append(g if nxt is not None else None)
+        return out
+
+    def release(self):
+        super().release()
+        self.ctx._saved = ()
+
+
+class Function:
+    """Base class of user-defined differentiable operations (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        from ..tensor import Tensor, Variable
+        ctx = FunctionCtx()
+        ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
+        with engine.no_grad():
+            out = cls.forward(ctx, *args, **kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{cls.__name__}.forward must return a single tensor, got {type(out).__name__}")
+        next_nodes = tuple(engine.next_node_of(a) if isinstance(a, Tensor) else None for a in args)
+        if not engine.is_grad_enabled() or all(n is None for n in next_nodes):
+            return out
+        node_cls = engine.node_class(cls.__name__, FunctionNode)
+        node = node_cls(next_nodes)
+        node.ctx, node.fn_cls, node.n_inputs = ctx, cls, len(args)
+        ctx._node = node
+        result_cls = Variable if any(isinstance(a, Variable) for a in args) else type(out)
+        return result_cls._from_array(out._store.array, grad_fn=node, requires_grad=True)

@@ -1,0 +1,67 @@
+"""Numerical gradient checking by float64 central differences."""
+import numpy as np
+
+
+class GradcheckError(AssertionError):
+    pass
+
+
+def _as_outputs(out):
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=True):
+    """Compare ``autograd.grad`` of ``fn`` with central differences, input by input.
+
+    Inputs that require grad should be float64. Returns True, or raises
+    ``GradcheckError`` naming the input, the output and the worst element.
+
+    Example::
+
+        x = Variable(dg.randn(3, dtype=dg.float64), requires_grad=True)
+        assert gradcheck(lambda x: (x * x).sum(), (x,))
+    """
+    from ..tensor import Tensor
+    from . import grad as autograd_grad
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    diff = [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
+    for x in diff:
+        if x.dtype != np.float64:
+            raise GradcheckError(f"gradcheck needs float64 inputs; got {x.dtype} of shape {tuple(x.shape)}")
+    outputs = _as_outputs(fn(*inputs))
+    for k, out in enumerate(outputs):
+        if not out.requires_grad:
+            continue
+        out_flat = out.numel()
+        analytic = [np.zeros((out_flat, x.numel())) for x in diff]
+        numeric = [np.zeros((out_flat, x.numel())) for x in diff]
+        for j in range(out_flat):
+            seed = np.zeros(out_flat)
+            seed[j] = 1.0
+            seed_t = Tensor(seed.reshape(out.shape).astype(out.dtype))
+            gs = autograd_grad(_as_outputs(fn(*inputs))[k], diff, grad_outputs=seed_t,
+                               allow_unused=True)
+            for i, g in enumerate(gs):
+                if g is not None:
+                    analytic[i][j] = np.asarray(g._store.array, dtype=np.float64).ravel()
+        for i, x in enumerate(diff):
+            arr = x._store.array
+            flat = arr.reshape(-1)
+            for e in range(flat.size):
+                orig = flat[e].item()
+                flat[e] = orig + eps
+                plus = np.asarray(_as_outputs(fn(*inputs))[k].detach()._store.array, dtype=np.float64).ravel()
+                flat[e] = orig - eps
+                minus = np.asarray(_as_outputs(fn(*inputs))[k].detach()._store.array, dtype=np.float64).ravel()
+                flat[e] = orig
+                numeric[i][:, e] = (plus - minus) / (2 * eps)
+            bad = ~np.isclose(analytic[i], numeric[i], rtol=rtol, atol=atol)
+            if bad.any():
+                j, e = map(int, np.argwhere(bad)[0])
+                msg = (f"gradcheck: Jacobian mismatch for output {k} w.r.t. input {i} (shape "
+                       f"{tuple(x.shape)}) at output element {j}, input element {e}: "
+                       f"analytic {analytic[i][j, e]:.8g} vs numerical {numeric[i][j, e]:.8g}")
+                if raise_exception:
+                    raise GradcheckError(msg)
+                return False
+    return True

@@ -1,0 +1,757 @@
+"""Tensor and Variable: an array (numpy or cupy) plus autograd state.
+
+Every operation goes through ``apply_op``, which runs the op's registry forward and,
+when a gradient is needed, records a node. ``Variable`` is a ``Tensor`` that prints
+as ``Variable containing:``, as in the classic tutorial; ``.data`` is a plain
+``Tensor`` sharing the same storage and version counter.
+"""
+import collections
+import numbers
+
+import numpy as np
+
+from . import _backend
+from ._printing import format_tensor
+from .autograd import engine
+from .ops import get_op
+
+DEFAULT_DTYPE = np.dtype(np.float32)
+MaxResult = collections.namedtuple("MaxResult", ["values", "indices"])
+# Set by the distributed layer: called for ops that touch a lazy (distributed) tensor.
+lazy_dispatch = None
+
+
+class Storage:
+    """An array and a version counter bumped by every in-place write."""
+
+    __slots__ = ("array", "version")
+
+    def __init__(self, array):
+        self.array = array
+        self.version = 0
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    lazy = False
+
+
+class _StaleStorage:
+    """Stands in for a saved tensor modified in place: metadata works, data raises."""
+
+    __slots__ = ("shape", "dtype", "error")
+    lazy = False
+    version = -1
+
+    def __init__(self, store, error):
+        self.shape, self.dtype, self.error = store.shape, store.dtype, error
+
+    @property
+    def array(self):
+        raise self.error
+
+
+def SavedTensor(tensor, version, node):
+    """A node's saved input, or a stand-in that raises if it was modified in place."""
+    if tensor._store.version == version:
+        return tensor
+    try:
+        engine.check_version(tensor, version, node)
+    except RuntimeError as err:
+        stale = Tensor._from_array(None, grad_fn=tensor.grad_fn, requires_grad=tensor.requires_grad)
+        stale._store = _StaleStorage(tensor._store, err)
+        stale._accum_ref = tensor._accum_ref
+        return stale
+
+
+def _is_tensor(x):
+    return isinstance(x, Tensor)
+
+
+def _to_array(data, dtype=None, device=None):
+    """Convert user data (lists, numbers, arrays, tensors) to an array on ``device``."""
+    if isinstance(data, Tensor):
+        arr = data._store.array
+        if dtype is not None:
+            arr = arr.astype(np.dtype(dtype))
+    else:
+        if _backend.is_cupy_array(data):
+            arr = data
+        else:
+            arr = np.asarray(data, dtype=None if dtype is None else np.dtype(dtype))
+            if dtype is None and arr.dtype == np.float64 and not isinstance(data, np.ndarray):
+                arr = arr.astype(DEFAULT_DTYPE)      # Python floats -> default float32
+        if dtype is not None:
+            arr = arr.astype(np.dtype(dtype), copy=False)
+    if device is not None:
+        arr = _backend.to_device(arr, device)
+    return arr
+
+
+def _index_arg(index):
+    """Tensors inside an index become arrays (the registry stores plain indices)."""
+    if isinstance(index, tuple):
+        return tuple(_index_arg(i) for i in index)
+    if isinstance(index, Tensor):
+        return index._store.array
+    if isinstance(index, list):
+        return np.asarray(index)
+    return index
+
+
+def apply_op(name, *inputs, **attrs):
+    """Run registry op ``name`` on tensors/scalars, recording a node when needed.
+
+    Example::
+
+        y = apply_op("mul", x, 3)      # same as x * 3
+    """
+    op = get_op(name)
+    tensors = [x for x in inputs if isinstance(x, Tensor)]
+    if lazy_dispatch is not None and any(t._store.lazy for t in tensors):
+        return lazy_dispatch(op, inputs, attrs)
+    arrays = [x._store.array if isinstance(x, Tensor) else x for x in inputs]
+    if len(tensors) > 1:
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise RuntimeError(f"{name}: expected all tensors on one device, got {sorted(devices)}")
+    xp = _backend.array_module(*arrays)
+    try:
+        out = op.forward(xp, *arrays, **attrs)
+    except (ValueError, IndexError, TypeError) as e:
+        shapes = " and ".join(str(tuple(t.shape)) for t in tensors)
+        raise RuntimeError(f"{name}: cannot apply to tensors of shapes {shapes}: {e}") from None
+    if not hasattr(out, "dtype") or not hasattr(out, "shape"):
+        out = xp.asarray(out)
+    elif not hasattr(out, "flags") and not _backend.is_cupy_array(out):
+        out = np.asarray(out)          # numpy scalar -> 0-d array
+    node = engine.make_node(op, inputs, attrs, out)
+    cls = Variable if any(isinstance(t, Variable) for t in tensors) else Tensor
+    return cls._from_array(out, grad_fn=node, requires_grad=node is not None)
+
+
+def _dims(args):
+    """Accept both f(2, 3) and f((2, 3)) for shape arguments."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return tuple(args[0])
+    return tuple(args)
+
+
+class Size(tuple):
+    """Shape of a tensor (a tuple), printed like torch.Size."""
+
+    def __repr__(self):
+        return f"distgrad.Size({list(self)})"
+
+    def numel(self):
+        return int(np.prod(self, dtype=np.int64))
+
+
+class Tensor:
+    """An n-dimensional array on the CPU (numpy) or a GPU (cupy) with autograd support.
+
+    Example::
+
+        t = dg.Tensor([[1., 2.], [3., 4.]], requires_grad=True)
+        (t * t).sum().backward()      # t.grad == 2 * t
+    """
+
+    __array_priority__ = 100          # numpy scalar op tensor -> our reflected method
+
+    def __init__(self, data=None, requires_grad=False, dtype=None, device=None, volatile=False):
+        if isinstance(data, Tensor) and dtype is None and device is None:
+            self._store = data._store            # share storage, as Variable(tensor) does
+        else:
+            self._store = Storage(_to_array([] if data is None else data, dtype, device))
+        self._init_autograd(None, requires_grad)
+        self.volatile = bool(volatile)
+
+    def _init_autograd(self, grad_fn, requires_grad):
+        if requires_grad and grad_fn is None and not self._is_float():
+            raise RuntimeError(f"only floating point tensors can require gradients (got {self.dtype})")
+        self.grad_fn = grad_fn
+        self.requires_grad = bool(requires_grad)
+        self._grad = None
+        self._accum_ref = None
+        self._retains_grad = False
+        self.volatile = False
+
+    @classmethod
+    def _from_array(cls, array, grad_fn=None, requires_grad=False):
+        t = cls.__new__(cls)
+        t._store = Storage(array)
+        t._init_autograd(grad_fn, requires_grad)
+        return t
+
+    # ------------------------------------------------------------ metadata
+    @property
+    def shape(self):
+        return Size(self._store.shape)
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self._store.shape[dim]
+
+    @property
+    def dtype(self):
+        return self._store.dtype
+
+    @property
+    def ndim(self):
+        return len(self._store.shape)
+
+    def dim(self):
+        return self.ndim
+
+    def numel(self):
+        return int(np.prod(self._store.shape, dtype=np.int64))
+
+    nelement = numel
+
+    @property
+    def device(self):
+        if self._store.lazy:
+            return self._store.device
+        return _backend.device_of(self._store.array)
+
+    @property
+    def is_cuda(self):
+        return str(self.device).startswith("cuda")
+
+    def _is_float(self):
+        return np.issubdtype(np.dtype(self.dtype), np.floating) if self._store.array is not None else True
+
+    def type(self):
+        from ._printing import type_name
+        return type_name(self.dtype, self.device)
+
+    @property
+    def is_leaf(self):
+        return self.grad_fn is None
+
+    # ------------------------------------------------------------ data and grad
+    @property
+    def data(self):
+        """A plain tensor on the same storage, outside the graph."""
+        t = Tensor.__new__(Tensor)
+        t._store = self._store
+        t._init_autograd(None, False)
+        return t
+
+    @data.setter
+    def data(self, value):
+        value = value if isinstance(value, Tensor) else Tensor(value)
+        self._store = value._store
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        if value is not None:
+            value = value if isinstance(value, Tensor) else Variable(value)
+            if value.shape != self.shape:
+                raise RuntimeError(f"assigned grad has shape {tuple(value.shape)}, "
+                                   f"but the tensor has shape {tuple(self.shape)}")
+        self._grad = value
+
+    def _accumulate_grad(self, grad, create_graph):
+        """Add a gradient into ``.grad`` (the leaf's own copy: never an alias of another)."""
+        if self._grad is None:
+            if create_graph:
+                self._grad = grad if isinstance(grad, Variable) else Variable(grad)
+            else:
+                self._grad = Variable._from_array(grad._store.array.copy())
+        elif create_graph or self._grad.requires_grad:
+            self._grad = self._grad + grad
+        else:
+            self._grad._store.array += grad._store.array
+            self._grad._store.version += 1
+
+    def requires_grad_(self, requires_grad=True):
+        if not self.is_leaf:
+            raise RuntimeError("requires_grad_ can only change the flag of a leaf tensor")
+        self._init_requires_grad(requires_grad)
+        return self
+
+    def _init_requires_grad(self, flag):
+        if flag and not self._is_float():
+            raise RuntimeError(f"only floating point tensors can require gradients (got {self.dtype})")
+        self.requires_grad = bool(flag)
+
+    def detach(self):
+        """A tensor on the same storage with no history."""
+        t = type(self).__new__(Variable if isinstance(self, Variable) else Tensor)
+        t._store = self._store
+        t._init_autograd(None, False)
+        return t
+
+    def detach_(self):
+        self.grad_fn = None
+        self.requires_grad = False
+        return self
+
+    def retain_grad(self):
+        """Keep ``.grad`` for this non-leaf tensor after backward."""
+        if self.is_leaf or self._retains_grad:
+            return self
+
+        def hook(g):
+            self._grad = g.detach() if self._grad is None else self._grad + g.detach()
+        self.grad_fn.register_prehook(hook)
+        self._retains_grad = True
+        return self
+
+    def register_hook(self, fn):
+        """Call ``fn(grad)`` when this tensor's gradient is computed; a return value replaces it.
+
+        Example::
+
+            x.register_hook(lambda g: g * 2)
+        """
+        if not self.requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that doesn't require gradient")
+        node = self.grad_fn if self.grad_fn is not None else engine.next_node_of(self)
+        if self.grad_fn is None:
+            self._hook_node = node                # keep the leaf's accumulator alive
+        node.register_prehook(fn)
+        return fn
+
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        Example::
+
+            out = (x * x).sum(); out.backward()     # x.grad == 2 * x
+        """
+        from .autograd import backward
+        backward([self], None if gradient is None else [gradient], retain_graph, create_graph,
+                 inputs=inputs)
+
+    # ------------------------------------------------------------ conversion
+    def numpy(self):
+        if self.requires_grad:
+            raise RuntimeError("Can't call numpy() on a tensor that requires grad. "
+                               "Use tensor.detach().numpy() instead.")
+        if self.is_cuda:
+            raise TypeError("can't convert a cuda tensor to numpy: use .cpu() first")
+        return self._store.array
+
+    def tolist(self):
+        return _backend.to_numpy(self._store.array).tolist()
+
+    def item(self):
+        if self.numel() != 1:
+            raise ValueError(f"only one element tensors can be converted to Python scalars "
+                             f"(got shape {tuple(self.shape)})")
+        return _backend.to_numpy(self._store.array).reshape(()).item()
+
+    def __array__(self, dtype=None, copy=None):
+        a = _backend.to_numpy(self._store.array)
+        return a if dtype is None else a.astype(dtype)
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __index__(self):
+        if np.issubdtype(self.dtype, np.integer) and self.numel() == 1:
+            return int(self.item())
+        raise TypeError("only integer tensors of a single element can be converted to an index")
+
+    def __bool__(self):
+        if self.numel() != 1:
+            raise RuntimeError(f"Boolean value of a tensor with {self.numel()} values is ambiguous")
+        return bool(self.item())
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self._store.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    __hash__ = object.__hash__
+
+    def __repr__(self):
+        a = _backend.to_numpy(self._store.array)
+        return format_tensor(a, self.dtype, self.device, isinstance(self, Variable))
+
+    def __format__(self, spec):
+        if self.numel() == 1 and spec:
+            return format(self.item(), spec)
+        return repr(self)
+
+    def to(self, *args, dtype=None, device=None):
+        """Move to a device and/or cast: ``t.to('cuda')``, ``t.to(dg.float64)``."""
+        for a in args:
+            if isinstance(a, str) and (a == "cpu" or a.startswith("cuda")):
+                device = a
+            elif isinstance(a, Tensor):
+                device, dtype = a.device, a.dtype
+            else:
+                dtype = a
+        out = self
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            out = out.astype(dtype)
+        if device is not None and _backend.normalize_device(device) != str(out.device):
+            out = apply_op("to_device", out, device=_backend.normalize_device(device))
+        return out
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self, device=None):
+        return self.to("cuda" if device is None else f"cuda:{device}")
+
+    def astype(self, dtype):
+        dtype = np.dtype(dtype)
+        return self if dtype == self.dtype else apply_op("astype", self, dtype=str(dtype))
+
+    def float(self):
+        return self.astype(np.float32)
+
+    def double(self):
+        return self.astype(np.float64)
+
+    def half(self):
+        return self.astype(np.float16)
+
+    def long(self):
+        return self.astype(np.int64)
+
+    def int(self):
+        return self.astype(np.int32)
+
+    def bool(self):
+        return self.astype(np.bool_)
+
+    # ------------------------------------------------------------ arithmetic
+    def __add__(self, o): return apply_op("add", self, o)
+    def __radd__(self, o): return apply_op("add", o, self)
+    def __sub__(self, o): return apply_op("sub", self, o)
+    def __rsub__(self, o): return apply_op("sub", o, self)
+    def __mul__(self, o): return apply_op("mul", self, o)
+    def __rmul__(self, o): return apply_op("mul", o, self)
+    def __truediv__(self, o): return apply_op("div", self, o)
+    def __rtruediv__(self, o): return apply_op("div", o, self)
+    def __pow__(self, o): return apply_op("pow", self, o)
+    def __rpow__(self, o): return apply_op("pow", o, self)
+    def __matmul__(self, o): return apply_op("matmul", self, o)
+    def __rmatmul__(self, o): return apply_op("matmul", o, self)
+    def __neg__(self): return apply_op("neg", self)
+    def __pos__(self): return self
+    def __abs__(self): return apply_op("abs", self)
+    def __lt__(self, o): return apply_op("lt", self, o)
+    def __le__(self, o): return apply_op("le", self, o)
+    def __gt__(self, o): return apply_op("gt", self, o)
+    def __ge__(self, o): return apply_op("ge", self, o)
+    def __eq__(self, o): return apply_op("eq", self, o)
+    def __ne__(self, o): return apply_op("ne", self, o)
+    def __and__(self, o): return apply_op("logical_and", self, o)
+    def __or__(self, o): return apply_op("logical_or", self, o)
+    def __invert__(self): return apply_op("logical_not", self)
+
+    def __getitem__(self, index):
+        return apply_op("getitem", self, index=_index_arg(index))
+
+    def __setitem__(self, index, value):
+        self._inplace("index_put", value, index=_index_arg(index))
+
+    def add(self, o, alpha=1): return self + (o if alpha == 1 else o * alpha)
+    def sub(self, o, alpha=1): return self - (o if alpha == 1 else o * alpha)
+    def mul(self, o): return self * o
+    def div(self, o): return self / o
+    def pow(self, o): return self ** o
+    def neg(self): return -self
+    def matmul(self, o): return self @ o
+    mm = matmul
+    def exp(self): return apply_op("exp", self)
+    def log(self): return apply_op("log", self)
+    def sqrt(self): return apply_op("sqrt", self)
+    def abs(self): return apply_op("abs", self)
+    def sin(self): return apply_op("sin", self)
+    def cos(self): return apply_op("cos", self)
+    def tanh(self): return apply_op("tanh", self)
+    def sigmoid(self): return apply_op("sigmoid", self)
+    def relu(self): return apply_op("relu", self)
+    def sign(self): return apply_op("sign", self)
+    def floor(self): return apply_op("floor", self)
+    def clone(self): return apply_op("clone", self)
+    def eq(self, o): return self == o
+    def ne(self, o): return self != o
+    def lt(self, o): return self < o
+    def le(self, o): return self <= o
+    def gt(self, o): return self > o
+    def ge(self, o): return self >= o
+
+    def clamp(self, min=None, max=None):
+        return apply_op("clamp", self, min=min, max=max)
+
+    clip = clamp
+
+    def maximum(self, o): return apply_op("maximum", self, o)
+    def minimum(self, o): return apply_op("minimum", self, o)
+
+    def where(self, condition, other):
+        """``self`` where ``condition`` holds, else ``other`` (PyTorch's ``Tensor.where``)."""
+        return apply_op("where", condition, self, other)
+
+    def masked_fill(self, mask, value):
+        return apply_op("mask_fill", self, mask, value=value, invert=True)
+
+    def _masked(self, cond, value, invert=False):
+        return apply_op("mask_fill", self, cond, value=value, invert=invert)
+
+    # ------------------------------------------------------------ reductions
+    def sum(self, dim=None, keepdim=False):
+        return apply_op("sum", self, dim=_dim_attr(dim), keepdim=keepdim)
+
+    def mean(self, dim=None, keepdim=False):
+        return apply_op("mean", self, dim=_dim_attr(dim), keepdim=keepdim)
+
+    def prod(self, dim=None, keepdim=False):
+        return apply_op("prod", self, dim=_dim_attr(dim), keepdim=keepdim)
+
+    def amax(self, dim=None, keepdim=False):
+        return apply_op("amax", self, dim=_dim_attr(dim), keepdim=keepdim)
+
+    def amin(self, dim=None, keepdim=False):
+        return apply_op("amin", self, dim=_dim_attr(dim), keepdim=keepdim)
+
+    def max(self, dim=None, keepdim=False):
+        """``max()`` -> scalar; ``max(dim)`` -> (values, indices); ``max(tensor)`` -> maximum."""
+        if isinstance(dim, Tensor):
+            return self.maximum(dim)
+        if dim is None:
+            return self.amax()
+        return MaxResult(self.amax(dim, keepdim), self.argmax(dim, keepdim))
+
+    def min(self, dim=None, keepdim=False):
+        if isinstance(dim, Tensor):
+            return self.minimum(dim)
+        if dim is None:
+            return self.amin()
+        return MaxResult(self.amin(dim, keepdim), self.argmin(dim, keepdim))
+
+    def argmax(self, dim=None, keepdim=False):
+        return apply_op("argmax", self, dim=dim, keepdim=keepdim)
+
+    def argmin(self, dim=None, keepdim=False):
+        return apply_op("argmin", self, dim=dim, keepdim=keepdim)
+
+    def norm(self, p=2, dim=None, keepdim=False):
+        """The p-norm (default 2, Frobenius for matrices) over ``dim`` (None: all)."""
+        dim = _dim_attr(dim)
+        if p in (2, "fro"):
+            return apply_op("norm", self, dim=dim, keepdim=keepdim)
+        if p == 1:
+            return self.abs().sum(dim, keepdim)
+        if p == float("inf"):
+            return self.abs().amax(dim, keepdim)
+        return (self.abs() ** p).sum(dim, keepdim) ** (1.0 / p)
+
+    def var(self, dim=None, unbiased=True, keepdim=False, correction=None):
+        dim = _dim_attr(dim)
+        correction = (1 if unbiased else 0) if correction is None else correction
+        n = int(np.prod([self.shape[d] for d in _norm_dims(dim, self.ndim)], dtype=np.int64))
+        d = self - self.mean(dim, keepdim=True)
+        return (d * d).sum(dim, keepdim) / max(n - correction, 0)
+
+    def std(self, dim=None, unbiased=True, keepdim=False, correction=None):
+        return self.var(dim, unbiased, keepdim, correction).sqrt()
+
+    def logsumexp(self, dim, keepdim=False):
+        return apply_op("logsumexp", self, dim=_dim_attr(dim), keepdim=keepdim)
+
+    def softmax(self, dim):
+        return apply_op("softmax", self, dim=dim)
+
+    def log_softmax(self, dim):
+        return apply_op("log_softmax", self, dim=dim)
+
+    # ------------------------------------------------------------ shape
+    def reshape(self, *shape):
+        shape = _dims(shape)
+        return self if shape == tuple(self.shape) else apply_op("reshape", self, shape=shape)
+
+    view = reshape
+
+    def view_as(self, other):
+        return self.reshape(other.shape)
+
+    reshape_as = view_as
+
+    def flatten(self, start_dim=0, end_dim=-1):
+        if self.ndim == 0:
+            return self.reshape(1)
+        s, e = start_dim % self.ndim, end_dim % self.ndim
+        shape = tuple(self.shape)
+        return self.reshape(shape[:s] + (-1,) + shape[e + 1:])
+
+    def transpose(self, dim0, dim1):
+        return apply_op("transpose", self, dim0=dim0, dim1=dim1)
+
+    def t(self):
+        if self.ndim > 2:
+            raise RuntimeError(f"t() expects a tensor with <= 2 dimensions, got {self.ndim}")
+        return self if self.ndim < 2 else self.transpose(0, 1)
+
+    @property
+    def T(self):
+        return self.permute(*range(self.ndim - 1, -1, -1)) if self.ndim > 1 else self
+
+    @property
+    def mT(self):
+        return self.transpose(-2, -1)
+
+    def permute(self, *dims):
+        return apply_op("permute", self, dims=_dims(dims))
+
+    def squeeze(self, dim=None):
+        return apply_op("squeeze", self, dim=dim)
+
+    def unsqueeze(self, dim):
+        return apply_op("unsqueeze", self, dim=dim)
+
+    def expand(self, *sizes):
+        sizes = _dims(sizes)
+        return self if sizes == tuple(self.shape) else apply_op("expand", self, shape=sizes)
+
+    def expand_as(self, other):
+        return self.expand(other.shape)
+
+    def contiguous(self):
+        return self
+
+    def split(self, split_size, dim=0):
+        """Split into pieces of ``split_size`` (an int or a list of sizes) along ``dim``."""
+        n = self.shape[dim]
+        if isinstance(split_size, int):
+            sizes = [min(split_size, n - s) for s in range(0, n, split_size)]
+        else:
+            sizes = list(split_size)
+            if sum(sizes) != n:
+                raise ValueError(f"split: sizes {sizes} do not add up to {n} (dim {dim})")
+        out, start = [], 0
+        for s in sizes:
+            index = (slice(None),) * (dim % self.ndim) + (slice(start, start + s),)
+            out.append(self[index])
+            start += s
+        return tuple(out)
+
+    def chunk(self, chunks, dim=0):
+        return self.split(-(-self.shape[dim] // chunks), dim)
+
+    def scatter_add_zeros(self, shape, index):
+        return apply_op("scatter_add_zeros", self, shape=tuple(shape), index=index)
+
+    def index_put(self, value, index):
+        return apply_op("index_put", self, value, index=index)
+
+    # ------------------------------------------------------------ in place
+    def _inplace(self, name, *args, **attrs):
+        if self.requires_grad and self.is_leaf and engine.is_grad_enabled():
+            raise RuntimeError(f"a leaf Variable that requires grad is being used in an in-place "
+                               f"operation ({name}); wrap it in dg.no_grad() or use .data")
+        result = apply_op(name, self, *args, **attrs)
+        self._write(result, name)
+        return self
+
+    def _write(self, result, name):
+        """Copy ``result`` into this tensor's storage and take over its history."""
+        store = self._store
+        if store.lazy:
+            store.assign(result)
+        else:
+            if tuple(result.shape) != tuple(store.shape):
+                raise RuntimeError(f"{name}_: result of shape {tuple(result.shape)} cannot be written "
+                                   f"in place into a tensor of shape {tuple(store.shape)}")
+            if not np.can_cast(result.dtype, store.dtype, "same_kind"):
+                raise RuntimeError(f"{name}_: result type {result.dtype} can't be cast to the "
+                                   f"desired output type {store.dtype}")
+            arr = store.array
+            if getattr(arr, "flags", None) is not None and not arr.flags.writeable:
+                store.array = result._store.array.astype(store.dtype, copy=True)
+            else:
+                arr[...] = result._store.array
+        store.version += 1
+        if result.grad_fn is not None:
+            self.grad_fn = result.grad_fn
+            self.requires_grad = True
+
+    def add_(self, o, alpha=1): return self._inplace("add", o if alpha == 1 else o * alpha)
+    def sub_(self, o, alpha=1): return self._inplace("sub", o if alpha == 1 else o * alpha)
+    def mul_(self, o): return self._inplace("mul", o)
+    def div_(self, o): return self._inplace("div", o)
+    def pow_(self, o): return self._inplace("pow", o)
+    def clamp_(self, min=None, max=None): return self._inplace("clamp", min=min, max=max)
+    def exp_(self): return self._inplace("exp")
+    def sqrt_(self): return self._inplace("sqrt")
+    def neg_(self): return self._inplace("neg")
+    def relu_(self): return self._inplace("relu")
+    __iadd__ = add_
+    __isub__ = sub_
+    __imul__ = mul_
+    __itruediv__ = div_
+
+    def zero_(self):
+        return self.fill_(0)
+
+    def fill_(self, value):
+        return self._inplace("mask_fill", True, value=value, invert=True)
+
+    def copy_(self, src):
+        src = src if isinstance(src, Tensor) else Tensor(src)
+        if src.device != self.device and not self._store.lazy:
+            src = src.to(self.device)
+        return self._inplace("copy_from", src)
+
+    def uniform_(self, a=0.0, b=1.0):
+        from .random import uniform
+        return self._inplace_random(uniform(self.shape, a, b))
+
+    def normal_(self, mean=0.0, std=1.0):
+        from .random import normal
+        return self._inplace_random(normal(self.shape, mean, std))
+
+    def _inplace_random(self, values):
+        with engine.no_grad():
+            return self.copy_(values.astype(self.dtype))
+
+
+class Variable(Tensor):
+    """A tensor in the classic autograd API: ``Variable(tensor, requires_grad=True)``.
+
+    Example::
+
+        x = Variable(dg.ones(2, 2), requires_grad=True)
+        (x + 2).mean().backward()
+    """
+
+    def __init__(self, data=None, requires_grad=False, volatile=False, dtype=None, device=None):
+        super().__init__(data, requires_grad=requires_grad, dtype=dtype, device=device)
+        self.volatile = bool(volatile)
+
+
+def _dim_attr(dim):
+    """dims as int, tuple or None (lists become tuples so programs hash the same)."""
+    if isinstance(dim, list):
+        return tuple(dim)
+    if isinstance(dim, Tensor):
+        return int(dim.item())
+    return dim
+
+
+def _norm_dims(dim, ndim):
+    if dim is None:
+        return tuple(range(ndim))
+    return tuple(d % ndim for d in ((dim,) if isinstance(dim, numbers.Integral) else dim))
