@@ -9,7 +9,16 @@ Example::
     out = ((x + 2) * (x + 2) * 3).mean()
     out.backward()          # x.grad == 4.5 everywhere
 """
+import os as _os
+
 import numpy as np
+
+# In a source checkout the top-level workers/, scheduler/ and examples/ folders are what an
+# install maps to distgrad.workers / .scheduler / .examples (pyproject's package-dir);
+# let the same imports work uncompiled from the checkout.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "workers", "__init__.py")) and _root not in __path__:
+    __path__.append(_root)
 
 from . import autograd
 from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
