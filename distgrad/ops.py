@@ -391,3 +391,6 @@ defop("cat", lambda xp, *xs, dim=0: xp.concatenate(xs, axis=dim), variadic_vjp=_
       placement="cat")
 defop("stack", lambda xp, *xs, dim=0: xp.stack(xs, axis=dim), variadic_vjp=_stack_vjp,
       placement="stack")
+
+from . import collective_ops  # noqa: E402,F401  (collectives register into the same table)
+from . import ops_nn  # noqa: E402,F401  (nn ops register into the same table)

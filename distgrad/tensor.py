@@ -21,10 +21,16 @@ MaxResult = collections.namedtuple("MaxResult", ["values", "indices"])
 lazy_dispatch = None
 
 
+def set_lazy_dispatch(fn):
+    """Install the recorder for ops on distributed values (``distgrad.distributed``)."""
+    global lazy_dispatch
+    lazy_dispatch = fn
+
+
 class Storage:
     """An array and a version counter bumped by every in-place write."""
 
-    __slots__ = ("array", "version")
+    __slots__ = ("array", "version", "__weakref__")
 
     def __init__(self, array):
         self.array = array
@@ -228,6 +234,11 @@ class Tensor:
     def type(self):
         from ._printing import type_name
         return type_name(self.dtype, self.device)
+
+    @property
+    def placement(self):
+        """Shard(dim) / Replicate() / Partial() for a distributed value; None for a local one."""
+        return self._store.placement if self._store.lazy else None
 
     @property
     def is_leaf(self):
@@ -650,6 +661,10 @@ class Tensor:
 
     def chunk(self, chunks, dim=0):
         return self.split(-(-self.shape[dim] // chunks), dim)
+
+    def apply(self, op_name, *others, **attrs):
+        """Apply registry op ``op_name`` with this tensor as first input."""
+        return apply_op(op_name, self, *others, **attrs)
 
     def scatter_add_zeros(self, shape, index):
         return apply_op("scatter_add_zeros", self, shape=tuple(shape), index=index)

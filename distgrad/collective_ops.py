@@ -1,0 +1,74 @@
+"""Collectives as registry ops, with their transposes as VJPs (DESIGN.md section 4).
+
+A worker sets the thread's communicator with ``use_communicator``; outside a worker
+the world has one rank and the collectives are identities, so they can be
+gradient-checked like any other op.
+
+- ``allreduce``: Partial -> Replicate (sum). Its transpose is an allreduce too: the
+  cotangent of a replicated value is a per-worker partial sum.
+- ``allgather(dim, sizes)``: Shard(dim) -> Replicate; transpose ``reduce_scatter``.
+- ``reduce_scatter(dim, sizes)``: Partial -> Shard(dim); transpose ``allgather``.
+"""
+import threading
+from contextlib import contextmanager
+
+from .ops import defop
+
+_ctx = threading.local()
+
+
+class _SoloCommunicator:
+    rank, world_size = 0, 1
+
+    def allreduce(self, array, op="sum"):
+        return array
+
+    def allgather(self, array):
+        return [array]
+
+
+_SOLO = _SoloCommunicator()
+
+
+def current():
+    """The communicator of the worker running on this thread (a 1-rank one elsewhere)."""
+    return getattr(_ctx, "comm", None) or _SOLO
+
+
+@contextmanager
+def use_communicator(comm):
+    prev = getattr(_ctx, "comm", None)
+    _ctx.comm = comm
+    try:
+        yield comm
+    finally:
+        _ctx.comm = prev
+
+
+def _allreduce(xp, x):
+    return current().allreduce(xp.array(x, copy=True), op="sum")
+
+
+def _allgather(xp, x, dim, sizes):
+    parts = current().allgather(xp.ascontiguousarray(x))
+    return xp.concatenate([xp.asarray(p) for p in parts], axis=dim)
+
+
+def _own_rows(xp, x, dim, sizes):
+    rank = current().rank
+    start = sum(sizes[:rank])
+    index = (slice(None),) * (dim % x.ndim) + (slice(start, start + sizes[rank]),)
+    return xp.ascontiguousarray(x[index])
+
+
+def _reduce_scatter(xp, x, dim, sizes):
+    return _own_rows(xp, _allreduce(xp, x), dim, sizes)
+
+
+defop("allreduce", _allreduce, lambda g, ans, x: g.apply("allreduce"), placement="collective")
+defop("allgather", _allgather,
+      lambda g, ans, x, dim, sizes: g.apply("reduce_scatter", dim=dim, sizes=sizes),
+      placement="collective")
+defop("reduce_scatter", _reduce_scatter,
+      lambda g, ans, x, dim, sizes: g.apply("allgather", dim=dim, sizes=sizes),
+      placement="collective")

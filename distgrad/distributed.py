@@ -1,0 +1,595 @@
+"""The driver side of data parallelism: ``dg.init``, ``Cluster``, lazy distributed values.
+
+Ops on distributed values are not run here: they are recorded (with their placement,
+global shape and dtype) into a program that every worker runs at the next sync point
+(``.item()``, ``.numpy()``, printing, ``bool()``, ``cluster.sync()``, a full buffer).
+This module never imports Ray: ``backend="ray"`` loads ``distgrad.scheduler``.
+
+Example::
+
+    cluster = dg.init(workers=2, backend="local")
+    X = cluster.shard(np.random.randn(10, 3).astype(np.float32))
+    W = Variable(dg.randn(3, 1), requires_grad=True)
+    loss = ((X @ W) ** 2).mean()
+    loss.backward()              # W.grad: the exact gradient over all 10 rows
+    print(loss.item())
+    cluster.shutdown()
+"""
+import itertools
+import logging
+import weakref
+
+import numpy as np
+
+from . import _backend, placement as pl, program as prog
+from .autograd import engine
+from .placement import PARTIAL, REPLICATE, Partial, PlacementError, Replicate, Shard
+from .tensor import Tensor, Variable, set_lazy_dispatch
+
+log = logging.getLogger("distgrad")
+__all__ = ["init", "Cluster", "Shard", "Replicate", "Partial", "PlacementError", "RemoteError"]
+
+
+class RemoteError(RuntimeError):
+    """An error raised on a worker while running a program."""
+
+
+class LazyNode(engine.Node):
+    """The driver's stand-in grad_fn of a distributed value: the real graph lives on
+    the workers. It names the op (``MulBackward``) and has no edges here."""
+
+    __slots__ = ()
+
+    def input_grads(self, grad):
+        raise RuntimeError("distributed values are differentiated on the workers")
+
+
+class LazyStorage:
+    """Storage of a distributed value: an id on the workers plus what the driver knows."""
+
+    lazy = True
+    __slots__ = ("cluster", "vid", "shape", "dtype", "placement", "version", "leaves",
+                 "_cache", "__weakref__")
+
+    def __init__(self, cluster, vid, shape, dtype, placement, leaves=frozenset()):
+        self.cluster, self.vid = cluster, vid
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.placement, self.leaves = placement, leaves
+        self.version = 0
+        self._cache = None
+
+    @property
+    def device(self):
+        return self.cluster.device
+
+    @property
+    def array(self):
+        """The global value, fetched from the workers (a sync point)."""
+        if self._cache is None or self._cache[0] != self.version:
+            self._cache = (self.version, self.cluster._fetch(self))
+        return self._cache[1]
+
+    def assign(self, result):
+        self.cluster._record_assign(self, result)
+
+    def backward(self, tensors, grad_tensors, retain_graph, create_graph):
+        self.cluster._record_backward(tensors, grad_tensors, retain_graph, create_graph)
+
+    def __del__(self):
+        cluster = self.cluster
+        if cluster is not None and not cluster._closed:
+            cluster._release(self.vid)
+
+
+class _Recording:
+    """The program being recorded between two sync points."""
+
+    def __init__(self, world):
+        self.instrs = []
+        self.nslots = 0
+        self.slot_of = {}             # vid -> slot
+        self.ext = []                 # slots bound to values of earlier programs
+        self.outputs = {}             # slot -> vid (values this program defines)
+        self.inputs = [[] for _ in range(world)]
+        self.fetches = []             # (slot, LazyStorage)
+        self.replayed = {}            # id(local node) -> (node, distributed result)
+
+    def new_slot(self, vid=None):
+        s = self.nslots
+        self.nslots += 1
+        if vid is not None:
+            self.slot_of[vid] = s
+            self.outputs[s] = vid
+        return s
+
+    def ref(self, vid):
+        s = self.slot_of.get(vid)
+        if s is None:
+            s = self.new_slot()
+            self.slot_of[vid] = s
+            self.ext.append(s)
+        return s
+
+    def add_input(self, per_worker):
+        idx = len(self.inputs[0])
+        for r, a in enumerate(per_worker):
+            self.inputs[r].append(a)
+        return idx
+
+
+class Cluster:
+    """A gang of workers holding shards and replicas; made by :func:`init`.
+
+    Example::
+
+        with dg.init(workers=2, backend="local") as cluster:
+            X = cluster.shard(np.ones((5, 3), np.float32))
+            print(X.sum().item())      # 15.0
+    """
+
+    def __init__(self, gang, world_size, device="cpu", max_instructions=20000):
+        self.gang = gang
+        self.world_size = world_size
+        self.device = _backend.normalize_device(device)
+        self.max_instructions = max_instructions
+        self._vids = itertools.count(1)
+        self._closed = False
+        self._rec = _Recording(world_size)
+        self._live = weakref.WeakValueDictionary()      # vid -> LazyStorage
+        self._free = []
+        self._sent_keys = set()
+        self._replicas = {}        # (id(storage), requires_grad) -> [weakref(store), vid, version]
+        self._leaf_objects = {}    # vid -> weakref(driver tensor whose .grad receives gradients)
+        self._infer_cache = {}
+        self.messages_sent = 0
+        _register(self)
+
+    # ---------------------------------------------------------------- public API
+    def shard(self, data, dim=0, sizes=None):
+        """Split ``data`` (array, tensor or Variable) along ``dim`` across the workers.
+
+        ``sizes`` gives each worker's extent (default: an even split; uneven allowed).
+        A Variable that requires grad becomes a sharded leaf whose ``.grad`` is sharded.
+        """
+        src = data if isinstance(data, Tensor) else None
+        arr = _backend.to_numpy(src._store.array if src is not None else np.asarray(data))
+        if src is None and arr.dtype == np.float64 and not isinstance(data, np.ndarray):
+            arr = arr.astype(np.float32)
+        if arr.ndim == 0:
+            raise PlacementError("shard: cannot shard a 0-d value")
+        dim = dim % arr.ndim
+        sizes = pl.split_sizes(arr.shape[dim], self.world_size, sizes)
+        bounds = np.cumsum((0,) + sizes)
+        pieces = [np.ascontiguousarray(np.take(arr, np.arange(bounds[r], bounds[r + 1]), axis=dim))
+                  for r in range(self.world_size)]
+        requires_grad = bool(src is not None and src.requires_grad)
+        return self._put(pieces, arr.shape, arr.dtype, Shard(dim, sizes), requires_grad,
+                         Variable if isinstance(data, Variable) or src is None else Tensor)
+
+    def replicate(self, obj):
+        """Place a Variable/tensor, or every parameter and buffer of a Module, on every worker.
+
+        A module's parameters stay the same Python objects, now living on the workers:
+        an optimizer built before or after works unchanged, and parameters travel to the
+        driver only when read.
+        """
+        if isinstance(obj, Tensor):
+            if obj._store.lazy:
+                return obj
+            a = _backend.to_numpy(obj._store.array)
+            return self._put([a] * self.world_size, a.shape, a.dtype, REPLICATE,
+                             obj.requires_grad, type(obj))
+        tensors = []
+        if hasattr(obj, "parameters"):
+            tensors += list(obj.parameters())
+        if hasattr(obj, "buffers"):
+            tensors += [b for b in obj.buffers() if b is not None]
+        if not tensors and not hasattr(obj, "parameters"):
+            raise TypeError(f"replicate: expected a Tensor, Variable or Module, got {type(obj).__name__}")
+        for t in tensors:
+            if t._store.lazy:
+                continue
+            a = _backend.to_numpy(t._store.array)
+            t._store = self._put_storage([a] * self.world_size, a.shape, a.dtype, REPLICATE,
+                                         t.requires_grad)
+            if t.requires_grad:
+                self._leaf_objects[t._store.vid] = weakref.ref(t)
+            if t._grad is not None and not t._grad._store.lazy:
+                t._grad = self.replicate(t._grad.detach())
+        return obj
+
+    def sync(self):
+        """Run everything recorded so far on the workers and wait for it."""
+        self._flush()
+
+    def shutdown(self):
+        """Stop the workers (idempotent). Distributed values become unusable."""
+        if self._closed:
+            return
+        try:
+            if self._rec.instrs:
+                self._flush()
+        finally:
+            self._closed = True
+            _unregister(self)
+            self.gang.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        return False
+
+    def __repr__(self):
+        return f"Cluster(workers={self.world_size}, device={self.device!r}, {self.gang!r})"
+
+    # ---------------------------------------------------------------- recording
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this cluster was shut down; its distributed values are gone")
+
+    def _new_storage(self, shape, dtype, placement, leaves=frozenset()):
+        vid = next(self._vids)
+        store = LazyStorage(self, vid, shape, dtype, placement, leaves)
+        self._live[vid] = store
+        return store
+
+    def _put_storage(self, pieces, shape, dtype, placement, requires_grad):
+        self._check_open()
+        store = self._new_storage(shape, dtype, placement)
+        rec = self._rec
+        slot = rec.new_slot(store.vid)
+        idx = rec.add_input(pieces)
+        rec.instrs.append(["put", slot, idx, bool(requires_grad)])
+        if requires_grad:
+            store.leaves = frozenset([store.vid])
+        return store
+
+    def _put(self, pieces, shape, dtype, placement, requires_grad, cls):
+        store = self._put_storage(pieces, shape, dtype, placement, requires_grad)
+        t = cls._from_array(None)
+        t._store = store
+        t.requires_grad = bool(requires_grad)
+        if requires_grad:
+            self._leaf_objects[store.vid] = weakref.ref(t)
+        return t
+
+    def _replay(self, t):
+        """Re-record a driver-local computation on the workers, so that its leaves get
+        exact gradients (e.g. a weight penalty computed locally, added to a sharded loss)."""
+        memo = self._rec.replayed
+        stack = [(t, False)]
+        while stack:
+            x, ready = stack.pop()
+            node = x.grad_fn
+            if id(node) in memo:
+                continue
+            if not isinstance(node, engine.OpNode) or node.released:
+                raise PlacementError(
+                    f"a local tensor made by {node.name()} cannot be replayed on the workers: "
+                    "detach it, or compute it from distributed values")
+            pending = [i for i in node.inputs if isinstance(i, Tensor) and i.grad_fn is not None
+                       and not i._store.lazy and id(i.grad_fn) not in memo]
+            if not ready and pending:
+                stack.append((x, True))
+                stack.extend((i, False) for i in pending)
+                continue
+            for i, v in zip(node.inputs, node.versions):
+                if isinstance(i, Tensor) and not i._store.lazy and i._store.version != v:
+                    engine.check_version(i, v, node)
+            args = [memo[id(i.grad_fn)][1] if isinstance(i, Tensor) and i.grad_fn is not None
+                    and not i._store.lazy else i for i in node.inputs]
+            memo[id(node)] = (node, self.record_op(node.op, args, node.attrs))
+        return memo[id(t.grad_fn)][1]
+
+    def _local_replica(self, t):
+        """Implicit replication of a driver-local tensor: sent once, again when its version changes."""
+        if t.grad_fn is not None:
+            return self._replay(t)._store
+        store = t._store
+        key = (id(store), t.requires_grad)
+        entry = self._replicas.get(key)
+        if entry is not None and entry[0]() is not store:
+            entry = None
+        a = None
+        if entry is None:
+            a = _backend.to_numpy(store.array)
+            lazy = self._put_storage([a] * self.world_size, a.shape, a.dtype, REPLICATE,
+                                     t.requires_grad)
+            entry = [weakref.ref(store), lazy, store.version]
+            self._replicas[key] = entry
+            weakref.finalize(store, self._replicas.pop, key, None)
+        elif entry[2] != store.version:
+            a = _backend.to_numpy(store.array)
+            lazy = entry[1]
+            rec = self._rec
+            idx = rec.add_input([a] * self.world_size)
+            rec.instrs.append(["update", rec.ref(lazy.vid), idx])
+            entry[2] = store.version
+            lazy.version += 1
+        lazy = entry[1]
+        if t.requires_grad:
+            self._leaf_objects[lazy.vid] = weakref.ref(t)
+        return lazy
+
+    def _arg(self, x):
+        """(argspec, placement, global shape, store) of one op input."""
+        if isinstance(x, Tensor):
+            store = x._store
+            if not store.lazy:
+                store = self._local_replica(x)
+            elif store.cluster is not self:
+                raise PlacementError("values of two different clusters cannot be mixed")
+            return ["s", self._rec.ref(store.vid)], store.placement, store.shape, store
+        if isinstance(x, np.generic):
+            x = x.item()
+        if not isinstance(x, (int, float, bool, type(None))):
+            raise TypeError(f"unsupported operand of type {type(x).__name__} in a distributed op")
+        return ["c", x], None, None, None
+
+    def _emit(self, op, args, placements, shapes, stores, attrs, cls, requires_grad):
+        """Record one op whose inputs are already resolved; return the result tensor."""
+        decision = pl.propagate(op, placements, shapes, attrs, max((len(s) for s in shapes if s is not None), default=0))
+        local_shape, dtype = self._infer(op, placements, shapes, stores, args, decision.attrs)
+        out_p = decision.out
+        shape = list(local_shape)
+        if isinstance(out_p, Shard):
+            shape[out_p.dim] = sum(out_p.sizes)
+        requires_grad = requires_grad and op.differentiable and engine.is_grad_enabled()
+        leaves = frozenset().union(*(s.leaves for s in stores if s is not None)) if requires_grad else frozenset()
+        store = self._new_storage(shape, dtype, out_p, leaves)
+        slot = self._rec.new_slot(store.vid)
+        self._rec.instrs.append(["op", op.name, args, decision.attrs, slot, engine.is_grad_enabled()])
+        grad_fn = engine.node_class(op.name, LazyNode)(()) if requires_grad else None
+        t = cls._from_array(None, grad_fn=grad_fn, requires_grad=requires_grad)
+        t._store = store
+        if len(self._rec.instrs) >= self.max_instructions:
+            self._flush()
+        return t
+
+    def _infer(self, op, placements, shapes, stores, args, attrs):
+        """Local output shape and dtype, by running the op on zeros of one worker's shapes."""
+        rank = 0
+        for p in placements:
+            if isinstance(p, Shard):
+                rank = int(np.argmax(p.sizes))
+                break
+        local = []
+        for a, p, s, st in zip(args, placements, shapes, stores):
+            if st is None:
+                local.append(a[1])
+                continue
+            s = list(s)
+            if isinstance(p, Shard):
+                s[p.dim] = p.sizes[rank]
+            local.append((tuple(s), st.dtype.str))
+        key = (op.name, repr(local), repr(attrs))
+        hit = self._infer_cache.get(key)
+        if hit is None:
+            arrays = [np.zeros(x[0], np.dtype(x[1])) if isinstance(x, tuple) else x for x in local]
+            try:
+                with np.errstate(all="ignore"):
+                    out = op.forward(np, *arrays, **attrs)
+            except (ValueError, IndexError, TypeError) as e:
+                names = ", ".join(repr(p) for p in placements if p is not None)
+                raise RuntimeError(f"{op.name}: cannot apply to tensors of global shapes "
+                                   f"{[tuple(s) for s in shapes if s is not None]} ({names}): {e}") from None
+            out = np.asarray(out)
+            hit = (out.shape, out.dtype)
+            if len(self._infer_cache) > 4096:
+                self._infer_cache.clear()
+            self._infer_cache[key] = hit
+        return hit
+
+    def _allreduce_partial(self, store, cls=Tensor, requires_grad=False):
+        op = engine_op("allreduce")
+        arg = ["s", self._rec.ref(store.vid)]
+        t = self._emit_collective(op, arg, store, REPLICATE, cls, requires_grad)
+        return t
+
+    def _emit_collective(self, op, arg, store, out_p, cls, requires_grad):
+        requires_grad = requires_grad and engine.is_grad_enabled()
+        new = self._new_storage(store.shape, store.dtype, out_p, store.leaves if requires_grad else frozenset())
+        slot = self._rec.new_slot(new.vid)
+        self._rec.instrs.append(["op", op.name, [arg], {}, slot, engine.is_grad_enabled()])
+        grad_fn = engine.node_class(op.name, LazyNode)(()) if requires_grad else None
+        t = cls._from_array(None, grad_fn=grad_fn, requires_grad=requires_grad)
+        t._store = new
+        return t
+
+    def record_op(self, op, inputs, attrs):
+        """Record ``op(*inputs, **attrs)`` on distributed values (``tensor.lazy_dispatch``)."""
+        self._check_open()
+        inputs = list(inputs)
+        cls = Variable if any(isinstance(x, Variable) for x in inputs) else Tensor
+        requires_grad = any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+        resolved = [self._arg(x) for x in inputs]
+        placements = [r[1] for r in resolved]
+        for i in pl.partial_inputs_to_reduce(op.name, placements):
+            x = inputs[i]
+            inputs[i] = self._allreduce_partial(resolved[i][3], cls, isinstance(x, Tensor) and x.requires_grad)
+            resolved[i] = self._arg(inputs[i])
+        args, placements, shapes, stores = (list(z) for z in zip(*resolved))
+        if op.name == "mean" and isinstance(placements[0], Shard) and \
+                placements[0].dim in pl._reduced_axes(attrs.get("dim"), len(shapes[0])):
+            # Mean over the sharded dim: local sums divided by the GLOBAL count -> Partial.
+            total = self._emit(engine_op("sum"), args, placements, shapes, stores, attrs, cls, requires_grad)
+            return total / pl.global_count(shapes[0], attrs.get("dim"))
+        return self._emit(op, args, placements, shapes, stores, attrs, cls, requires_grad)
+
+    def _record_assign(self, target, result):
+        """In-place write of ``result`` into the distributed value ``target``."""
+        self._check_open()
+        src = result._store if result._store.lazy else self._local_replica(result.detach())
+        if src.shape != target.shape:
+            raise RuntimeError(f"in-place write: result of shape {src.shape} into a tensor of shape {target.shape}")
+        if src.placement != target.placement:
+            if isinstance(src.placement, Partial) and isinstance(target.placement, Replicate):
+                src = self._allreduce_partial(src, Tensor, result.requires_grad)._store
+            else:
+                raise PlacementError(f"in-place write of a {src.placement!r} value into a "
+                                     f"{target.placement!r} one")
+        rec = self._rec
+        rec.instrs.append(["assign", rec.ref(target.vid), rec.ref(src.vid)])
+        target.leaves = target.leaves | src.leaves
+
+    def _record_backward(self, tensors, grad_tensors, retain_graph, create_graph):
+        if create_graph:
+            raise NotImplementedError("create_graph=True is not supported on distributed values yet")
+        if len(tensors) != 1:
+            raise NotImplementedError("backward of several distributed roots at once is not supported")
+        root = tensors[0]
+        if not root.requires_grad:
+            raise RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn")
+        store = root._store
+        rec = self._rec
+        seed = -1
+        g = grad_tensors[0] if grad_tensors else None
+        if g is None:
+            if int(np.prod(store.shape)) != 1:
+                raise RuntimeError(f"backward: grad can be implicitly created only for scalar outputs; "
+                                   f"output has shape {store.shape}: pass gradient=")
+        else:
+            g = g if isinstance(g, Tensor) else Tensor(g)
+            if tuple(g.shape) != store.shape:
+                raise RuntimeError(f"backward: gradient of shape {tuple(g.shape)} does not match "
+                                   f"output of shape {store.shape}")
+            if not g._store.lazy:
+                p = store.placement
+                g = (self.shard(g.detach(), p.dim, p.sizes) if isinstance(p, Shard)
+                     else self.replicate(g.detach()))
+            seed = rec.ref(g._store.vid)
+        leaves = []
+        for vid in sorted(store.leaves):
+            ref = self._leaf_objects.get(vid)
+            obj = ref() if ref is not None else None
+            if obj is None:
+                continue
+            leaf_store = obj._store if obj._store.lazy else self._local_replica(obj)
+            prev = obj._grad
+            if prev is not None and not prev._store.lazy:
+                prev = self.replicate(prev.detach())
+            new = self._new_storage(leaf_store.shape, leaf_store.dtype,
+                                    leaf_store.placement)
+            leaves.append([rec.ref(leaf_store.vid), -1 if prev is None else rec.ref(prev._store.vid),
+                           rec.new_slot(new.vid), isinstance(leaf_store.placement, Replicate)])
+            grad = Variable._from_array(None)
+            grad._store = new
+            obj._grad = grad
+        code = pl.encode(store.placement)[0]
+        rec.instrs.append(["backward", rec.ref(store.vid), seed, code,
+                           bool(retain_graph), leaves])
+
+    # ---------------------------------------------------------------- execution
+    def _release(self, vid):
+        if vid in self._rec.slot_of and self._rec.slot_of[vid] in self._rec.outputs:
+            return                      # defined in the pending program: simply not kept
+        self._free.append(vid)
+
+    def _fetch(self, store):
+        self._check_open()
+        rec = self._rec
+        slot = rec.ref(store.vid)
+        rec.instrs.append(["fetch", slot])
+        rec.fetches.append((slot, store))
+        results = self._flush()
+        locals_ = [r["fetched"][slot] for r in results]
+        p = store.placement
+        if isinstance(p, Shard):
+            out = np.concatenate(locals_, axis=p.dim)
+        elif isinstance(p, Partial):
+            out = locals_[0].copy()
+            for a in locals_[1:]:
+                out += a
+        else:
+            out = locals_[0]
+        out = out.reshape(store.shape).astype(store.dtype, copy=False)
+        return _backend.to_device(out, self.device) if self.device != "cpu" else out
+
+    def _flush(self):
+        """Send the pending program to every worker, wait, and return their results."""
+        self._check_open()
+        rec = self._rec
+        self._rec = _Recording(self.world_size)
+        if not rec.instrs and not self._free:
+            return [{"fetched": {}} for _ in range(self.world_size)]
+        keep = sorted(s for s, vid in rec.outputs.items() if vid in self._live)
+        structure = {"instrs": rec.instrs, "nslots": rec.nslots, "ext": rec.ext, "keep": keep}
+        key = prog.structure_key(structure)
+        inv = {s: v for v, s in rec.slot_of.items()}
+        bind = [inv[s] for s in rec.ext] + [rec.outputs[s] for s in keep]
+        free, self._free = self._free, []
+        header = {"v": prog.PROTOCOL, "key": key, "bind": bind, "free": free,
+                  "prog": None if key in self._sent_keys else structure}
+        payloads = []
+        for r in range(self.world_size):
+            side = []
+            msg = dict(header, inputs=rec.inputs[r])
+            payloads.append((prog.encode(msg, side), side))
+        results = self.gang.run(payloads)
+        self.messages_sent += 1
+        self._sent_keys.add(key)
+        errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
+        if errors:
+            rank, err = errors[0]
+            if "not cached" in err:
+                self._sent_keys.discard(key)
+            raise RemoteError(f"worker {rank}: {err}")
+        return results
+
+
+def engine_op(name):
+    from .ops import get_op
+    return get_op(name)
+
+
+# Live clusters (weak): lazy_dispatch finds the cluster through the value's storage.
+_clusters = weakref.WeakSet()
+
+
+def _register(cluster):
+    _clusters.add(cluster)
+    set_lazy_dispatch(_dispatch)
+
+
+def _unregister(cluster):
+    _clusters.discard(cluster)
+
+
+def _dispatch(op, inputs, attrs):
+    for x in inputs:
+        if isinstance(x, Tensor) and x._store.lazy:
+            return x._store.cluster.record_op(op, inputs, attrs)
+    raise AssertionError("lazy dispatch without a lazy input")
+
+
+def init(workers=2, device="cpu", address=None, backend="ray", bucket_cap_mb=25.0,
+         timeout_s=60.0, num_cpus_per_worker=1, collective=None, **kwargs):
+    """Start ``workers`` workers and return a :class:`Cluster`.
+
+    ``backend="ray"`` starts Ray actors (a local Ray instance when ``address`` is None,
+    the cluster this job runs on with ``"auto"``); ``backend="local"`` runs the same
+    worker code in threads of this process. ``device="cuda"`` gives each worker a GPU.
+
+    Example::
+
+        with dg.init(workers=2, backend="local") as cluster:
+            model = cluster.replicate(model)
+    """
+    if workers < 1:
+        raise ValueError(f"init: workers must be >= 1, got {workers}")
+    device = _backend.normalize_device(device)
+    if backend == "local":
+        if device != "cpu":
+            _backend.cupy_module()
+        from .scheduler.local import LocalGang
+        gang = LocalGang(workers, device=device, bucket_cap_mb=bucket_cap_mb, timeout_s=timeout_s)
+    elif backend == "ray":
+        from .scheduler.ray_gang import RayGang
+        gang = RayGang(workers, device=device, address=address, bucket_cap_mb=bucket_cap_mb,
+                       timeout_s=timeout_s, num_cpus_per_worker=num_cpus_per_worker,
+                       collective=collective, **kwargs)
+    else:
+        raise ValueError(f"init: unknown backend {backend!r}: expected 'ray' or 'local'")
+    return Cluster(gang, workers, device)

@@ -1,0 +1,46 @@
+"""``backend="local"``: N workers as threads of the driver process, same worker code,
+an in-process collective. For tests, debugging and laptops without Ray."""
+import concurrent.futures as cf
+
+from distgrad import program as prog
+from distgrad.workers.collective.inprocess import InProcessGroup
+from distgrad.workers.worker import Worker
+
+from .errors import WorkerTimeoutError
+
+
+class LocalGang:
+    """Runs one message per worker, each on its own thread, and waits (with a timeout)."""
+
+    def __init__(self, n, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0):
+        self.n, self.timeout_s = n, timeout_s
+        group = InProcessGroup(n, group_name="distgrad-local", timeout_s=timeout_s)
+        self.workers = [Worker(r, n, device, group.communicator(r), bucket_cap_mb, timeout_s)
+                        for r in range(n)]
+        # One thread per rank, kept for the gang's life: a rank always runs on its own thread.
+        self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-worker-{r}")
+                       for r in range(n)]
+
+    def run(self, payloads):
+        futures = [pool.submit(w.execute, data, side)
+                   for pool, w, (data, side) in zip(self._pools, self.workers, payloads)]
+        results = []
+        for r, f in enumerate(futures):
+            try:
+                results.append(prog.decode(f.result(timeout=self.timeout_s)))
+            except cf.TimeoutError:
+                raise WorkerTimeoutError(f"worker {r} (local thread) did not finish its program "
+                                         f"within {self.timeout_s:g}s", rank=r) from None
+        return results
+
+    def stats(self):
+        return [w.get_stats() for w in self.workers]
+
+    def shutdown(self):
+        for w in self.workers:
+            w.close()
+        for p in self._pools:
+            p.shutdown(wait=False)
+
+    def __repr__(self):
+        return f"LocalGang({self.n} threads)"

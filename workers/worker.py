@@ -1,0 +1,181 @@
+"""The worker: owns a device and a local autograd engine, runs the driver's programs.
+
+A plain class: ``backend="local"`` calls it from one thread per worker, and
+``backend="ray"`` wraps it in a Ray actor (``distgrad.workers.actor``). Messages are
+msgpack (``distgrad.program``); a bad message gets an error back and the worker stays
+usable. Replicated leaves' gradients are all-reduced in buckets during backward.
+"""
+import collections
+import time
+
+import numpy as np
+
+from distgrad import _backend, program as prog
+from distgrad.autograd import engine
+from distgrad.collective_ops import use_communicator
+from distgrad.tensor import Tensor, Variable, apply_op
+
+from .bucketing import Bucketer, OrderedComm
+
+
+class Worker:
+    """One rank of the gang. Example (in-process, one rank)::
+
+        w = Worker(0, 1)
+        reply = w.execute(payload_bytes, side_arrays)
+    """
+
+    def __init__(self, rank, world_size, device="cpu", communicator=None, bucket_cap_mb=25.0,
+                 timeout_s=60.0, cache_size=256, max_message_bytes=prog.MAX_MESSAGE_BYTES):
+        self.rank, self.world_size = rank, world_size
+        self.device = _backend.normalize_device(device)
+        self.xp = _backend.xp_for_device(self.device)
+        self.comm = OrderedComm(communicator, timeout_s) if communicator is not None else None
+        self.bucket_cap = int(bucket_cap_mb * (1 << 20))
+        self.values = {}
+        self.cache = collections.OrderedDict()
+        self.cache_size = cache_size
+        self.max_message_bytes = max_message_bytes
+        self.stats = {"programs": 0, "cache_hits": 0, "bytes_in": 0, "backward_s": 0.0, "run_s": 0.0}
+
+    # ------------------------------------------------------------------ entry point
+    def execute(self, payload, side=()):
+        """Run one message; return msgpack bytes ``{"fetched": {slot: array}, "error": ...}``."""
+        t0 = time.perf_counter()
+        try:
+            msg = prog.decode(payload, side, self.max_message_bytes)
+            fetched = self._run_message(msg)
+            reply = {"fetched": fetched, "error": None}
+        except Exception as e:          # reported to the driver; the worker stays usable
+            reply = {"fetched": {}, "error": f"{type(e).__name__}: {e}"}
+        self.stats["programs"] += 1
+        self.stats["bytes_in"] += len(payload)
+        self.stats["run_s"] += time.perf_counter() - t0
+        return prog.encode(reply)
+
+    def _run_message(self, msg):
+        if not isinstance(msg, dict) or msg.get("v") != prog.PROTOCOL:
+            raise prog.ProgramError(f"unsupported message (protocol {msg.get('v') if isinstance(msg, dict) else '?'})")
+        key = msg.get("key")
+        structure = msg.get("prog")
+        if structure is not None:
+            prog.validate(structure)
+            if prog.structure_key(structure) != key:
+                raise prog.ProgramError("program key does not match its structure")
+            self.cache[key] = structure
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        else:
+            structure = self.cache.get(key)
+            if structure is None:
+                raise prog.ProgramError(f"program {key} is not cached on this worker")
+            self.cache.move_to_end(key)
+            self.stats["cache_hits"] += 1
+        bind = msg["bind"]
+        ext, keep = structure["ext"], structure["keep"]
+        if len(bind) != len(ext) + len(keep):
+            raise prog.ProgramError(f"bind list has {len(bind)} ids, program needs {len(ext) + len(keep)}")
+        env = [None] * structure["nslots"]
+        for s, vid in zip(ext, bind):
+            if vid not in self.values:
+                raise prog.ProgramError(f"value {vid} is not held by worker {self.rank}")
+            env[s] = self.values[vid]
+        inputs = [self._to_device(a) for a in msg.get("inputs", [])]
+        fetched = {}
+        with use_communicator(self.comm):
+            for ins in structure["instrs"]:
+                self._step(ins, env, inputs, fetched)
+        for s, vid in zip(keep, bind[len(ext):]):
+            self.values[vid] = env[s]
+        for vid in msg.get("free", []):
+            self.values.pop(vid, None)
+        return fetched
+
+    def _to_device(self, a):
+        a = np.asarray(a)
+        return _backend.to_device(a, self.device) if self.device != "cpu" else a
+
+    # ------------------------------------------------------------------ instructions
+    def _step(self, ins, env, inputs, fetched):
+        kind = ins[0]
+        if kind == "op":
+            _, name, args, attrs, out, grad_enabled = ins
+            vals = [env[a[1]] if a[0] == "s" else a[1] for a in args]
+            prev = engine.is_grad_enabled()
+            engine.set_grad_enabled(grad_enabled)
+            try:
+                env[out] = apply_op(name, *vals, **attrs)
+            finally:
+                engine.set_grad_enabled(prev)
+        elif kind == "put":
+            _, slot, idx, requires_grad = ins
+            t = Variable._from_array(inputs[idx])
+            if requires_grad:
+                t._init_requires_grad(True)
+            env[slot] = t
+        elif kind == "update":
+            _, slot, idx = ins
+            t = env[slot]
+            t._store.array = inputs[idx]
+            t._store.version += 1
+        elif kind == "assign":
+            _, target, src = ins
+            t = env[target]
+            with engine.no_grad() if not env[src].requires_grad else _null():
+                t._write(env[src], "assign")
+        elif kind == "fetch":
+            v = env[ins[1]]
+            fetched[ins[1]] = _backend.to_numpy(v._store.array if isinstance(v, Tensor) else v)
+        elif kind == "backward":
+            self._backward(ins, env)
+
+    def _backward(self, ins, env):
+        _, root_slot, seed_slot, placement, retain, leaves = ins
+        t0 = time.perf_counter()
+        root = env[root_slot]
+        if seed_slot >= 0:
+            seed = env[seed_slot]
+        else:
+            seed = Tensor._from_array(self.xp.ones(root.shape, dtype=root.dtype))
+        if placement == "R" and self.rank != 0:
+            # The cotangent of a replicated value is a sum over workers: rank 0 carries it.
+            seed = Tensor._from_array(self.xp.zeros(root.shape, dtype=root.dtype))
+        prev, replicated = [], set()
+        for leaf_slot, prev_slot, _new, is_rep in leaves:
+            leaf = env[leaf_slot]
+            prev.append(env[prev_slot] if prev_slot >= 0 else None)
+            leaf._grad = None                 # this backward's gradient alone is all-reduced
+            if is_rep:
+                replicated.add(id(leaf))
+        bucketer = Bucketer(self.comm, self.bucket_cap, replicated) if self.comm else None
+        from distgrad.autograd.engine import run_backward
+        run_backward([root], [seed], retain_graph=bool(retain),
+                     on_leaf_ready=bucketer.add if bucketer else None)
+        if bucketer:
+            bucketer.finish()
+        for (leaf_slot, _p, new_slot, _r), old in zip(leaves, prev):
+            leaf = env[leaf_slot]
+            g = leaf._grad
+            if old is not None:
+                g = old if g is None else Variable._from_array(old._store.array + g._store.array)
+            if g is None:
+                g = Variable._from_array(self.xp.zeros(leaf.shape, dtype=leaf.dtype))
+            leaf._grad = g
+            env[new_slot] = g
+        self.stats["backward_s"] += time.perf_counter() - t0
+
+    def get_stats(self):
+        return dict(self.stats, values=len(self.values), cached_programs=len(self.cache))
+
+    def close(self):
+        if self.comm is not None:
+            self.comm.close()
+        self.values.clear()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
