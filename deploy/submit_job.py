@@ -139,6 +139,21 @@ def build_runtime_env(args: argparse.Namespace) -> dict:
     return runtime_env
 
 
+def default_address() -> str:
+    """The job server URL from the environment, as ``ray job submit`` finds it.
+
+    ``$RAY_ADDRESS`` only counts when it is an http(s) URL: it may also hold a
+    GCS address (host:6379) or ``auto``, which the job server does not answer.
+    """
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS"):
+        if os.environ.get(var):
+            return os.environ[var]
+    addr = os.environ.get("RAY_ADDRESS", "")
+    if addr.startswith(("http://", "https://")):
+        return addr
+    return "http://127.0.0.1:8265"
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Submit a distgrad job (by default `distgrad demo --address auto`) "
@@ -147,9 +162,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--address",
-        default=os.environ.get("RAY_DASHBOARD_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265",
-        help="the cluster's job server (dashboard) URL; default $RAY_DASHBOARD_ADDRESS, "
-        "$RAY_ADDRESS, or http://127.0.0.1:8265",
+        default=default_address(),
+        help="the cluster's job server (dashboard) URL; default $RAY_API_SERVER_ADDRESS, "
+        "$RAY_DASHBOARD_ADDRESS, an http(s) $RAY_ADDRESS, or http://127.0.0.1:8265",
     )
     p.add_argument("--working-dir", help="local directory (or remote zip URI) shipped with the job as its working_dir")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -186,7 +201,7 @@ def connect(address: str, token: str, timeout: float):
             return JobSubmissionClient(address, headers=headers)
         except Exception as e:  # connection refused, 5xx while starting, auth errors
             text = str(e)
-            if any(s in text for s in ("401", "403", "nauthorized", "orbidden", "nvalid authentication")):
+            if any(s in text for s in ("401", "403", "nauthorized", "orbidden", "uthentication")):
                 raise SubmitError(f"the cluster at {address} refused the token: {text.splitlines()[0]}") from None
             if time.monotonic() >= deadline:
                 raise SubmitError(f"cannot reach the Ray job server at {address}: {text.splitlines()[0] if text else e!r}") from None
