@@ -21,9 +21,12 @@ class PlacementError(RuntimeError):
 
 @dataclass(frozen=True)
 class Shard:
-    """Split along ``dim``; ``sizes[r]`` is worker r's extent (uneven splits allowed)."""
+    """Split along ``dim``; ``sizes[r]`` is worker r's extent (uneven splits allowed).
+
+    Equality looks at ``dim`` only (``x.placement == Shard(0)``); rules that combine
+    shards compare ``sizes`` explicitly."""
     dim: int
-    sizes: tuple = field(default=(), compare=True)
+    sizes: tuple = field(default=(), compare=False)
 
     def __repr__(self):
         return f"Shard({self.dim})"
@@ -107,8 +110,11 @@ def partial_inputs_to_reduce(op, placements):
         return ()
     kind = _LINEAR_IN.get(op)
     others = [p for i, p in enumerate(placements) if i not in partial and p is not None]
-    if kind == "all" and all(isinstance(p, Replicate) for p in others) and (
-            op not in ("add", "sub") or not others):
+    if op in ("add", "sub"):
+        # Sums stay Partial only among Partials: adding a constant (scalar or replicated)
+        # on every worker would count it N times.
+        return () if len(partial) == len(placements) else tuple(partial)
+    if kind == "all" and all(isinstance(p, Replicate) for p in others):
         return ()
     if kind == "one" and len(partial) == 1 and all(isinstance(p, Replicate) for p in others):
         return ()
@@ -304,7 +310,7 @@ def rule_cat(op, placements, shapes, attrs, out_ndim):
     shards = _shards(placements)
     if not shards:
         return Decision(_non_shard_out(placements), attrs)
-    if len(shards) != len(placements) or len(set(shards)) != 1:
+    if len(shards) != len(placements) or len({(p.dim, p.sizes) for p in shards}) != 1:
         _fail(op, placements, "all operands must be sharded the same way")
     p = shards[0]
     d = attrs.get("dim", 0)
