@@ -496,8 +496,11 @@ class _Head:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         env = _clean_env()
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file), RAY_USAGE_STATS_ENABLED="0")
+        # The job server listens on 127.0.0.1 only. (`ray start` maps a loopback
+        # --node-ip-address to the machine's address anyway, so GCS and the
+        # other ports take the free ports picked here, behind the token.)
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-               f"--port={gcs}", "--node-ip-address=127.0.0.1",
+               f"--port={gcs}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={client}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
