@@ -26,7 +26,7 @@ from .factories import *  # noqa: F401,F403
 from .factories import (BoolTensor, ByteTensor, DoubleTensor, FloatTensor, IntTensor, LongTensor,
                         arange, cat, empty, eye, from_numpy, full, linspace, ones, ones_like,
                         rand, randint, randn, randn_like, randperm, stack, tensor, where, zeros,
-                        zeros_like)
+                        zeros_like, full_like)
 from .random import manual_seed
 from .tensor import Size, Tensor, Variable, apply_op
 

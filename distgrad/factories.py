@@ -115,12 +115,28 @@ BoolTensor = _typed(np.bool_, "BoolTensor")
 ByteTensor = _typed(np.uint8, "ByteTensor")
 
 
+def full_like(t, fill_value, dtype=None, device=None, requires_grad=False):
+    """A tensor shaped like ``t`` filled with a value. Example: ``dg.full_like(x, 2.0)``.
+
+    On a distributed ``t`` the result is made on the workers (optimizer state stays there).
+    """
+    if t._store.lazy:
+        out = apply_op("full_like", t, value=fill_value, dtype=None if dtype is None else str(np.dtype(dtype)))
+    else:
+        out = full(t.shape, fill_value, dtype=dtype or t.dtype, device=device or t.device)
+    if requires_grad:
+        out._init_requires_grad(True)
+    return out
+
+
 def zeros_like(t, dtype=None, device=None, requires_grad=False):
-    return zeros(*t.shape, dtype=dtype or t.dtype, device=device or t.device, requires_grad=requires_grad)
+    """Zeros shaped like ``t``. Example: ``dg.zeros_like(x)``."""
+    return full_like(t, 0, dtype, device, requires_grad)
 
 
 def ones_like(t, dtype=None, device=None, requires_grad=False):
-    return ones(*t.shape, dtype=dtype or t.dtype, device=device or t.device, requires_grad=requires_grad)
+    """Ones shaped like ``t``. Example: ``dg.ones_like(x)``."""
+    return full_like(t, 1, dtype, device, requires_grad)
 
 
 def randn_like(t, dtype=None, device=None, requires_grad=False):

@@ -203,6 +203,9 @@ defop("argmin", lambda xp, x, dim=None, keepdim=False: xp.argmin(x, axis=dim, ke
 defop("astype", lambda xp, x, dtype: x.astype(dtype),
       lambda g, ans, x, dtype: g.astype(str(x.dtype)))
 defop("clone", lambda xp, x: x.copy(), lambda g, ans, x: g)
+# A constant shaped like x (zeros_like on a distributed value stays on the workers).
+defop("full_like", lambda xp, x, value, dtype=None: xp.full(x.shape, value, dtype=dtype or x.dtype),
+      differentiable=False, placement="like")
 defop("copy_from", lambda xp, x, src: xp.broadcast_to(xp.asarray(src), x.shape).astype(x.dtype),
       lambda g, ans, x, src: g * 0,
       lambda g, ans, x, src: unbroadcast(g, shape_of(src)))

@@ -326,6 +326,11 @@ def rule_identity(op, placements, shapes, attrs, out_ndim):
     return Decision(placements[0], attrs)
 
 
+def rule_like(op, placements, shapes, attrs, out_ndim):
+    p = placements[0]
+    return Decision(p if isinstance(p, Shard) else REPLICATE, attrs)
+
+
 def rule_replicate_only(op, placements, shapes, attrs, out_ndim):
     if any(isinstance(p, Shard) for p in placements if p is not None):
         _fail(op, placements, "this op needs replicated operands")
@@ -338,7 +343,7 @@ RULES = {
     "reshape": rule_reshape, "permute": rule_permute, "expand": rule_expand,
     "getitem": rule_getitem, "cat": rule_cat, "stack": rule_cat, "identity": rule_identity,
     "scatter": rule_replicate_only, "index_put": rule_replicate_only,
-    "collective": rule_identity,
+    "collective": rule_identity, "like": rule_like,
 }
 
 
