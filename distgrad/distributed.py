@@ -15,8 +15,10 @@ Example::
     print(loss.item())
     cluster.shutdown()
 """
+import collections
 import itertools
 import logging
+import time
 import weakref
 
 import numpy as np
@@ -142,6 +144,7 @@ class Cluster:
         self._leaf_objects = {}    # vid -> weakref(driver tensor whose .grad receives gradients)
         self._infer_cache = {}
         self.messages_sent = 0
+        self._driver_spans = collections.deque(maxlen=100_000)
         _register(self)
 
     # ---------------------------------------------------------------- public API
@@ -201,6 +204,46 @@ class Cluster:
     def sync(self):
         """Run everything recorded so far on the workers and wait for it."""
         self._flush()
+
+    def stats(self):
+        """Per-worker step times (s), bytes communicated, programs run and cache hits.
+
+        Example: ``cluster.stats()[0]["step_times"][-1]``.
+        """
+        self._flush()
+        return self.gang.stats()
+
+    def timeline(self, path):
+        """Write a Chrome trace (chrome://tracing, Perfetto) of recent steps to ``path``:
+        one track per worker with spans for decode, forward, backward, each all-reduce
+        bucket and the optimizer step, plus the driver's waits.
+
+        Example: ``cluster.timeline("trace.json")``.
+        """
+        import json
+        import os
+        self._flush()
+        events, threads = [], {}
+
+        def add(pid, name, start, end, thread):
+            tid = threads.setdefault((pid, thread), len(threads))
+            events.append({"name": name, "ph": "X", "pid": pid, "tid": tid,
+                           "ts": start * 1e6, "dur": max(end - start, 0) * 1e6})
+        for start, end in self._driver_spans:
+            add(0, "driver wait", start, end, "driver")
+        for rank, spans in enumerate(self.gang.spans()):
+            for name, start, end, thread in spans:
+                add(rank + 1, name, start, end, thread)
+        meta = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "driver"}}]
+        meta += [{"name": "process_name", "ph": "M", "pid": r + 1, "args": {"name": f"worker {r}"}}
+                 for r in range(self.world_size)]
+        meta += [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": t}}
+                 for (pid, t), tid in threads.items()]
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"traceEvents": meta + events, "displayTimeUnit": "ms"}, f)
+        os.replace(tmp, path)
+        return path
 
     def shutdown(self):
         """Stop the workers (idempotent). Distributed values become unusable."""
@@ -527,7 +570,9 @@ class Cluster:
             side = []
             msg = dict(header, inputs=rec.inputs[r])
             payloads.append((prog.encode(msg, side), side))
+        start = time.time()
         results = self.gang.run(payloads)
+        self._driver_spans.append((start, time.time()))
         self.messages_sent += 1
         self._sent_keys.add(key)
         errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]

@@ -36,6 +36,9 @@ class LocalGang:
     def stats(self):
         return [w.get_stats() for w in self.workers]
 
+    def spans(self):
+        return [w.get_spans() for w in self.workers]
+
     def shutdown(self):
         for w in self.workers:
             w.close()

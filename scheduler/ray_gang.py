@@ -100,6 +100,9 @@ class RayGang:
     def stats(self):
         return self._get([a.stats.remote() for a in self.actors], "stats")
 
+    def spans(self):
+        return self._get([a.spans.remote() for a in self.actors], "spans")
+
     def shutdown(self):
         for a in self.actors:
             try:

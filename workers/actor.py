@@ -39,6 +39,9 @@ class WorkerActor:
     def stats(self):
         return self.worker.get_stats()
 
+    def spans(self):
+        return self.worker.get_spans()
+
     def close(self):
         if self.worker is not None:
             self.worker.close()

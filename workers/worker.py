@@ -6,6 +6,7 @@ msgpack (``distgrad.program``); a bad message gets an error back and the worker 
 usable. Replicated leaves' gradients are all-reduced in buckets during backward.
 """
 import collections
+import threading
 import time
 
 import numpy as np
@@ -37,13 +38,21 @@ class Worker:
         self.cache_size = cache_size
         self.max_message_bytes = max_message_bytes
         self.stats = {"programs": 0, "cache_hits": 0, "bytes_in": 0, "backward_s": 0.0, "run_s": 0.0}
+        self.step_times = collections.deque(maxlen=1000)
+        self.spans = collections.deque(maxlen=200_000)   # (name, start, end, thread) for timelines
+
+    def span(self, name, start, end=None):
+        """Record a timeline span (wall-clock seconds) on the calling thread."""
+        self.spans.append((name, start, time.time() if end is None else end,
+                           threading.current_thread().name))
 
     # ------------------------------------------------------------------ entry point
     def execute(self, payload, side=()):
         """Run one message; return msgpack bytes ``{"fetched": {slot: array}, "error": ...}``."""
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), time.time()
         try:
             msg = prog.decode(payload, side, self.max_message_bytes)
+            self.span("decode", w0)
             fetched = self._run_message(msg)
             reply = {"fetched": fetched, "error": None}
         except Exception as e:          # reported to the driver; the worker stays usable
@@ -51,6 +60,7 @@ class Worker:
         self.stats["programs"] += 1
         self.stats["bytes_in"] += len(payload)
         self.stats["run_s"] += time.perf_counter() - t0
+        self.step_times.append(time.perf_counter() - t0)
         return prog.encode(reply)
 
     def _run_message(self, msg):
@@ -82,9 +92,17 @@ class Worker:
             env[s] = self.values[vid]
         inputs = [self._to_device(a) for a in msg.get("inputs", [])]
         fetched = {}
+        phase, start = None, time.time()
         with use_communicator(self.comm):
             for ins in structure["instrs"]:
+                now = _phase(ins)
+                if now != phase:
+                    if phase is not None:
+                        self.span(phase, start)
+                    phase, start = now, time.time()
                 self._step(ins, env, inputs, fetched)
+        if phase is not None:
+            self.span(phase, start)
         for s, vid in zip(keep, bind[len(ext):]):
             self.values[vid] = env[s]
         for vid in msg.get("free", []):
@@ -147,7 +165,7 @@ class Worker:
             leaf._grad = None                 # this backward's gradient alone is all-reduced
             if is_rep:
                 replicated.add(id(leaf))
-        bucketer = Bucketer(self.comm, self.bucket_cap, replicated) if self.comm else None
+        bucketer = Bucketer(self.comm, self.bucket_cap, replicated, on_span=self.span) if self.comm else None
         from distgrad.autograd.engine import run_backward
         run_backward([root], [seed], retain_graph=bool(retain),
                      on_leaf_ready=bucketer.add if bucketer else None)
@@ -165,12 +183,28 @@ class Worker:
         self.stats["backward_s"] += time.perf_counter() - t0
 
     def get_stats(self):
-        return dict(self.stats, values=len(self.values), cached_programs=len(self.cache))
+        comm_bytes = self.comm.bytes if self.comm is not None else 0
+        return dict(self.stats, values=len(self.values), cached_programs=len(self.cache),
+                    step_times=list(self.step_times), bytes_communicated=comm_bytes)
+
+    def get_spans(self):
+        return list(self.spans)
 
     def close(self):
         if self.comm is not None:
             self.comm.close()
         self.values.clear()
+
+
+def _phase(ins):
+    """Timeline phase of an instruction: ops with grad recording are the forward pass;
+    ops without (after backward) are the optimizer step."""
+    kind = ins[0]
+    if kind == "op":
+        return "forward" if ins[5] else "optimizer step"
+    if kind == "assign":
+        return "optimizer step"
+    return {"backward": "backward", "fetch": "fetch"}.get(kind, "inputs")
 
 
 class _null:
