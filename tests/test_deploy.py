@@ -565,6 +565,13 @@ def ray_head():
     pytest.importorskip("ray.job_submission")
     if not sys.platform.startswith("linux"):
         pytest.skip("the head teardown relies on Linux /proc")
+    try:  # the job server is part of the dashboard, which plain `pip install ray` lacks
+        from ray._private.utils import get_dashboard_dependency_error
+        missing = get_dashboard_dependency_error()
+    except Exception:  # private helper moved: let `ray start` report it
+        missing = None
+    if missing:
+        pytest.skip(f"job submission needs the Ray dashboard: pip install 'ray[default]' ({missing})")
     # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
     tmp = Path(tempfile.mkdtemp(prefix="dgdeploy-", dir="/tmp"))
     head = _Head(tmp)
