@@ -25,15 +25,12 @@ import numpy as np
 
 from . import _backend, placement as pl, program as prog
 from .autograd import engine
+from .errors import RecoveryError, RemoteError, ResizeError, WorkerError
 from .placement import PARTIAL, REPLICATE, Partial, PlacementError, Replicate, Shard
 from .tensor import Tensor, Variable, set_lazy_dispatch
 
 log = logging.getLogger("distgrad")
 __all__ = ["init", "Cluster", "Shard", "Replicate", "Partial", "PlacementError", "RemoteError"]
-
-
-class RemoteError(RuntimeError):
-    """An error raised on a worker while running a program."""
 
 
 class LazyNode(engine.Node):
@@ -95,6 +92,7 @@ class _Recording:
         self.inputs = [[] for _ in range(world)]
         self.fetches = []             # (slot, LazyStorage)
         self.replayed = {}            # id(local node) -> (node, distributed result)
+        self.shard_puts = []          # (input index, store) of sharded inputs
 
     def new_slot(self, vid=None):
         s = self.nslots
@@ -143,6 +141,11 @@ class Cluster:
         self._replicas = {}        # (id(storage), requires_grad) -> [weakref(store), vid, version]
         self._leaf_objects = {}    # vid -> weakref(driver tensor whose .grad receives gradients)
         self._infer_cache = {}
+        self._sources = {}         # vid -> (per-worker pieces, requires_grad) of live shards
+        self._lost = set()         # vids whose values died with a worker and had no source
+        self.fault_tolerant = True
+        self.max_retries = 3
+        self.recoveries = []       # one dict per recovery: ranks, seconds, resized
         self.messages_sent = 0
         self._driver_spans = collections.deque(maxlen=100_000)
         _register(self)
@@ -287,6 +290,11 @@ class Cluster:
         rec.instrs.append(["put", slot, idx, bool(requires_grad)])
         if requires_grad:
             store.leaves = frozenset([store.vid])
+        if isinstance(placement, Shard):
+            # The driver keeps the source of every live shard: a replaced worker gets its
+            # shard again, and a resize re-splits it.
+            self._sources[store.vid] = (pieces, bool(requires_grad))
+            rec.shard_puts.append((idx, store))
         return store
 
     def _put(self, pieces, shape, dtype, placement, requires_grad, cls):
@@ -364,6 +372,9 @@ class Cluster:
                 store = self._local_replica(x)
             elif store.cluster is not self:
                 raise PlacementError("values of two different clusters cannot be mixed")
+            if store.vid in self._lost:
+                raise RecoveryError(f"a {store.placement!r} value of shape {store.shape} was lost "
+                                    "with a failed worker: recompute it from the inputs")
             return ["s", self._rec.ref(store.vid)], store.placement, store.shape, store
         if isinstance(x, np.generic):
             x = x.item()
@@ -526,6 +537,8 @@ class Cluster:
 
     # ---------------------------------------------------------------- execution
     def _release(self, vid):
+        self._sources.pop(vid, None)
+        self._lost.discard(vid)
         if vid in self._rec.slot_of and self._rec.slot_of[vid] in self._rec.outputs:
             return                      # defined in the pending program: simply not kept
         self._free.append(vid)
@@ -551,7 +564,13 @@ class Cluster:
         return _backend.to_device(out, self.device) if self.device != "cpu" else out
 
     def _flush(self):
-        """Send the pending program to every worker, wait, and return their results."""
+        """Send the pending program to every worker, wait, and return their results.
+
+        If workers die or hang, the survivors roll the program back, the failed workers are
+        replaced (or, without resources, dropped and the shards re-split), their state is
+        restored from a surviving replica and the driver's shard sources, and the same
+        program runs again: the step commits once, as if nothing had happened.
+        """
         self._check_open()
         rec = self._rec
         self._rec = _Recording(self.world_size)
@@ -562,17 +581,28 @@ class Cluster:
         key = prog.structure_key(structure)
         inv = {s: v for v, s in rec.slot_of.items()}
         bind = [inv[s] for s in rec.ext] + [rec.outputs[s] for s in keep]
+        lost = [v for v in bind[:len(rec.ext)] if v in self._lost]
+        if lost:
+            raise RecoveryError(f"values {lost} were lost with a failed worker and cannot be "
+                                "rebuilt (only inputs given to cluster.shard/replicate are kept): "
+                                "recompute them")
         free, self._free = self._free, []
         header = {"v": prog.PROTOCOL, "key": key, "bind": bind, "free": free,
                   "prog": None if key in self._sent_keys else structure}
-        payloads = []
-        for r in range(self.world_size):
-            side = []
-            msg = dict(header, inputs=rec.inputs[r])
-            payloads.append((prog.encode(msg, side), side))
-        start = time.time()
-        results = self.gang.run(payloads)
-        self._driver_spans.append((start, time.time()))
+        for attempt in range(self.max_retries + 1):
+            payloads = [self._encode(dict(header, inputs=rec.inputs[r])) for r in range(self.world_size)]
+            start = time.time()
+            try:
+                results = self.gang.run(payloads)
+                break
+            except WorkerError as err:
+                if not self.fault_tolerant or attempt == self.max_retries or \
+                        not hasattr(self.gang, "replace"):
+                    raise
+                self._recover(err, rec)
+                header["prog"] = structure
+            finally:
+                self._driver_spans.append((start, time.time()))
         self.messages_sent += 1
         self._sent_keys.add(key)
         errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
@@ -582,6 +612,184 @@ class Cluster:
                 self._sent_keys.discard(key)
             raise RemoteError(f"worker {rank}: {err}")
         return results
+
+    @staticmethod
+    def _encode(msg):
+        side = []
+        return prog.encode(msg, side), side
+
+    def _control(self, ranks, msg):
+        """Send a recovery control message to some workers; return their replies."""
+        msg = dict(msg, v=prog.PROTOCOL)
+        replies = self.gang.run([self._encode(msg) for _ in ranks], ranks=ranks)
+        for r, rep in zip(ranks, replies):
+            if rep.get("error"):
+                raise RecoveryError(f"worker {r} failed {msg['control']}: {rep['error']}")
+        return [rep["fetched"] for rep in replies]
+
+    # ---------------------------------------------------------------- failures and resizing
+    def _recover(self, err, rec):
+        t0 = time.time()
+        dead = sorted(set(err.ranks))
+        log.warning("worker(s) %s on node(s) %s failed (%s): recovering", dead,
+                    list(getattr(err, "nodes", ())), err)
+        survivors = [r for r in range(self.world_size) if r not in dead]
+        if not survivors:
+            raise RecoveryError("every worker failed; nothing to recover from") from err
+        # Survivors end (or give up on) the failed program, then undo it: nothing commits.
+        self._control(survivors, {"control": "rollback"})
+        pending = set(rec.outputs.values())
+        try:
+            self.gang.replace(dead)
+            resized, new_ranks, source = False, dead, survivors[0]
+        except ResizeError as e:
+            log.warning("cannot replace workers %s (%s): continuing with %d workers",
+                        dead, e, len(survivors))
+            self.gang.drop(dead)
+            self._set_world(len(survivors), rec)
+            resized, new_ranks, source = True, [], 0
+        self._rehydrate(new_ranks, resized, source, exclude=pending)
+        self.recoveries.append({"ranks": dead, "seconds": time.time() - t0, "resized": resized})
+        log.warning("recovered from the failure of %s in %.1f s", dead, time.time() - t0)
+
+    def _set_world(self, n, rec=None):
+        """Change the world size: re-split every live shard source (and the inputs of a
+        recording about to be re-run) evenly over ``n`` workers."""
+        old = self.world_size
+        self.world_size = n
+        for vid, (pieces, rg) in list(self._sources.items()):
+            store = self._live.get(vid)
+            if store is None:
+                continue
+            self._sources[vid] = (_resplit(pieces, store.placement.dim, n), rg)
+        for store in list(self._live.values()):
+            p = store.placement
+            if isinstance(p, Shard):
+                store.placement = Shard(p.dim, pl.split_sizes(sum(p.sizes), n))
+        if rec is not None:
+            shard_inputs = {idx: store for idx, store in rec.shard_puts}
+            inputs = [[] for _ in range(n)]
+            for idx in range(len(rec.inputs[0])):
+                store = shard_inputs.get(idx)
+                if store is None:
+                    per = [rec.inputs[0][idx]] * n
+                else:
+                    per = _resplit([rec.inputs[r][idx] for r in range(old)], store.placement.dim, n)
+                for r in range(n):
+                    inputs[r].append(per[r])
+            rec.inputs = inputs
+        self._rec = _Recording(n)
+        self._sent_keys.clear()
+
+    def _rehydrate(self, new_ranks, resharded, source, exclude=()):
+        """Give new workers the replicated values (from worker ``source``) and every worker
+        that needs it its shards (from the driver's sources); the rest is marked lost."""
+        live = {vid: st for vid, st in list(self._live.items())
+                if vid not in exclude and vid not in self._lost}
+        replicated = [vid for vid, st in live.items() if isinstance(st.placement, Replicate)]
+        exported = self._control([source], {"control": "export", "vids": replicated})[0] if new_ranks else {}
+        shard_ranks = range(self.world_size) if resharded else new_ranks
+        imports = {r: dict(exported) if r in new_ranks else {} for r in shard_ranks}
+        for vid, st in live.items():
+            if isinstance(st.placement, Replicate):
+                continue
+            src = self._sources.get(vid) if isinstance(st.placement, Shard) else None
+            if src is None:
+                if isinstance(st.placement, Partial) or new_ranks or resharded:
+                    self._lost.add(vid)
+                continue
+            pieces, rg = src
+            for r in shard_ranks:
+                imports[r][vid] = [pieces[r], rg]
+        for r, values in imports.items():
+            if values:
+                self._control([r], {"control": "import", "values": values})
+        self._sent_keys.clear()
+
+    def resize(self, n):
+        """Grow or shrink the gang to ``n`` workers between steps; shards are re-split
+        evenly, replicas copied to new workers. Results stay exact (up to summation order).
+
+        Example: ``cluster.resize(3)``.
+        """
+        if n < 1:
+            raise ResizeError(f"resize: cannot run with {n} workers (need at least 1)")
+        if n == self.world_size:
+            return
+        if not hasattr(self.gang, "resize"):
+            raise ResizeError(f"resize: the {type(self.gang).__name__} backend cannot resize")
+        self._flush()
+        old = self.world_size
+        self.gang.resize(n)               # raises ResizeError (with the reason) if impossible
+        self._set_world(n)
+        self._rehydrate(list(range(old, n)), True, 0)
+
+    # ---------------------------------------------------------------- checkpoints
+    def gather(self, obj):
+        """Replace every distributed tensor inside ``obj`` (nested dicts/lists) by a local
+        copy, fetching all replicated ones in one message. Example: ``cluster.gather(model.state_dict())``."""
+        self._flush()
+        found = {}
+
+        def collect(o):
+            if isinstance(o, Tensor) and o._store.lazy:
+                found[o._store.vid] = o
+            elif isinstance(o, dict):
+                for v in o.values():
+                    collect(v)
+            elif isinstance(o, (list, tuple)):
+                for v in o:
+                    collect(v)
+        collect(obj)
+        rep = [vid for vid, t in found.items() if isinstance(t._store.placement, Replicate)]
+        arrays = self._control([0], {"control": "export", "vids": rep})[0] if rep else {}
+
+        def convert(o):
+            if isinstance(o, Tensor) and o._store.lazy:
+                vid = o._store.vid
+                a = arrays[vid][0] if vid in arrays else o._store.array
+                return type(o)._from_array(np.array(a, copy=True)) if not isinstance(o, Variable) \
+                    else Variable._from_array(np.array(a, copy=True))
+            if isinstance(o, dict):
+                return {k: convert(v) for k, v in o.items()}
+            if isinstance(o, (list, tuple)):
+                return type(o)(convert(v) for v in o)
+            return o
+        return convert(obj)
+
+    def save_checkpoint(self, path, model=None, optimizer=None, step=None, **extra):
+        """Write model and optimizer state (read from a replica on worker 0 in one message)
+        and the step to ``path``, atomically, with a checksum. Example::
+
+            cluster.save_checkpoint("ckpt.dg", model, opt, step=100)
+        """
+        from .serialization import save
+        state = {"step": step, "world_size": self.world_size, **extra}
+        if model is not None:
+            state["model"] = model.state_dict()
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_dict()
+        save(self.gather(state), path)
+        return path
+
+    def load_checkpoint(self, path, model=None, optimizer=None):
+        """Read a checkpoint; with ``model``/``optimizer`` given, load their state (the
+        values are replicated to the workers, whatever their number). Returns the dict."""
+        from .serialization import load
+        state = load(path)
+        if model is not None:
+            model.load_state_dict(state["model"])
+        if optimizer is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        return state
+
+
+def _resplit(pieces, dim, n):
+    whole = np.concatenate(pieces, axis=dim)
+    sizes = pl.split_sizes(whole.shape[dim], n)
+    bounds = np.cumsum((0,) + sizes)
+    return [np.ascontiguousarray(np.take(whole, np.arange(bounds[r], bounds[r + 1]), axis=dim))
+            for r in range(n)]
 
 
 def engine_op(name):

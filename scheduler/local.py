@@ -30,7 +30,7 @@ class LocalGang:
                 results.append(prog.decode(f.result(timeout=self.timeout_s)))
             except cf.TimeoutError:
                 raise WorkerTimeoutError(f"worker {r} (local thread) did not finish its program "
-                                         f"within {self.timeout_s:g}s", rank=r) from None
+                                         f"within {self.timeout_s:g}s", ranks=[r]) from None
         return results
 
     def stats(self):

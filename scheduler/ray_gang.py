@@ -1,6 +1,12 @@
-"""``backend="ray"``: one Ray actor per worker, gang-scheduled in one placement group."""
+"""``backend="ray"``: one Ray actor per worker, gang-scheduled in placement groups.
+
+Besides running programs, the gang can replace dead or hung workers, grow and shrink
+(each change re-forms the collective group), and send recovery control messages; what
+to restore is decided by the driver (``distgrad.distributed.Cluster``).
+"""
 import logging
 import os
+import time
 import uuid
 
 import ray
@@ -11,7 +17,7 @@ import distgrad
 from distgrad import program as prog
 from distgrad.workers.actor import WorkerActor
 
-from .errors import WorkerError, WorkerTimeoutError
+from .errors import ResizeError, WorkerError, WorkerTimeoutError
 
 log = logging.getLogger("distgrad")
 
@@ -37,65 +43,157 @@ def ensure_ray(address=None, num_cpus=None):
 
 
 class RayGang:
-    """N worker actors in one placement group; ``run`` sends one message to each."""
+    """N worker actors; ``run`` sends one message to each and detects dead or hung ones."""
 
     def __init__(self, n, device="cpu", address=None, bucket_cap_mb=25.0, timeout_s=60.0,
-                 num_cpus_per_worker=1, collective=None, strategy="PACK"):
-        self.n, self.timeout_s = n, timeout_s
-        cuda = device != "cpu"
+                 num_cpus_per_worker=1, collective=None, strategy="PACK", place_timeout_s=None):
+        self.timeout_s = timeout_s
+        self.device, self.bucket_cap_mb = device, bucket_cap_mb
+        self.requested_collective, self.strategy = collective, strategy
+        self.place_timeout_s = place_timeout_s or timeout_s
+        self.bundle = {"CPU": num_cpus_per_worker, **({"GPU": 1} if device != "cpu" else {})}
         self._owns_ray = ensure_ray(address, num_cpus=max(n * num_cpus_per_worker, os.cpu_count() or 1))
-        bundle = {"CPU": num_cpus_per_worker, **({"GPU": 1} if cuda else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
-        self.actors = []
+        self.actors, self.slots, self.nodes, self.pgs = [], [], [], []
+        self.collective = None
         try:
-            try:
-                ray.get(self.pg.ready(), timeout=timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise WorkerError(
-                    f"could not place {n} workers of {bundle} each within {timeout_s:g}s: the "
-                    f"cluster has {ray.available_resources()} available") from None
-            cls = ray.remote(WorkerActor)
-            self.actors = [cls.options(
-                num_cpus=num_cpus_per_worker, num_gpus=1 if cuda else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(r, n, device, bucket_cap_mb, timeout_s) for r in range(n)]
-            self.nodes = self._get([a.node_id.remote() for a in self.actors], "start")
-            kind, options = self._collective(collective)
-            self._get([a.setup.remote(kind, options) for a in self.actors], "collective setup")
-            self.collective = kind
+            self._add_workers(n)
+            self._form_group()
         except BaseException:
             self.shutdown()
             raise
 
-    def _collective(self, requested):
-        """shm inside one node, hierarchical (shm + tcp ring) across nodes."""
-        name = f"distgrad_{uuid.uuid4().hex[:12]}"
-        kind = requested or ("shm" if len(set(self.nodes)) == 1 else "hierarchical")
-        if kind == "shm":
-            return kind, {"name": name}
-        return kind, {"group_name": name}
+    @property
+    def n(self):
+        return len(self.actors)
 
-    def _get(self, refs, what):
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            late = [r for r, ref in enumerate(refs) if ref in pending]
-            raise WorkerTimeoutError(f"workers {late} did not finish {what} within "
-                                     f"{self.timeout_s:g}s", rank=late[0])
-        out = []
-        for r, ref in enumerate(refs):
+    # ------------------------------------------------------------------ placement
+    def _add_workers(self, count):
+        """Reserve ``count`` bundles (one placement group) and start an actor in each."""
+        if count <= 0:
+            return
+        pg = placement_group([dict(self.bundle) for _ in range(count)], strategy=self.strategy)
+        try:
+            ray.get(pg.ready(), timeout=self.place_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise ResizeError(
+                f"could not place {count} more workers of {self.bundle} each within "
+                f"{self.place_timeout_s:g}s: the cluster has {ray.available_resources()} available") from None
+        self.pgs.append(pg)
+        for i in range(count):
+            self.actors.append(None)
+            self.slots.append((pg, i))
+            self.nodes.append(None)
+            self._start(len(self.actors) - 1)
+
+    def _start(self, rank):
+        pg, i = self.slots[rank]
+        actor = ray.remote(WorkerActor).options(
+            num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(rank, self.n, self.device, self.bucket_cap_mb, self.timeout_s)
+        self.actors[rank] = actor
+        self.nodes[rank] = None
+
+    def _form_group(self):
+        """(Re)build the collective group over the current actors: shm inside one node,
+        hierarchical (shm + tcp ring) across nodes."""
+        self.nodes = self._get([a.node_id.remote() for a in self.actors], "start")
+        name = f"distgrad_{uuid.uuid4().hex[:12]}"
+        kind = self.requested_collective or ("shm" if len(set(self.nodes)) == 1 else "hierarchical")
+        options = {"name": name} if kind == "shm" else {"group_name": name}
+        self._get([a.reset_comm.remote(kind, options, r, self.n)
+                   for r, a in enumerate(self.actors)], "collective setup")
+        self.collective = kind
+
+    def replace(self, ranks):
+        """Kill workers ``ranks`` (dead or hung) and start fresh ones in their bundles."""
+        for r in ranks:
             try:
-                out.append(ray.get(ref))
-            except ray.exceptions.RayActorError as e:
-                node = self.nodes[r] if getattr(self, "nodes", None) else None
-                raise WorkerError(f"worker {r} (node {node}) died during {what}: {e}", rank=r,
-                                  node=node) from None
+                ray.kill(self.actors[r], no_restart=True)
+            except Exception:
+                pass
+            self._start(r)
+        deadline = time.time() + self.place_timeout_s
+        for r in ranks:
+            try:
+                self.nodes[r] = ray.get(self.actors[r].node_id.remote(),
+                                        timeout=max(deadline - time.time(), 1))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                raise ResizeError(f"could not start a replacement for worker {r} within "
+                                  f"{self.place_timeout_s:g}s (no resources left?)") from None
+        self._form_group()
+
+    def resize(self, n):
+        """Grow (new bundles) or shrink (drop the highest ranks) to ``n`` workers."""
+        if n < self.n:
+            self.drop(list(range(n, self.n)))
+        elif n > self.n:
+            self._add_workers(n - self.n)
+            self._form_group()
+
+    def drop(self, ranks):
+        """Remove workers ``ranks``; the others are renumbered 0..n-1 in order."""
+        ranks = set(ranks)
+        for r in sorted(ranks):
+            try:
+                ray.kill(self.actors[r], no_restart=True)
+            except Exception:
+                pass
+        keep = [r for r in range(self.n) if r not in ranks]
+        self.actors = [self.actors[r] for r in keep]
+        self.slots = [self.slots[r] for r in keep]
+        self.nodes = [self.nodes[r] for r in keep]
+        used = {id(pg) for pg, _ in self.slots}
+        for pg in [pg for pg in self.pgs if id(pg) not in used]:
+            remove_placement_group(pg)
+        self.pgs = [pg for pg in self.pgs if id(pg) in used]
+        if self.actors:
+            self._form_group()
+
+    # ------------------------------------------------------------------ messages
+    def _get(self, refs, what, deadline=None):
+        """Wait for one reply per worker. A dead actor is reported at once; ranks still
+        running at the deadline are reported as hung."""
+        deadline = deadline or time.time() + self.timeout_s
+        pending = dict(zip(refs, range(len(refs))))
+        out = [None] * len(refs)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.time(), 0))
+            if not ready:
+                late = sorted(pending.values())
+                raise WorkerTimeoutError(f"workers {late} did not finish {what} within the timeout",
+                                         ranks=late, nodes=[self.nodes[r] for r in late])
+            for ref in ready:
+                r = pending.pop(ref)
+                try:
+                    out[r] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                        ray.exceptions.ActorUnavailableError) as e:
+                    raise WorkerError(f"worker {r} (node {self.nodes[r]}) died during {what}: "
+                                      f"{type(e).__name__}", ranks=[r], nodes=[self.nodes[r]]) from None
         return out
 
-    def run(self, payloads):
-        refs = []
-        for actor, (data, side) in zip(self.actors, payloads):
-            refs.append(actor.execute.remote(data, *[ray.put(a) for a in side]))
-        return [prog.decode(r) for r in self._get(refs, "its program")]
+    def run(self, payloads, ranks=None):
+        """Send ``payloads[i]`` to worker ``ranks[i]`` (default: all) and return the replies."""
+        ranks = list(range(self.n)) if ranks is None else list(ranks)
+        refs = [self.actors[r].execute.remote(data, *[ray.put(a) for a in side])
+                for r, (data, side) in zip(ranks, payloads)]
+        # Workers stuck in a collective with a dead peer give up after timeout_s themselves;
+        # the extra slack lets them report that, so only the culprit counts as hung.
+        try:
+            replies = self._get(refs, "its program", time.time() + self.timeout_s * 1.5 + 5)
+        except WorkerError as e:
+            e.ranks = tuple(ranks[i] for i in e.ranks)
+            raise
+        return [prog.decode(r) for r in replies]
+
+    def inject_failure(self, rank, kind, seconds=0.0):
+        """Test hook: worker ``rank`` crashes or hangs at its next program."""
+        ray.get(self.actors[rank].inject_failure.remote(kind, seconds), timeout=self.timeout_s)
+
+    def pid(self, rank):
+        return ray.get(self.actors[rank].pid.remote(), timeout=self.timeout_s)
 
     def stats(self):
         return self._get([a.stats.remote() for a in self.actors], "stats")
@@ -107,16 +205,19 @@ class RayGang:
         for a in self.actors:
             try:
                 ray.get(a.close.remote(), timeout=10)
-            except Exception:            # a dead actor has nothing left to close
+            except Exception:            # a dead or hung actor has nothing left to close
                 pass
-            ray.kill(a, no_restart=True)
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
         self.actors = []
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+        for pg in self.pgs:
+            remove_placement_group(pg)
+        self.pgs = []
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
 
     def __repr__(self):
-        return f"RayGang({self.n} actors)"
+        return f"RayGang({self.n} actors, {self.collective})"

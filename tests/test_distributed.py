@@ -244,9 +244,9 @@ def test_ray_backend_exact_gradient(ray_session, n, sizes):
         assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
         np.testing.assert_allclose(W.grad.data.numpy(), gW, rtol=1e-12)
         np.testing.assert_allclose(b.grad.data.numpy(), gb, rtol=1e-12)
-        pg = c.gang.pg
+        pgs = list(c.gang.pgs)
     import ray
-    assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
+    assert pgs and all(ray.util.placement_group_table(pg)["state"] == "REMOVED" for pg in pgs)
 
 
 @pytest.mark.ray

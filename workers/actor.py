@@ -22,13 +22,33 @@ class WorkerActor:
         import ray
         return ray.util.get_node_ip_address()
 
-    def setup(self, kind, options):
+    def reset_comm(self, kind, options, rank, world_size):
+        """Join a (new) collective group as ``rank`` of ``world_size``. A surviving worker
+        keeps its values; a new one starts empty."""
+        from .bucketing import OrderedComm
         from .collective import create_communicator
-        if self.world_size > 1:
-            self.comm = create_communicator(kind, rank=self.rank, world_size=self.world_size,
-                                            timeout_s=self.timeout_s, **options)
-        self.worker = Worker(self.rank, self.world_size, self.device, self.comm,
-                             self.bucket_cap_mb, self.timeout_s)
+        if self.comm is not None:
+            self.comm.close()
+        self.rank, self.world_size = rank, world_size
+        self.comm = (create_communicator(kind, rank=rank, world_size=world_size,
+                                         timeout_s=self.timeout_s, **options)
+                     if world_size > 1 else None)
+        if self.worker is None:
+            self.worker = Worker(rank, world_size, self.device, self.comm, self.bucket_cap_mb,
+                                 self.timeout_s)
+        else:
+            if self.worker.comm is not None:
+                self.worker.comm.close()
+            self.worker.rank, self.worker.world_size = rank, world_size
+            self.worker.comm = OrderedComm(self.comm, self.timeout_s) if self.comm else None
+        return True
+
+    def pid(self):
+        import os
+        return os.getpid()
+
+    def inject_failure(self, kind, seconds=0.0):
+        self.worker.inject_failure(kind, seconds)
         return True
 
     def execute(self, payload, *side):

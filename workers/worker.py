@@ -34,6 +34,8 @@ class Worker:
         self.comm = OrderedComm(communicator, timeout_s) if communicator is not None else None
         self.bucket_cap = int(bucket_cap_mb * (1 << 20))
         self.values = {}
+        self.undo = UndoLog()          # the last program's writes, until the next message commits it
+        self.fail_after = None         # test hook: (kind, seconds) -> crash or hang in the next program
         self.cache = collections.OrderedDict()
         self.cache_size = cache_size
         self.max_message_bytes = max_message_bytes
@@ -66,6 +68,12 @@ class Worker:
     def _run_message(self, msg):
         if not isinstance(msg, dict) or msg.get("v") != prog.PROTOCOL:
             raise prog.ProgramError(f"unsupported message (protocol {msg.get('v') if isinstance(msg, dict) else '?'})")
+        control = msg.get("control")
+        if control is not None:
+            return self._control(control, msg)
+        # A new program means the driver saw the previous one succeed everywhere: commit it.
+        self.undo = UndoLog()
+        self._maybe_fail()
         key = msg.get("key")
         structure = msg.get("prog")
         if structure is not None:
@@ -104,10 +112,54 @@ class Worker:
         if phase is not None:
             self.span(phase, start)
         for s, vid in zip(keep, bind[len(ext):]):
+            self.undo.table(self.values, vid)
             self.values[vid] = env[s]
         for vid in msg.get("free", []):
-            self.values.pop(vid, None)
+            if vid in self.values:
+                self.undo.table(self.values, vid)
+                del self.values[vid]
         return fetched
+
+    # ------------------------------------------------------------------ recovery
+    def _control(self, control, msg):
+        """Messages of the recovery protocol (see distgrad.scheduler.recovery)."""
+        if control == "rollback":
+            self.undo.restore(self.values)
+            self.undo = UndoLog()
+            return {}
+        if control == "export":
+            out = {}
+            for vid in msg["vids"]:
+                t = self.values.get(vid)
+                if t is not None:
+                    out[vid] = [_backend.to_numpy(t._store.array), bool(t.requires_grad and t.is_leaf)]
+            return out
+        if control == "import":
+            for vid, (array, requires_grad) in msg["values"].items():
+                t = Variable._from_array(self._to_device(array))
+                if requires_grad:
+                    t._init_requires_grad(True)
+                self.values[int(vid)] = t
+            return {}
+        if control == "ping":
+            return {}
+        raise prog.ProgramError(f"unknown control message {control!r}")
+
+    def inject_failure(self, kind, seconds=0.0):
+        """Test hook: make the next program crash the process ("crash") or hang ("hang")."""
+        self.fail_after = (kind, seconds)
+
+    def _maybe_fail(self):
+        if self.fail_after is None:
+            return
+        kind, seconds = self.fail_after
+        self.fail_after = None
+        time.sleep(seconds)
+        if kind == "crash":
+            import os
+            os._exit(1)
+        if kind == "hang":
+            time.sleep(10 ** 6)
 
     def _to_device(self, a):
         a = np.asarray(a)
@@ -134,11 +186,13 @@ class Worker:
         elif kind == "update":
             _, slot, idx = ins
             t = env[slot]
+            self.undo.write(t)
             t._store.array = inputs[idx]
             t._store.version += 1
         elif kind == "assign":
             _, target, src = ins
             t = env[target]
+            self.undo.write(t)
             with engine.no_grad() if not env[src].requires_grad else _null():
                 t._write(env[src], "assign")
         elif kind == "fetch":
@@ -162,6 +216,7 @@ class Worker:
         for leaf_slot, prev_slot, _new, is_rep in leaves:
             leaf = env[leaf_slot]
             prev.append(env[prev_slot] if prev_slot >= 0 else None)
+            self.undo.grad(leaf)
             leaf._grad = None                 # this backward's gradient alone is all-reduced
             if is_rep:
                 replicated.add(id(leaf))
@@ -194,6 +249,42 @@ class Worker:
         if self.comm is not None:
             self.comm.close()
         self.values.clear()
+
+
+class UndoLog:
+    """What one program changed in state that outlives it, so that a step that failed on
+    some worker can be rolled back on the others and re-run (a step commits only once
+    every worker finished it)."""
+
+    _MISSING = object()
+
+    def __init__(self):
+        self.arrays, self.grads, self.values = {}, {}, {}
+
+    def write(self, t):
+        """Before the first in-place write of ``t`` in this program: keep its contents."""
+        key = id(t._store)
+        if key not in self.arrays:
+            self.arrays[key] = (t, t._store, t._store.array.copy(), t._store.version,
+                                t.grad_fn, t.requires_grad)
+
+    def grad(self, leaf):
+        self.grads.setdefault(id(leaf), (leaf, leaf._grad))
+
+    def table(self, values, vid):
+        self.values.setdefault(vid, values.get(vid, self._MISSING))
+
+    def restore(self, values):
+        for t, store, array, version, grad_fn, requires_grad in self.arrays.values():
+            store.array, store.version = array, version
+            t.grad_fn, t.requires_grad = grad_fn, requires_grad
+        for leaf, g in self.grads.values():
+            leaf._grad = g
+        for vid, old in self.values.items():
+            if old is self._MISSING:
+                values.pop(vid, None)
+            else:
+                values[vid] = old
 
 
 def _phase(ins):
