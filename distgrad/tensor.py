@@ -713,6 +713,9 @@ class Tensor:
     def sqrt_(self): return self._inplace("sqrt")
     def neg_(self): return self._inplace("neg")
     def relu_(self): return self._inplace("relu")
+    # a*self + b*o in one op (ops_nn "axpby"): optimizers' fused update, one dispatch.
+    def axpby(self, o, a=1.0, b=1.0): return apply_op("axpby", self, o, a=a, b=b)
+    def axpby_(self, o, a=1.0, b=1.0): return self._inplace("axpby", o, a=a, b=b)
     __iadd__ = add_
     __isub__ = sub_
     __imul__ = mul_

@@ -1,0 +1,416 @@
+"""``dg.nn.functional``: the stateless functions behind the layers, named as in PyTorch.
+
+Example::
+
+    import distgrad.nn.functional as F
+    loss = F.cross_entropy(F.linear(x, w, b), target)
+"""
+import warnings
+
+import numpy as np
+
+from .. import _backend
+from ..autograd import engine
+from ..factories import where
+from ..tensor import Tensor, apply_op
+from .module import InputShapeError
+
+
+def _pair(v, name="value"):
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+        return (int(v[0]), int(v[1]))
+    return (int(v), int(v))
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+# ---------------------------------------------------------------- activations
+
+def relu(input, inplace=False):
+    """max(x, 0). Example: ``F.relu(x)``."""
+    return input.relu()
+
+
+def leaky_relu(input, negative_slope=0.01, inplace=False):
+    """x where x > 0, else slope * x. Example: ``F.leaky_relu(x, 0.2)``."""
+    return where(input > 0, input, input * negative_slope)
+
+
+def sigmoid(input):
+    """1 / (1 + exp(-x)), stable for large |x|. Example: ``F.sigmoid(x)``."""
+    return input.sigmoid()
+
+
+def tanh(input):
+    """Hyperbolic tangent. Example: ``F.tanh(x)``."""
+    return input.tanh()
+
+
+def softmax(input, dim=None):
+    """exp(x) / sum(exp(x)) along ``dim`` (stable). Example: ``F.softmax(x, dim=1)``."""
+    return input.softmax(_default_dim(input, dim))
+
+
+def log_softmax(input, dim=None):
+    """log(softmax(x)), computed stably (no overflow for logits of 1e4). Example: ``F.log_softmax(x, 1)``."""
+    return input.log_softmax(_default_dim(input, dim))
+
+
+def _default_dim(input, dim):
+    if dim is None:
+        # PyTorch's legacy implicit choice: dim 1 unless the input has 0, 1 or 3 dims.
+        dim = 0 if input.ndim in (0, 1, 3) else 1
+    return dim
+
+
+# ---------------------------------------------------------------- linear and conv
+
+def linear(input, weight, bias=None):
+    """x @ weight.T + bias in one op. Example: ``F.linear(x, w, b)`` with w of shape (out, in)."""
+    if input.ndim == 0 or input.shape[-1] != weight.shape[1]:
+        raise InputShapeError(f"expected input of shape (*, {weight.shape[1]}), got {_shape(input)}")
+    return apply_op("linear", input, weight, bias)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation) over NCHW input, via im2col and one matmul.
+
+    Example::
+
+        y = F.conv2d(x, w, b, stride=1, padding=2)   # x (N, C, H, W), w (O, C/groups, kh, kw)
+    """
+    unbatched = input.ndim == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    c_in = weight.shape[1] * groups
+    if input.ndim != 4 or input.shape[1] != c_in:
+        raise InputShapeError(f"expected input of shape (N, {c_in}, H, W), got "
+                              f"{_shape(input if not unbatched else input[0])}")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    padding = _conv_padding(padding, weight.shape[-2:], stride, dilation)
+    kh, kw = weight.shape[-2:]
+    for n, k, p, d in zip(input.shape[-2:], (kh, kw), padding, dilation):
+        if n + 2 * p < d * (k - 1) + 1:
+            raise InputShapeError(f"input of shape {_shape(input)} (padded by {padding}) is smaller "
+                                  f"than the kernel {(kh, kw)} (dilation {dilation})")
+    out = apply_op("conv2d", input, weight, bias, stride=stride, padding=padding,
+                   dilation=dilation, groups=int(groups))
+    return out.squeeze(0) if unbatched else out
+
+
+def _conv_padding(padding, kernel, stride, dilation):
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if any(t % 2 for t in total):
+            raise NotImplementedError("padding='same' with an even kernel needs asymmetric padding")
+        return tuple(t // 2 for t in total)
+    return _pair(padding, "padding")
+
+
+def _pool_args(input, kernel_size, stride, padding, dilation=1):
+    if input.ndim != 4:
+        raise InputShapeError(f"expected a 4-D input (N, C, H, W), got {_shape(input)}")
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride")
+    p, d = _pair(padding, "padding"), _pair(dilation, "dilation")
+    if any(pi > ki // 2 for pi, ki in zip(p, k)):
+        raise ValueError(f"pad should be at most half of the kernel size, got padding {p} for "
+                         f"kernel {k}")
+    for n, ki, pi, di in zip(input.shape[-2:], k, p, d):
+        if n + 2 * pi < di * (ki - 1) + 1:
+            raise InputShapeError(f"input of shape {_shape(input)} is smaller than the pooling "
+                                  f"window {k}")
+    return k, s, p, d
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max over sliding windows (PyTorch's first-maximum gradient rule). Example: ``F.max_pool2d(x, 2)``."""
+    if return_indices:
+        raise NotImplementedError("max_pool2d(return_indices=True) is not supported")
+    unbatched = input.ndim == 3
+    x = input.unsqueeze(0) if unbatched else input
+    k, s, p, d = _pool_args(x, kernel_size, stride, padding, dilation)
+    out = apply_op("max_pool2d", x, kernel_size=k, stride=s, padding=p, dilation=d,
+                   ceil_mode=bool(ceil_mode))
+    return out.squeeze(0) if unbatched else out
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """Mean over sliding windows. Example: ``F.avg_pool2d(x, 2)``."""
+    if divisor_override is not None:
+        raise NotImplementedError("avg_pool2d(divisor_override=...) is not supported")
+    unbatched = input.ndim == 3
+    x = input.unsqueeze(0) if unbatched else input
+    k, s, p, _ = _pool_args(x, kernel_size, stride, padding)
+    out = apply_op("avg_pool2d", x, kernel_size=k, stride=s, padding=p, ceil_mode=bool(ceil_mode),
+                   count_include_pad=bool(count_include_pad))
+    return out.squeeze(0) if unbatched else out
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """Average pooling to a fixed output size (sizes that divide the input evenly).
+
+    Example::
+
+        F.adaptive_avg_pool2d(x, 1)     # global average pooling, (N, C, 1, 1)
+    """
+    out = _pair(output_size, "output_size")
+    H, W = input.shape[-2:]
+    if out == (1, 1):
+        return input.mean(dim=(-2, -1), keepdim=True)
+    if H % out[0] or W % out[1]:
+        raise NotImplementedError(f"adaptive_avg_pool2d: output size {out} must divide the input "
+                                  f"size {(H, W)}")
+    k = (H // out[0], W // out[1])
+    return avg_pool2d(input, k, k)
+
+
+# ---------------------------------------------------------------- regularisation and normalisation
+
+def dropout(input, p=0.5, training=True, inplace=False):
+    """Zero elements with probability p and scale the rest by 1/(1-p) (training only).
+
+    Example::
+
+        h = F.dropout(h, 0.2, training=model.training)
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return input
+    from ..random import uniform
+    keep = _backend.to_device(uniform(input.shape)._store.array >= p, str(input.device))
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    # One mask multiply: mask values are 0 or 1/(1-p).
+    mask = Tensor._from_array((keep * scale).astype(input.dtype))
+    return input * mask
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Normalise per channel (dim 1) with batch statistics (training) or running ones.
+
+    In training the running statistics are updated in place with tensor ops.
+
+    Example::
+
+        y = F.batch_norm(x, rm, rv, w, b, training=True)
+    """
+    C = input.shape[1]
+    dims = (0,) + tuple(range(2, input.ndim))
+    bshape = (1, C) + (1,) * (input.ndim - 2)
+    if training:
+        n = input.numel() // C
+        if n <= 1:
+            raise InputShapeError(f"expected more than 1 value per channel when training, got "
+                                  f"input of shape {_shape(input)}")
+        mean = input.mean(dim=dims, keepdim=True)
+        xc = input - mean
+        var = (xc * xc).mean(dim=dims, keepdim=True)
+        if running_mean is not None:
+            with engine.no_grad():
+                m = momentum
+                running_mean._inplace("axpby", mean.detach().reshape(C), a=1 - m, b=m)
+                running_var._inplace("axpby", var.detach().reshape(C), a=1 - m, b=m * n / (n - 1))
+    else:
+        xc = input - running_mean.reshape(bshape)
+        var = running_var.reshape(bshape)
+    out = xc / (var + eps).sqrt()
+    if weight is not None:
+        out = out * weight.reshape(bshape)
+    if bias is not None:
+        out = out + bias.reshape(bshape)
+    return out
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Normalise over the trailing ``normalized_shape`` dims. Example: ``F.layer_norm(x, (16,))``."""
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(normalized_shape)
+    if tuple(input.shape[input.ndim - k:]) != normalized_shape or input.ndim < k:
+        raise InputShapeError(f"expected input of shape (*, {', '.join(map(str, normalized_shape))}), "
+                              f"got {_shape(input)}")
+    dims = tuple(range(input.ndim - k, input.ndim))
+    xc = input - input.mean(dim=dims, keepdim=True)
+    var = (xc * xc).mean(dim=dims, keepdim=True)
+    out = xc / (var + eps).sqrt()
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def embedding(input, weight, padding_idx=None):
+    """Rows of ``weight`` picked by integer ``input`` (any shape). Example: ``F.embedding(ids, w)``.
+
+    ``padding_idx``'s row gets no gradient, as in PyTorch.
+    """
+    if not isinstance(input, Tensor):
+        input = Tensor(np.asarray(input))
+    if not np.issubdtype(np.dtype(input.dtype), np.integer):
+        raise TypeError(f"embedding: expected an integer index tensor, got {input.dtype}")
+    out = weight[input]
+    if padding_idx is not None:
+        pad = padding_idx % weight.shape[0]
+        keep = (input != pad).unsqueeze(-1)
+        out = where(keep, out, out.detach())       # no gradient flows from padding positions
+    return out
+
+
+def one_hot(tensor, num_classes=-1):
+    """Integer class indices to a 0/1 int64 tensor with a trailing class dim. Example: ``F.one_hot(t, 10)``."""
+    a = _backend.to_numpy(tensor._store.array)
+    n = int(a.max()) + 1 if num_classes < 0 else num_classes
+    return Tensor._from_array(np.eye(n, dtype=np.int64)[a]).to(tensor.device)
+
+
+# ---------------------------------------------------------------- losses
+
+def _reduce(loss, reduction):
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check_same_shape(input, target, name):
+    if _shape(input) != _shape(target):
+        warnings.warn(f"{name}: target size {_shape(target)} differs from input size "
+                      f"{_shape(input)}; they will be broadcast", stacklevel=3)
+
+
+def mse_loss(input, target, reduction="mean"):
+    """Mean squared error. Example: ``F.mse_loss(pred, y)``."""
+    _check_same_shape(input, target, "mse_loss")
+    d = input - target
+    return _reduce(d * d, reduction)
+
+
+def l1_loss(input, target, reduction="mean"):
+    """Mean absolute error. Example: ``F.l1_loss(pred, y)``."""
+    _check_same_shape(input, target, "l1_loss")
+    return _reduce((input - target).abs(), reduction)
+
+
+def _check_class_target(input, target, who):
+    if not isinstance(target, Tensor):
+        target = Tensor(np.asarray(target))
+    if not np.issubdtype(np.dtype(target.dtype), np.integer):
+        raise TypeError(f"{who}: expected class indices of an integer dtype as target, got "
+                        f"{target.dtype} (use a LongTensor)")
+    expect = (input.shape[0],) + tuple(input.shape[2:]) if input.ndim >= 2 else ()
+    if input.ndim == 0 or _shape(target) != expect:
+        raise InputShapeError(f"{who}: input of shape {_shape(input)} needs a target of shape "
+                              f"{expect}, got {_shape(target)}")
+    return target
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+    """Negative log-likelihood of class indices; input (N, C, ...) holds log-probabilities.
+
+    Example::
+
+        loss = F.nll_loss(F.log_softmax(logits, 1), target)
+    """
+    if input.ndim == 1:                         # unbatched (C,) with a scalar target
+        target = target if isinstance(target, Tensor) else Tensor(np.asarray(target))
+        out = nll_loss(input.unsqueeze(0), target.reshape(1), weight, ignore_index, reduction)
+        return out.reshape(()) if reduction == "none" else out
+    target = _check_class_target(input, target, "nll_loss")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    attrs = dict(ignore_index=int(ignore_index))
+    if reduction == "mean" and input._store.lazy:
+        # Distributed: the divisor (weight of the targets not ignored) is a global sum.
+        total = apply_op("nll_loss", input, target, weight, reduction="sum", **attrs)
+        valid = (target != ignore_index)
+        denom = valid.sum() if weight is None else where(valid, weight[target * valid], 0).sum()
+        return total / denom.astype(input.dtype)
+    return apply_op("nll_loss", input, target, weight, reduction=reduction, **attrs)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0):
+    """log_softmax over dim 1, then nll_loss: stable for any logits (1e4 gives finite values).
+
+    ``target`` holds class indices (N, ...) or class probabilities (same shape as input).
+
+    Example::
+
+        loss = F.cross_entropy(model(x), y, ignore_index=-1, reduction="sum")
+    """
+    if input.ndim == 1:
+        input, target = input.unsqueeze(0), (target.reshape(1) if isinstance(target, Tensor)
+                                             and target.ndim == 0 else target)
+        if isinstance(target, Tensor) and target._is_float():
+            target = target.unsqueeze(0)
+        out = cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        return out.reshape(()) if reduction == "none" else out
+    logp = input.log_softmax(1)
+    C = input.shape[1]
+    if isinstance(target, Tensor) and target._is_float():
+        # Class probabilities.
+        if _shape(target) != _shape(input):
+            raise InputShapeError(f"cross_entropy: probability target of shape {_shape(target)} "
+                                  f"must match input {_shape(input)}")
+        if label_smoothing:
+            target = target * (1 - label_smoothing) + label_smoothing / C
+        lp = logp if weight is None else logp * weight.reshape((1, C) + (1,) * (input.ndim - 2))
+        loss = -(lp * target).sum(dim=1)
+        return _reduce(loss, reduction) if reduction != "mean" else loss.sum() / input.shape[0]
+    nll = nll_loss(logp, target, weight, ignore_index, reduction)
+    if not label_smoothing:
+        return nll
+    # PyTorch's smoothing term: the (weighted) mean of -log p over classes.
+    target = _check_class_target(input, target, "cross_entropy")
+    lp = logp if weight is None else logp * weight.reshape((1, C) + (1,) * (input.ndim - 2))
+    valid = (target != ignore_index)
+    smooth = -(lp.sum(dim=1)) * valid
+    if reduction == "mean":
+        denom = valid.sum() if weight is None else where(valid, weight[target * valid], 0).sum()
+        smooth = smooth.sum() / denom.astype(input.dtype)
+    else:
+        smooth = _reduce(smooth, reduction)
+    return nll * (1 - label_smoothing) + smooth * (label_smoothing / C)
+
+
+def binary_cross_entropy(input, target, weight=None, reduction="mean"):
+    """BCE on probabilities; log is clamped at -100 as in PyTorch. Example: ``F.binary_cross_entropy(p, y)``."""
+    _check_same_shape(input, target, "binary_cross_entropy")
+    loss = -(target * input.log().clamp(min=-100) + (1 - target) * (1 - input).log().clamp(min=-100))
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
+    """Sigmoid + BCE in the stable form max(x,0) - x*y + log(1+exp(-|x|)).
+
+    Example::
+
+        loss = F.binary_cross_entropy_with_logits(logits, y)
+    """
+    _check_same_shape(input, target, "binary_cross_entropy_with_logits")
+    softplus_neg = (1 + (-input.abs()).exp()).log() + (-input).relu()     # log(1 + exp(-x))
+    if pos_weight is None:
+        loss = (1 - target) * input + softplus_neg
+    else:
+        lw = 1 + (pos_weight - 1) * target
+        loss = (1 - target) * input + lw * softplus_neg
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction)

@@ -1,0 +1,453 @@
+"""Neural-network ops, registered in the one op registry (``distgrad.ops.OPS``).
+
+Each op's forward (against ``xp``) sits beside its VJPs, as in ``ops.py``. The VJPs
+are written with registered ops, and each family is closed under differentiation
+(conv2d / conv2d_input_grad / conv2d_weight_grad are bilinear transposes of one
+another; the pooling ops pair with their scatter/gather twins), so
+``create_graph=True`` gives second derivatives.
+
+Convolutions use im2col through ``as_strided`` views and one batched matmul; the
+transposed direction (col2im) loops over kernel offsets only, never over pixels.
+Conv and pool ops work independently per sample along dim 0: placement
+``"batch_local"``.
+"""
+import numpy as np
+
+from .ops import defop, shape_of, unbroadcast  # noqa: F401  (unbroadcast: the one broadcast undoer)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+# ---------------------------------------------------------------- linear
+
+def _linear(xp, x, w, b=None):
+    out = xp.matmul(x, w.T)
+    if b is not None:
+        out += b
+    return out
+
+
+def _linear_vjp_w(g, ans, x, w, b=None):
+    out_f = w.shape[0]
+    return g.reshape(-1, out_f).mT @ x.reshape(-1, w.shape[1])
+
+
+def _linear_vjp_b(g, ans, x, w, b=None):
+    return g.reshape(-1, w.shape[0]).sum(dim=0)
+
+
+# y = x @ w.T + b in one op: the MLP hot path pays one dispatch instead of three.
+defop("linear", _linear,
+      lambda g, ans, x, w, b=None: g @ w,
+      _linear_vjp_w, _linear_vjp_b, placement="linear")
+
+
+# ---------------------------------------------------------------- im2col helpers
+
+def _out_size(n, k, s, p, d, ceil_mode=False):
+    span = n + 2 * p - d * (k - 1) - 1
+    if span < 0:
+        raise ValueError(f"kernel of size {k} (dilation {d}) does not fit input of size {n} "
+                         f"with padding {p}")
+    if not ceil_mode:
+        return span // s + 1
+    out = -(-span // s) + 1
+    # PyTorch: the last window must start inside the input or its left padding.
+    if (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _geometry(shape, kernel, stride, padding, dilation, ceil_mode=False):
+    """Output size and (left, right) pads per spatial axis; right pad covers ceil_mode."""
+    H, W = shape[-2:]
+    out, pads = [], []
+    for n, k, s, p, d in zip((H, W), kernel, stride, padding, dilation):
+        o = _out_size(n, k, s, p, d, ceil_mode)
+        need = (o - 1) * s + d * (k - 1) + 1          # input extent the windows touch
+        out.append(o)
+        pads.append((p, max(need - n - p, 0)))
+    return tuple(out), tuple(pads)
+
+
+def _unfold(xp, x, kernel, stride, pads, dilation, out_hw, fill=0):
+    """View (N, C, kh, kw, OH, OW) of the padded input's sliding windows (no copy)."""
+    if any(p for pair in pads for p in pair):
+        x = xp.pad(x, ((0, 0), (0, 0)) + pads, constant_values=fill)
+    N, C = x.shape[:2]
+    sN, sC, sH, sW = x.strides
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
+    return xp.lib.stride_tricks.as_strided(
+        x, (N, C, kh, kw, oh, ow), (sN, sC, sH * dh, sW * dw, sH * sh, sW * sw))
+
+
+def _fold(xp, cols, in_shape, stride, pads, dilation):
+    """Transpose of ``_unfold``: add window values (N, C, kh, kw, OH, OW) back into the input.
+
+    Loops over kernel offsets (kh*kw strided adds), never over pixels.
+    """
+    N, C, kh, kw, oh, ow = cols.shape
+    H, W = in_shape[-2:]
+    (ph0, ph1), (pw0, pw1) = pads
+    (sh, sw), (dh, dw) = stride, dilation
+    out = xp.zeros((N, C, H + ph0 + ph1, W + pw0 + pw1), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                j * dw:j * dw + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
+    return out[:, :, ph0:ph0 + H, pw0:pw0 + W]
+
+
+# ---------------------------------------------------------------- conv2d
+
+def _conv_geom(x_shape, w_shape, stride, padding, dilation):
+    kernel = tuple(w_shape[-2:])
+    out_hw, pads = _geometry(x_shape, kernel, stride, padding, dilation)
+    return kernel, out_hw, pads
+
+
+def _conv2d(xp, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    N, C = x.shape[:2]
+    O = w.shape[0]
+    kernel, out_hw, pads = _conv_geom(x.shape, w.shape, stride, padding, dilation)
+    cols = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
+    L = out_hw[0] * out_hw[1]
+    cols = cols.reshape(N, groups, (C // groups) * kernel[0] * kernel[1], L)   # the im2col copy
+    out = xp.matmul(w.reshape(groups, O // groups, -1), cols)                   # (N, G, O/G, L)
+    out = out.reshape(N, O, out_hw[0], out_hw[1])
+    if b is not None:
+        out += b.reshape(1, O, 1, 1)
+    return out
+
+
+def _conv2d_input_grad(xp, g, w, in_hw=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                       groups=1):
+    """d(conv2d)/dx applied to g: weight-transposed matmul, then col2im."""
+    N, O = g.shape[:2]
+    C = w.shape[1] * groups
+    in_shape = (N, C) + tuple(in_hw)
+    kernel, out_hw, pads = _conv_geom(in_shape, w.shape, stride, padding, dilation)
+    wg = w.reshape(groups, O // groups, -1)
+    cols = xp.matmul(wg.transpose(0, 2, 1), g.reshape(N, groups, O // groups, -1))
+    cols = cols.reshape(N, C, kernel[0], kernel[1], out_hw[0], out_hw[1])
+    return _fold(xp, cols, in_shape, stride, pads, dilation)
+
+
+def _conv2d_weight_grad(xp, x, g, w_shape=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                        groups=1):
+    """d(conv2d)/dw applied to g: im2col of x contracted with g over batch and positions."""
+    N, C = x.shape[:2]
+    O = w_shape[0]
+    kernel, out_hw, pads = _conv_geom(x.shape, w_shape, stride, padding, dilation)
+    cols = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
+    cols = cols.reshape(N, groups, -1, out_hw[0] * out_hw[1])
+    gg = g.reshape(N, groups, O // groups, -1)
+    # One tensordot per group (groups is small); contracts batch and output positions.
+    parts = [xp.tensordot(gg[:, k], cols[:, k], axes=([0, 2], [0, 2])) for k in range(groups)]
+    gw = parts[0] if groups == 1 else xp.concatenate(parts, axis=0)
+    return gw.reshape(w_shape).astype(x.dtype, copy=False)
+
+
+def _conv_attrs(a):
+    return dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
+
+
+def _conv_vjp_x(g, ans, x, w, b=None, **a):
+    from .tensor import apply_op
+    return apply_op("conv2d_input_grad", g, w, in_hw=tuple(x.shape[-2:]), **_conv_attrs(a))
+
+
+def _conv_vjp_w(g, ans, x, w, b=None, **a):
+    from .tensor import apply_op
+    return apply_op("conv2d_weight_grad", x, g, w_shape=tuple(w.shape), **_conv_attrs(a))
+
+
+defop("conv2d", _conv2d, _conv_vjp_x, _conv_vjp_w,
+      lambda g, ans, x, w, b=None, **a: g.sum(dim=(0, 2, 3)),
+      placement="batch_local")
+
+
+def _cig_vjp_g(gx, ans, g, w, in_hw=None, **a):
+    from .tensor import apply_op
+    return apply_op("conv2d", gx, w, None, **_conv_attrs(a))
+
+
+def _cig_vjp_w(gx, ans, g, w, in_hw=None, **a):
+    from .tensor import apply_op
+    return apply_op("conv2d_weight_grad", gx, g, w_shape=tuple(w.shape), **_conv_attrs(a))
+
+
+defop("conv2d_input_grad", _conv2d_input_grad, _cig_vjp_g, _cig_vjp_w, placement="batch_local")
+
+
+def _cwg_vjp_x(gw, ans, x, g, w_shape=None, **a):
+    from .tensor import apply_op
+    return apply_op("conv2d_input_grad", g, gw, in_hw=tuple(x.shape[-2:]), **_conv_attrs(a))
+
+
+def _cwg_vjp_g(gw, ans, x, g, w_shape=None, **a):
+    from .tensor import apply_op
+    return apply_op("conv2d", x, gw, None, **_conv_attrs(a))
+
+
+# Output is a weight gradient summed over the batch: per-sample inputs give a Partial sum.
+defop("conv2d_weight_grad", _conv2d_weight_grad, _cwg_vjp_x, _cwg_vjp_g,
+      placement="batch_reduce")
+
+
+# ---------------------------------------------------------------- max pooling
+
+def _pool_geom(shape, kernel_size, stride, padding, dilation, ceil_mode):
+    return _geometry(shape, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _pool_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode, fill):
+    out_hw, pads = _pool_geom(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    return _unfold(xp, x, kernel_size, stride, pads, dilation, out_hw, fill=fill), out_hw, pads
+
+
+def _neg_inf(x):
+    return -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
+
+
+def _max_pool2d(xp, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    win, _, _ = _pool_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode, _neg_inf(x))
+    return win.max(axis=(2, 3))
+
+
+def _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Flat window index (0..kh*kw-1) of each window's first maximum, as PyTorch picks it."""
+    win, out_hw, pads = _pool_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode,
+                                      _neg_inf(x))
+    N, C = x.shape[:2]
+    kk = kernel_size[0] * kernel_size[1]
+    return win.reshape(N, C, kk, out_hw[0], out_hw[1]).argmax(axis=2), out_hw, pads
+
+
+def _max_pool2d_grad(xp, g, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1),
+                     ceil_mode=False):
+    """Scatter g (pooled shape) into x's shape at each window's argmax."""
+    idx, out_hw, pads = _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode)
+    N, C = x.shape[:2]
+    kh, kw = kernel_size
+    cols = xp.zeros((N, C, kh * kw) + out_hw, dtype=g.dtype)
+    xp.put_along_axis(cols, idx[:, :, None], g[:, :, None], axis=2)
+    return _fold(xp, cols.reshape(N, C, kh, kw, *out_hw), x.shape, stride, pads, dilation)
+
+
+def _max_pool2d_pick(xp, h, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1),
+                     ceil_mode=False):
+    """h (x's shape) read at the positions where max_pool2d(x) took its maxima."""
+    idx, out_hw, pads = _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode)
+    N, C = x.shape[:2]
+    win = _unfold(xp, h, kernel_size, stride, pads, dilation, out_hw)
+    win = win.reshape(N, C, kernel_size[0] * kernel_size[1], out_hw[0], out_hw[1])
+    return xp.take_along_axis(win, idx[:, :, None], axis=2)[:, :, 0]
+
+
+def _mp_grad(g, ans, x, **a):
+    from .tensor import apply_op
+    return apply_op("max_pool2d_grad", g, x, **a)
+
+
+def _mp_pick(gg, ans, g, x, **a):
+    from .tensor import apply_op
+    return apply_op("max_pool2d_pick", gg, x, **a)
+
+
+def _no_grad_through_argmax(*args, **a):
+    # Which element is the maximum is piecewise constant in x: zero gradient almost everywhere.
+    return None
+
+
+defop("max_pool2d", _max_pool2d, _mp_grad, placement="batch_local")
+defop("max_pool2d_grad", _max_pool2d_grad, _mp_pick, _no_grad_through_argmax,
+      placement="batch_local")
+defop("max_pool2d_pick", _max_pool2d_pick, _mp_grad, _no_grad_through_argmax,
+      placement="batch_local")
+
+
+# ---------------------------------------------------------------- average pooling
+
+def _avg_divisor(xp, in_hw, kernel_size, stride, padding, out_hw, count_include_pad, dtype):
+    """Per-output window divisor with PyTorch's rules (padding counted, ceil-mode overhang not)."""
+    sizes = []
+    for n, k, s, p, o in zip(in_hw, kernel_size, stride, padding, out_hw):
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, n + p)
+        size = end - start
+        if not count_include_pad:
+            size = np.minimum(end, n) - np.maximum(start, 0)
+        sizes.append(size)
+    div = np.outer(sizes[0], sizes[1]).astype(dtype)
+    if (div == kernel_size[0] * kernel_size[1]).all():
+        return kernel_size[0] * kernel_size[1]           # plain scalar: the common case
+    return xp.asarray(div)
+
+
+def _avg_pool2d(xp, x, kernel_size, stride, padding=(0, 0), ceil_mode=False,
+                count_include_pad=True):
+    win, out_hw, _ = _pool_windows(xp, x, kernel_size, stride, padding, (1, 1), ceil_mode, 0)
+    div = _avg_divisor(xp, x.shape[-2:], kernel_size, stride, padding, out_hw,
+                       count_include_pad, x.dtype)
+    return (win.sum(axis=(2, 3)) / div).astype(x.dtype, copy=False)
+
+
+def _avg_pool2d_grad(xp, g, in_hw=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
+                     ceil_mode=False, count_include_pad=True):
+    """Transpose of avg_pool2d: spread each g / divisor over its window."""
+    N, C = g.shape[:2]
+    in_shape = (N, C) + tuple(in_hw)
+    out_hw, pads = _pool_geom(in_shape, kernel_size, stride, padding, (1, 1), ceil_mode)
+    div = _avg_divisor(xp, in_hw, kernel_size, stride, padding, out_hw, count_include_pad, g.dtype)
+    gd = (g / div).astype(g.dtype, copy=False)
+    cols = xp.broadcast_to(gd[:, :, None, None], (N, C) + tuple(kernel_size) + tuple(out_hw))
+    return _fold(xp, cols, in_shape, stride, pads, (1, 1))
+
+
+def _ap_vjp(g, ans, x, **a):
+    from .tensor import apply_op
+    return apply_op("avg_pool2d_grad", g, in_hw=tuple(x.shape[-2:]), **a)
+
+
+def _apg_vjp(gg, ans, g, in_hw=None, **a):
+    from .tensor import apply_op
+    return apply_op("avg_pool2d", gg, **a)
+
+
+defop("avg_pool2d", _avg_pool2d, _ap_vjp, placement="batch_local")
+defop("avg_pool2d_grad", _avg_pool2d_grad, _apg_vjp, placement="batch_local")
+
+
+# ---------------------------------------------------------------- nll_loss
+
+def _nll_parts(xp, shape, target, weight, ignore_index, reduction):
+    """Per-element weights (0 where ignored) and the divisor for ``reduction``."""
+    t = target
+    valid = t != ignore_index
+    safe_t = xp.where(valid, t, 0)
+    if weight is None:
+        w = valid.astype(np.float64)
+    else:
+        w = xp.where(valid, weight[safe_t], 0)
+    if reduction == "mean":
+        denom = w.sum()
+    elif reduction in ("sum", "none"):
+        denom = 1
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return safe_t, w, denom
+
+
+def _nll_loss(xp, logp, target, weight=None, ignore_index=-100, reduction="mean"):
+    safe_t, w, denom = _nll_parts(xp, logp.shape, target, weight, ignore_index, reduction)
+    picked = xp.take_along_axis(logp, xp.expand_dims(safe_t, 1), axis=1).squeeze(1)
+    losses = -(picked * w).astype(logp.dtype, copy=False)
+    if reduction == "none":
+        return losses
+    # PyTorch: a mean over zero non-ignored targets is nan (0/0).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return xp.asarray(losses.sum() / denom).astype(logp.dtype)
+
+
+def _nll_loss_grad(xp, g, target, weight=None, shape=None, ignore_index=-100, reduction="mean"):
+    """d(nll_loss)/d(logp) applied to g: -g * w / denom at each target class, 0 elsewhere."""
+    safe_t, w, denom = _nll_parts(xp, shape, target, weight, ignore_index, reduction)
+    dtype = g.dtype
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coef = (-(g * w) / denom).astype(dtype, copy=False)
+    out = xp.zeros(shape, dtype=dtype)
+    xp.put_along_axis(out, xp.expand_dims(safe_t, 1), xp.expand_dims(coef, 1), axis=1)
+    return out
+
+
+def _nll_vjp(g, ans, logp, target, weight=None, **a):
+    from .tensor import apply_op
+    return apply_op("nll_loss_grad", g, target, weight, shape=tuple(logp.shape), **a)
+
+
+def _nll_grad_vjp(gg, ans, g, target, weight=None, shape=None, **a):
+    from .tensor import apply_op
+    # nll_loss_grad is linear in g with exactly nll_loss's coefficients.
+    return apply_op("nll_loss", gg, target, weight, **a)
+
+
+def _no_grad_for_targets(*args, **a):
+    # Targets are class indices and class weights are constants: no gradient flows to them.
+    return None
+
+
+defop("nll_loss", _nll_loss, _nll_vjp, _no_grad_for_targets, _no_grad_for_targets,
+      placement="nll_loss")
+defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
+      _no_grad_for_targets, placement="like_target")
+
+
+# ---------------------------------------------------------------- fused optimizer arithmetic
+
+# a*x + b*y in one op: optimizers update parameters and state with it (one dispatch per
+# update instead of three), and the distributed recorder sees an ordinary elementwise op.
+defop("axpby", lambda xp, x, y, a=1.0, b=1.0: (a * x + b * y).astype(x.dtype, copy=False),
+      lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * a, shape_of(x)),
+      lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * b, shape_of(y)))
+
+
+
+# ---------------------------------------------------------------- placement rules
+
+def _register_placement_rules():
+    """Rules for the placement categories only nn ops use, kept beside those ops."""
+    try:
+        from . import placement as P
+    except ImportError:          # a build without the distributed layer
+        return
+
+    def shards(placements):
+        return [p for p in placements if isinstance(p, P.Shard)]
+
+    def rule_linear(op, placements, shapes, attrs, out_ndim):
+        # x @ w.T + b: only the input may be sharded, and not along its feature dim.
+        px = placements[0]
+        if shards(placements[1:]):
+            P._fail(op, placements, "weight and bias must be replicated")
+        if isinstance(px, P.Shard):
+            if px.dim == len(shapes[0]) - 1:
+                P._fail(op, placements, "the input is sharded along its feature dim")
+            return P.Decision(px, attrs)
+        return P.Decision(P._non_shard_out(placements), attrs)
+
+    def rule_batch_reduce(op, placements, shapes, attrs, out_ndim):
+        # Sums over the batch of batch-sharded operands (a conv weight gradient): Partial.
+        s = shards(placements)
+        if not s:
+            return P.Decision(P._non_shard_out(placements), attrs)
+        if len(s) != sum(p is not None for p in placements) or any(
+                p.dim != 0 or p.sizes != s[0].sizes for p in s):
+            P._fail(op, placements, "every operand must be sharded along the batch (dim 0)")
+        return P.Decision(P.PARTIAL, attrs)
+
+    def rule_nll_loss(op, placements, shapes, attrs, out_ndim):
+        s = shards(placements[:2])
+        if not s:
+            return P.Decision(P._non_shard_out(placements), attrs)
+        if len(s) != 2 or any(p.dim != 0 for p in s):
+            P._fail(op, placements, "log-probabilities and targets must both be sharded on dim 0")
+        reduction = attrs.get("reduction", "mean")
+        if reduction == "mean":
+            # The mean's divisor (targets not ignored) is global data: F.nll_loss divides a
+            # 'sum' by an all-reduced count instead.
+            P._fail(op, placements, "reduction='mean' needs a global divisor; use 'sum'")
+        return P.Decision(P.PARTIAL if reduction == "sum" else s[0], attrs)
+
+    def rule_like_target(op, placements, shapes, attrs, out_ndim):
+        pt = placements[1]
+        return P.Decision(pt if isinstance(pt, P.Shard) else P._non_shard_out(placements), attrs)
+
+    for name, rule in [("linear", rule_linear), ("batch_reduce", rule_batch_reduce),
+                       ("nll_loss", rule_nll_loss), ("like_target", rule_like_target)]:
+        P.RULES.setdefault(name, rule)
+
+
+_register_placement_rules()

@@ -1,0 +1,11 @@
+"""``dg.optim``: SGD, Adam, AdamW and learning-rate schedulers with PyTorch's signatures.
+
+Example::
+
+    opt = dg.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+from . import lr_scheduler  # noqa: F401
+from .adam import Adam, AdamW  # noqa: F401
+from .optimizer import Optimizer  # noqa: F401
+from .sgd import SGD  # noqa: F401
