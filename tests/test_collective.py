@@ -1,0 +1,455 @@
+"""Collective backends without Ray: in-process threads, shared memory across
+spawned processes, TCP ring on loopback.
+
+Each backend runs one battery of cases (every collective, world sizes 1-4,
+sizes from 1 element to a few MB incl. sizes not divisible by the world size,
+float32/float64/int64/float16, every reduce op). Every rank checks its result
+bit for bit against a rank-ordered numpy reference and reports a digest, so
+the test also checks that every rank holds the same bits.
+"""
+import functools
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import traceback
+
+import numpy as np
+import pytest
+
+from distgrad.workers.collective import (CollectiveMismatchError, CollectiveTimeoutError,
+                                         create_communicator, split_ranges)
+from distgrad.workers.collective.base import normalize_op, reduce_in_order
+from distgrad.workers.collective.inprocess import InProcessGroup
+from distgrad.workers.collective.shm import (ShmCommunicator, cleanup_stale_segments,
+                                             list_segments)
+
+DTYPES = [np.float32, np.float64, np.int64, np.float16]
+OPS = ["sum", "prod", "min", "max"]
+SIZES = [1, 3, 1000, 65537, 400_001]      # 400_001 float64 = 3.2 MB, several shm chunks
+UFUNC = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}
+
+
+def _data(case, rank, shape, dtype):
+    """Deterministic input of ``rank`` for ``case``; any rank can rebuild any other's."""
+    rng = np.random.default_rng([case, rank])
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(-4, 5, size=shape).astype(dtype)
+    # in [0.5, 1.5): products over 4 ranks stay finite even in float16
+    return rng.uniform(0.5, 1.5, size=shape).astype(dtype)
+
+
+def _reference(case, ws, shape, dtype, op):
+    """((x0 op x1) op x2) ... with plain numpy, in rank order."""
+    xs = [_data(case, k, shape, dtype) for k in range(ws)]
+    return functools.reduce(UFUNC[op], xs)
+
+
+def _digest(a):
+    return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def run_battery(comm, big=True):
+    """Run every collective on ``comm``; return ({case: digest}, [error strings])."""
+    r, ws = comm.rank, comm.world_size
+    digests, errors = {}, []
+    case = 0
+
+    def check(name, got, want, same_on_all_ranks=True):
+        try:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+            assert got.dtype == want.dtype, (name, got.dtype, want.dtype)
+            if same_on_all_ranks:
+                digests[name] = _digest(got)
+        except AssertionError as e:
+            errors.append(f"rank {r}: {name}: {str(e)[:400]}")
+
+    sizes = SIZES if big else SIZES[:3]
+    for dtype in DTYPES:
+        for op in OPS:
+            for n in sizes:
+                case += 1
+                name = f"allreduce {np.dtype(dtype).name} {op} n={n}"
+                x = _data(case, r, (n,), dtype)
+                out = comm.allreduce(x, op=op)
+                assert out is x
+                check(name, x, _reference(case, ws, (n,), dtype, op))
+    # non-contiguous array, 0-d array, empty array, Ray-style op object
+    case += 1
+    base = _data(case, r, (6, 10), np.float64)
+    view = base[:, ::2]
+    comm.allreduce(view, "SUM")
+    want = _reference(case, ws, (6, 10), np.float64, "sum")
+    check("allreduce non-contiguous", view, want[:, ::2])
+    check("allreduce non-contiguous untouched", base[:, 1::2],
+          _data(case, r, (6, 10), np.float64)[:, 1::2], False)
+    case += 1
+    x0 = np.array(float(r + 1))
+    comm.allreduce(x0, "max")
+    check("allreduce 0-d", x0, np.array(float(ws)))
+    e = np.empty((0, 3), np.float32)
+    comm.allreduce(e)
+    check("allreduce empty", e, np.empty((0, 3), np.float32))
+
+    # reducescatter: rows split like numpy.array_split, uneven allowed
+    for rows in ([1, ws, 7, 1001] + ([70_003] if big else [])):
+        for dtype, op in ((np.float32, "sum"), (np.int64, "max"), (np.float16, "prod")):
+            case += 1
+            x = _data(case, r, (rows, 3), dtype)
+            keep = x.copy()
+            got = comm.reducescatter(x, op)
+            full = _reference(case, ws, (rows, 3), dtype, op)
+            check(f"reducescatter rows={rows} {np.dtype(dtype).name} {op}", got,
+                  np.array_split(full, ws, axis=0)[r], False)
+            check(f"reducescatter input unchanged rows={rows}", x, keep, False)
+
+    # allgather: each rank may pass a different number of rows
+    for n in ([1, 5, 3000] + ([300_001] if big else [])):
+        case += 1
+        x = _data(case, r, (n + r, 2), np.float64)
+        got = comm.allgather(x)
+        assert len(got) == ws
+        for k in range(ws):
+            check(f"allgather n={n} from {k}", got[k], _data(case, k, (n + k, 2), np.float64))
+        stacked = comm.allgather_stacked(_data(case, r, (n,), np.int64))
+        check(f"allgather_stacked n={n}", stacked,
+              np.stack([_data(case, k, (n,), np.int64) for k in range(ws)]))
+
+    # broadcast and reduce from every root
+    for root in range(ws):
+        for n in ([2, 70_001] + ([600_001] if big else [])):
+            case += 1
+            x = _data(case, r, (n,), np.float32)
+            comm.broadcast(x, root=root)
+            check(f"broadcast root={root} n={n}", x, _data(case, root, (n,), np.float32))
+            case += 1
+            x = _data(case, r, (n,), np.float64)
+            comm.reduce(x, root=root, op="sum")
+            want = (_reference(case, ws, (n,), np.float64, "sum") if r == root
+                    else _data(case, r, (n,), np.float64))
+            check(f"reduce root={root} n={n}", x, want, False)
+
+    comm.barrier()
+
+    # point to point: even ranks send first, odd receive first (no deadlock for big messages)
+    if ws > 1:
+        for n in ([3, 2000] + ([500_001] if big else [])):
+            case += 1
+            nxt, prv = (r + 1) % ws, (r - 1) % ws
+            mine = _data(case, r, (n,), np.float32)
+            if r % 2 == 0:
+                comm.send(mine, nxt)
+                got = comm.recv(None, prv)
+            else:
+                got = comm.recv((n,), prv, dtype=np.float32)
+                comm.send(mine, nxt)
+            check(f"sendrecv n={n}", got, _data(case, prv, (n,), np.float32), False)
+            if ws == 2:
+                buf = np.empty(n, np.float32)
+                if r == 0:
+                    comm.send(mine, 1)
+                else:
+                    out = comm.recv(buf, 0)
+                    assert out is buf
+                    check(f"recv into buffer n={n}", buf, _data(case, 0, (n,), np.float32),
+                          False)
+    comm.barrier()
+    return digests, errors
+
+
+def _assert_battery(results, ws):
+    """results: list (per rank) of (digests, errors)."""
+    errors = [e for _, errs in results for e in errs]
+    assert not errors, "\n".join(errors[:20])
+    d0 = results[0][0]
+    assert len(d0) >= 48          # the battery really ran
+    for k in range(1, ws):
+        diff = [name for name in d0 if results[k][0].get(name) != d0[name]]
+        assert not diff, f"rank {k} holds different bits than rank 0 for {diff[:5]}"
+
+
+def _run_threads(ws, fn, timeout=120):
+    """Run fn(rank) in ws threads; return results in rank order, re-raising the first error."""
+    results, excs = [None] * ws, [None] * ws
+
+    def target(r):
+        try:
+            results[r] = fn(r)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
+            excs[r] = e
+
+    ts = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(ws)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+        assert not t.is_alive(), "thread rank hung"
+    return results, excs
+
+
+# -- helpers ---------------------------------------------------------------------
+
+def test_helpers():
+    assert normalize_op("PRODUCT") == "prod"
+    with pytest.raises(ValueError, match="unknown reduce op"):
+        normalize_op("mean")
+    assert split_ranges(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    for n in (0, 1, 7, 64):
+        for p in (1, 3, 4):
+            assert [b - a for a, b in split_ranges(n, p)] == \
+                [len(c) for c in np.array_split(np.arange(n), p)]
+    a, b, c = np.float32(1e8), np.float32(1.0), np.float32(-1e8)
+    out = reduce_in_order([np.array([a]), np.array([b]), np.array([c])], "sum", np.empty(1, np.float32))
+    assert out[0] == np.float32((a + b) + c)    # 0.0: order (x0+x1)+x2, not x0+(x1+x2)
+
+
+# -- in-process ------------------------------------------------------------------
+
+@pytest.mark.parametrize("ws", [1, 2, 3, 4])
+def test_inprocess_battery(ws):
+    group = InProcessGroup(ws, "inproc-battery", timeout_s=30)
+
+    def fn(r):
+        with group.communicator(r) as comm:
+            return run_battery(comm, big=ws <= 2)
+
+    results, excs = _run_threads(ws, fn)
+    assert not any(excs), excs
+    _assert_battery(results, ws)
+
+
+def test_inprocess_timeout_names_missing_rank():
+    group = InProcessGroup(3, "inproc-timeout", timeout_s=0.5)
+    comms = [group.communicator(r) for r in range(3)]
+
+    def fn(r):
+        if r == 2:
+            return None               # never arrives
+        t0 = time.monotonic()
+        try:
+            comms[r].allreduce(np.ones(4))
+        except CollectiveTimeoutError as e:
+            return e, time.monotonic() - t0
+        return "no error", 0
+
+    results, excs = _run_threads(3, fn)
+    assert not any(excs)
+    for r in (0, 1):
+        err, dt = results[r]
+        assert isinstance(err, CollectiveTimeoutError), err
+        assert err.missing_ranks == [2]
+        assert "inproc-timeout" in str(err) and "allreduce" in str(err) and "rank 2" in str(err)
+        assert dt < 0.5 + 5
+    # the group is broken from now on, also for the late rank
+    with pytest.raises(CollectiveTimeoutError, match="rank 2"):
+        comms[2].allreduce(np.ones(4))
+
+
+def test_inprocess_mismatch_and_errors():
+    group = InProcessGroup(2, "inproc-mismatch", timeout_s=5)
+
+    def fn(r):
+        comm = group.communicator(r)
+        with pytest.raises(CollectiveMismatchError, match="disagree"):
+            comm.allreduce(np.ones(3 + r))
+        comm.barrier()            # still usable after a mismatch
+        with pytest.raises(ValueError):
+            comm.broadcast(np.ones(2), root=5)
+        with pytest.raises(ValueError):
+            comm.send(np.ones(2), r)
+        return True
+
+    results, excs = _run_threads(2, fn)
+    assert not any(excs), excs
+    with pytest.raises(ValueError, match="already has"):
+        group.communicator(0)
+
+
+def test_create_communicator_factory():
+    comm = create_communicator("inprocess", rank=0, world_size=1)
+    assert comm.allreduce(np.arange(3.0)).tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="unknown collective kind"):
+        create_communicator("mpi")
+
+
+# -- shared memory, processes ---------------------------------------------------------
+
+def _shm_child(rank, ws, name, q, mode, kw):
+    try:
+        comm = ShmCommunicator(rank, ws, name, timeout_s=kw.pop("timeout_s", 30), **kw)
+        if mode == "battery":
+            q.put((rank, run_battery(comm)))
+        elif mode == "timeout":
+            t0 = time.monotonic()
+            try:
+                comm.allreduce(np.ones(1000))
+                q.put((rank, ("no error", 0.0)))
+            except CollectiveTimeoutError as e:
+                q.put((rank, (str(e), time.monotonic() - t0, e.missing_ranks)))
+        elif mode == "die":
+            if rank == 1:
+                os._exit(3)           # dies without closing anything
+            t0 = time.monotonic()
+            try:
+                comm.allreduce(np.ones(10_000_000 // 8))
+                q.put((rank, ("no error", 0.0, [])))
+            except CollectiveTimeoutError as e:
+                q.put((rank, (str(e), time.monotonic() - t0, e.missing_ranks)))
+        elif mode == "mismatch":
+            try:
+                comm.allreduce(np.ones(100 + rank * 1000, np.float32))
+                q.put((rank, "no error"))
+            except CollectiveMismatchError as e:
+                comm.barrier()        # group still usable
+                q.put((rank, str(e)))
+        comm.close()
+    except BaseException:  # noqa: BLE001  (reported to the parent)
+        q.put((rank, ("exception", traceback.format_exc())))
+
+
+def _shm_idle_child(rank, ws, name, q, ev):
+    comm = ShmCommunicator(rank, ws, name, timeout_s=30)
+    q.put((rank, "idle"))
+    ev.wait(60)
+    comm.close()
+
+
+def _spawn(ws, name, mode, kw=None, idle_rank=None, timeout=90):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ev = ctx.Event()
+    procs = []
+    for r in range(ws):
+        if r == idle_rank:
+            p = ctx.Process(target=_shm_idle_child, args=(r, ws, name, q, ev))
+        else:
+            p = ctx.Process(target=_shm_child, args=(r, ws, name, q, mode, dict(kw or {})))
+        p.start()
+        procs.append(p)
+    try:
+        expect = ws - (1 if mode == "die" else 0)
+        out = {}
+        deadline = time.monotonic() + timeout
+        while len(out) < expect:
+            rank, res = q.get(timeout=max(1, deadline - time.monotonic()))
+            if isinstance(res, tuple) and res and res[0] == "exception":
+                raise AssertionError(f"rank {rank} failed:\n{res[1]}")
+            out[rank] = res
+        return out
+    finally:
+        ev.set()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _our_segments(name):
+    return [s for s in list_segments() if s.startswith(name) or
+            s.startswith(f"distgrad_tmp_{os.getpid()}_")]
+
+
+@pytest.mark.parametrize("ws", [2, 3, 4])
+def test_shm_battery(ws):
+    name = f"distgrad_t_battery{ws}_{os.getpid()}"
+    out = _spawn(ws, name, "battery")
+    _assert_battery([out[r] for r in range(ws)], ws)
+    assert not _our_segments(name)
+
+
+def test_shm_world_size_one_and_threads():
+    # world size 1 is a no-op group; ranks may also be threads of one process
+    with ShmCommunicator(0, 1, f"distgrad_t_ws1_{os.getpid()}") as c:
+        x = np.arange(5.0)
+        assert c.allreduce(x) is x and x.tolist() == [0, 1, 2, 3, 4]
+        assert c.reducescatter(np.ones((3, 2))).shape == (3, 2)
+        assert [a.tolist() for a in c.allgather(np.ones(2))] == [[1.0, 1.0]]
+        c.barrier()
+    name = f"distgrad_t_threads_{os.getpid()}"
+    res, excs = _run_threads(2, lambda r: ShmCommunicator(r, 2, name, timeout_s=10)
+                             .allreduce(np.full(100_000, r + 1.0)))
+    assert not any(excs), excs
+    assert all((x == 3.0).all() for x in res)
+    assert not _our_segments(name)
+
+
+def test_shm_mismatch_raises_on_every_rank():
+    name = f"distgrad_t_mismatch_{os.getpid()}"
+    out = _spawn(2, name, "mismatch")
+    for r in range(2):
+        assert "disagree" in out[r] and "rank 0" in out[r] and "rank 1" in out[r], out[r]
+
+
+def test_shm_timeout_names_missing_rank():
+    name = f"distgrad_t_timeout_{os.getpid()}"
+    timeout_s = 1.5
+    out = _spawn(3, name, "timeout", kw={"timeout_s": timeout_s}, idle_rank=2)
+    assert out[2] == "idle"
+    for r in (0, 1):
+        msg, dt, missing = out[r]
+        assert missing == [2], msg
+        assert "rank 2 did not arrive" in msg and name in msg and "allreduce" in msg, msg
+        assert dt < timeout_s + 5, dt
+
+
+def test_shm_dead_peer_detected_before_timeout():
+    name = f"distgrad_t_die_{os.getpid()}"
+    out = _spawn(3, name, "die", kw={"timeout_s": 60})
+    for r in (0, 2):
+        msg, dt, missing = out[r]
+        assert 1 in missing and "rank 1" in msg, msg
+        assert dt < 30, dt                    # well within the 60 s timeout
+    assert not _our_segments(name)
+
+
+def test_shm_attach_timeout_names_missing_ranks():
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveTimeoutError, match=r"ranks 1, 2 did not arrive"):
+        ShmCommunicator(0, 3, f"distgrad_t_noshow_{os.getpid()}", timeout_s=0.5)
+    assert time.monotonic() - t0 < 5
+    assert not _our_segments(f"distgrad_t_noshow_{os.getpid()}")
+
+
+def test_shm_no_leak_over_100_cycles():
+    name = f"distgrad_t_leak_{os.getpid()}"
+
+    def cycle(r):
+        for i in range(100):
+            c = ShmCommunicator(r, 2, f"{name}_{i}", timeout_s=10, slot_bytes=64 << 10,
+                                p2p_bytes=4096)
+            if i % 10 == 0:
+                x = np.full(10, r + 1.0)
+                c.allreduce(x)
+                assert (x == 3.0).all()
+            c.close()
+        return True
+
+    res, excs = _run_threads(2, cycle)
+    assert not any(excs), excs
+    assert not _our_segments(name)
+
+
+def _create_then_hang(name, q):
+    q.put(os.getpid())
+    ShmCommunicator(0, 2, name, timeout_s=60)      # waits for rank 1 forever
+
+
+def test_shm_crash_during_rendezvous_is_cleaned_up():
+    name = f"distgrad_t_crash_{os.getpid()}"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_create_then_hang, args=(name, q))
+    p.start()
+    q.get(timeout=60)
+    deadline = time.monotonic() + 30
+    while name not in list_segments() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert name in list_segments()
+    os.kill(p.pid, signal.SIGKILL)                  # no atexit, no finalizer
+    p.join()
+    assert name in list_segments()                  # the crash left the name behind...
+    assert name in cleanup_stale_segments()         # ...and the next creator removes it
+    assert name not in list_segments()

@@ -1,0 +1,65 @@
+"""distgrad's collective communication backends.
+
+All backends implement :class:`Communicator` (``base.py``):
+
+- ``"inprocess"``: ranks are threads of one process (``backend="local"``).
+- ``"shm"``: ranks are processes on one node, exchanging through POSIX shared memory.
+- ``"tcp"``: ranks anywhere, ring all-reduce over TCP sockets.
+- ``"hierarchical"``: shm inside each node, tcp ring between node leaders.
+
+``ray_backend.register()`` makes them available to ``ray.util.collective`` as
+backend ``"distgrad"``. Importing this package does not import Ray.
+"""
+from .base import (DEFAULT_TIMEOUT_S, CollectiveError, CollectiveMismatchError,
+                   CollectiveTimeoutError, Communicator, normalize_op, split_ranges,
+                   split_sizes)
+
+__all__ = [
+    "Communicator", "CollectiveError", "CollectiveTimeoutError", "CollectiveMismatchError",
+    "DEFAULT_TIMEOUT_S", "create_communicator", "normalize_op", "split_ranges",
+    "split_sizes", "KINDS",
+]
+
+KINDS = ("inprocess", "shm", "tcp", "hierarchical")
+
+
+def create_communicator(kind: str, **kw) -> Communicator:
+    """Create a communicator of backend ``kind`` with that backend's keyword arguments.
+
+    - ``"inprocess"``: ``group=`` (an :class:`InProcessGroup`), ``rank=``
+      (or ``world_size=`` and ``rank=`` when ``group`` is omitted only for
+      world_size 1), ``timeout_s=``.
+    - ``"shm"``: see :class:`~.shm.ShmCommunicator` (``rank, world_size, name, ...``).
+    - ``"tcp"``: see :class:`~.tcp.TcpCommunicator` (``rank, world_size, store, ...``).
+    - ``"hierarchical"``: see :class:`~.tcp.HierarchicalCommunicator`.
+
+    Example::
+
+        comm = create_communicator("shm", rank=r, world_size=2, name="distgrad_demo")
+        comm.allreduce(x)
+    """
+    kind = kind.lower()
+    if kind == "inprocess":
+        from .inprocess import InProcessGroup
+        group = kw.pop("group", None)
+        rank = kw.pop("rank")
+        if group is None:
+            group = InProcessGroup(kw.pop("world_size", 1), kw.pop("group_name", "inprocess"),
+                                   **{k: kw.pop(k) for k in list(kw) if k == "timeout_s"})
+        if kw:
+            raise TypeError(f"unexpected arguments for inprocess: {sorted(kw)}")
+        return group.communicator(rank)
+    if kind == "shm":
+        from .shm import ShmCommunicator
+        return ShmCommunicator(**kw)
+    if kind == "tcp":
+        from .tcp import TcpCommunicator
+        return TcpCommunicator(**kw)
+    if kind == "hierarchical":
+        from .tcp import HierarchicalCommunicator
+        return HierarchicalCommunicator(**kw)
+    if kind == "nccl":
+        raise NotImplementedError(
+            "kind='nccl': use ray.util.collective with backend='nccl' for cupy arrays "
+            "(distgrad does not wrap it yet)")
+    raise ValueError(f"unknown collective kind {kind!r}; expected one of {KINDS}")

@@ -1,0 +1,252 @@
+"""In-process collectives: N ranks as N threads of one process (``backend="local"``).
+
+One :class:`InProcessGroup` is shared by the threads; each thread takes its
+handle with ``group.communicator(rank)``. Ranks exchange array references
+through the group object and synchronise on a condition variable, so no data is
+copied twice. Every wait has the group's timeout; once a rank times out the
+group is broken and every other rank's pending or later call raises the same
+:class:`CollectiveTimeoutError`.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import List
+
+import numpy as np
+
+from .base import (DEFAULT_TIMEOUT_S, CollectiveError, CollectiveMismatchError,
+                   CollectiveTimeoutError, Communicator, flat_view, normalize_op,
+                   reduce_in_order, resolve_recv_target, split_ranges)
+
+__all__ = ["InProcessGroup", "InProcessCommunicator"]
+
+
+class InProcessGroup:
+    """Shared state of an in-process group of ``world_size`` thread ranks.
+
+    Example::
+
+        group = InProcessGroup(2, timeout_s=5)
+        def work(r):
+            with group.communicator(r) as comm:
+                x = np.full(3, r + 1.0)
+                comm.allreduce(x)        # [3, 3, 3] on both ranks
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    """
+
+    def __init__(self, world_size: int, group_name: str = "inprocess",
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = int(world_size)
+        self.group_name = str(group_name)
+        self.timeout_s = float(timeout_s)
+        self._cond = threading.Condition()
+        self._arrivals = [0] * self.world_size      # syncs each rank has entered
+        self._broken = None                          # (op, missing, detail) once failed
+        # Data posted for sync number m lives in slot m % 2: a writer for sync m+2
+        # has passed sync m+1, so every reader of slot m % 2 is done with it.
+        self._posts = [[None] * self.world_size for _ in range(2)]
+        self._mail = {}                               # (src, dst) -> deque of arrays
+        self._taken = set()
+
+    def communicator(self, rank: int, timeout_s: float = None) -> "InProcessCommunicator":
+        """Return rank ``rank``'s communicator (once per rank).
+
+        >>> comm = InProcessGroup(1).communicator(0)
+        """
+        with self._cond:
+            if rank in self._taken:
+                raise ValueError(f"rank {rank} of in-process group {self.group_name!r} "
+                                 "already has a communicator")
+            comm = InProcessCommunicator(self, rank, timeout_s or self.timeout_s)
+            self._taken.add(rank)
+        return comm
+
+    # -- synchronisation (called by communicators) -------------------------------
+    def _raise_broken(self, rank: int):
+        op, missing, detail, timeout_s = self._broken
+        raise CollectiveTimeoutError(self.group_name, op, rank, missing, timeout_s, detail)
+
+    def _sync(self, rank: int, op: str, timeout_s: float) -> int:
+        """Enter sync point number m (returned) and wait until every rank has."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            if self._broken is not None:
+                self._raise_broken(rank)
+            self._arrivals[rank] += 1
+            m = self._arrivals[rank]
+            self._cond.notify_all()
+            while min(self._arrivals) < m:
+                if self._broken is not None:
+                    self._raise_broken(rank)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [j for j, a in enumerate(self._arrivals) if a < m]
+                    self._broken = (op, missing, "", timeout_s)
+                    self._cond.notify_all()
+                    self._raise_broken(rank)
+                self._cond.wait(left)
+            return m
+
+
+class InProcessCommunicator(Communicator):
+    """A thread rank of an :class:`InProcessGroup` (see :class:`Communicator`)."""
+
+    def __init__(self, group: InProcessGroup, rank: int, timeout_s: float):
+        super().__init__(rank, group.world_size, group.group_name, timeout_s)
+        self._g = group
+        self._next = 0          # number of the next sync this rank will enter
+
+    # posts for the next sync go to slot (next sync number) % 2
+    def _post(self, meta, data=None):
+        self._g._posts[(self._next + 1) % 2][self._rank] = (meta, data)
+
+    def _sync(self, op):
+        self._check_open()
+        m = self._g._sync(self._rank, op, self._timeout_s)
+        self._next = m
+        return self._g._posts[m % 2]
+
+    def _check_meta(self, posts, op):
+        metas = [p[0] for p in posts]
+        if any(m != metas[0] for m in metas):
+            desc = "; ".join(f"rank {i}: {m}" for i, m in enumerate(metas))
+            raise CollectiveMismatchError(
+                f"collective group {self._group_name!r}: ranks disagree in {op}: {desc}")
+
+    # -- collectives -------------------------------------------------------------
+    def allreduce(self, array, op="sum"):
+        op = normalize_op(op)
+        flat, writeback = flat_view(array)
+        if self._world_size == 1:
+            return array
+        self._post(("allreduce", op, flat.dtype.str, flat.size), flat)
+        posts = self._sync("allreduce")
+        self._check_meta(posts, "allreduce")
+        # Each rank reduces its 1/N slice (numpy drops the GIL: threads run in parallel).
+        ranges = split_ranges(flat.size, self._world_size)
+        s, e = ranges[self._rank]
+        part = np.empty(e - s, flat.dtype)
+        reduce_in_order([p[1][s:e] for p in posts], op, part)
+        self._post(None, part)
+        parts = self._sync("allreduce")
+        for (s, e), p in zip(ranges, parts):
+            flat[s:e] = p[1]
+        writeback()
+        return array
+
+    def reducescatter(self, array, op="sum"):
+        op = normalize_op(op)
+        if not isinstance(array, np.ndarray) or array.ndim == 0:
+            raise ValueError("reducescatter needs an array with at least one dimension")
+        rows = split_ranges(array.shape[0], self._world_size)
+        s, e = rows[self._rank]
+        if self._world_size == 1:
+            return array.copy()
+        self._post(("reducescatter", op, array.dtype.str, array.shape), array)
+        posts = self._sync("reducescatter")
+        self._check_meta(posts, "reducescatter")
+        out = np.empty((e - s,) + array.shape[1:], array.dtype)
+        reduce_in_order([p[1][s:e] for p in posts], op, out)
+        # a second sync keeps the inputs alive and unmodified until all have read them
+        self._post(None)
+        self._sync("reducescatter")
+        return out
+
+    def allgather(self, array) -> List[np.ndarray]:
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+        if self._world_size == 1:
+            return [array.copy()]
+        self._post(("allgather", array.dtype.str), array)
+        posts = self._sync("allgather")
+        self._check_meta(posts, "allgather")
+        out = [np.array(p[1], copy=True) for p in posts]
+        self._post(None)
+        self._sync("allgather")
+        return out
+
+    def broadcast(self, array, root=0):
+        self._check_root(root)
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+        if self._world_size == 1:
+            return array
+        self._post(("broadcast", root, array.dtype.str, array.size), array)
+        posts = self._sync("broadcast")
+        self._check_meta(posts, "broadcast")
+        if self._rank != root:
+            array[...] = posts[root][1].reshape(array.shape)
+        self._post(None)
+        self._sync("broadcast")
+        return array
+
+    def reduce(self, array, root=0, op="sum"):
+        self._check_root(root)
+        op = normalize_op(op)
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+        if self._world_size == 1:
+            return array
+        self._post(("reduce", root, op, array.dtype.str, array.size), array)
+        posts = self._sync("reduce")
+        self._check_meta(posts, "reduce")
+        res = None
+        if self._rank == root:
+            res = np.empty(array.shape, array.dtype)
+            reduce_in_order([p[1].reshape(array.shape) for p in posts], op, res)
+        self._post(None)
+        self._sync("reduce")          # nobody may modify its input before root has read it
+        if res is not None:
+            array[...] = res
+        return array
+
+    def barrier(self):
+        if self._world_size == 1:
+            return
+        self._post(("barrier",))
+        posts = self._sync("barrier")
+        self._check_meta(posts, "barrier")
+
+    def send(self, array, dst):
+        self._check_peer(dst, "dst")
+        self._check_open()
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+        g = self._g
+        with g._cond:
+            # Copied now, so the sender may reuse its buffer at once (eager send).
+            g._mail.setdefault((self._rank, dst), collections.deque()).append(array.copy())
+            g._cond.notify_all()
+
+    def recv(self, array_or_shape, src, dtype=None):
+        self._check_peer(src, "src")
+        self._check_open()
+        g = self._g
+        deadline = time.monotonic() + self._timeout_s
+        with g._cond:
+            while True:
+                box = g._mail.get((src, self._rank))
+                if box:
+                    msg = box.popleft()
+                    break
+                if g._broken is not None:
+                    g._raise_broken(self._rank)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CollectiveTimeoutError(self._group_name, f"recv from rank {src}",
+                                                 self._rank, [src], self._timeout_s)
+                g._cond.wait(left)
+        out = resolve_recv_target(array_or_shape, dtype, msg.dtype, msg.shape,
+                                  self._group_name, src)
+        out[...] = msg.reshape(out.shape)
+        return out
+
+    def close(self):
+        if not self._closed:
+            super().close()
+            with self._g._cond:
+                self._g._taken.discard(self._rank)

@@ -1,0 +1,764 @@
+"""Same-node collectives over POSIX shared memory.
+
+All ranks map one segment (``/dev/shm/distgrad_*``). It holds a control block
+(one barrier counter per rank, op headers, an abort word, point-to-point
+channel counters) and a data area of two buffer *sets*, each with one slot of
+``slot_bytes`` per rank. Synchronisation is by monotonically increasing
+counters in the segment that the ranks spin on (short spin, then
+``sched_yield``, then sleeps with backoff); no Ray or socket call per
+collective.
+
+All-reduce is reduce-scatter + all-gather, chunked through the slots so the
+working set stays in the shared L3 cache: per chunk, rank ``r`` copies the
+pieces the other ranks own into its slot, barrier, reduces its own piece from
+every rank's slot in rank order ``((x0 op x1) op x2)...`` and publishes it,
+barrier, then copies the others' results out. Consecutive chunks use
+alternate buffer sets, so one chunk's writes never race a slow rank's reads of
+the previous chunk. Small arrays take a one-barrier path (each rank reduces the
+whole array itself, same order, same bits).
+
+Lifecycle: the creator (rank 0 by default) builds the segment under a
+temporary name, links it under its final name, waits for every rank to
+attach, then *unlinks the name*. From then on the memory lives exactly as long
+as some rank maps it, so a crash (even SIGKILL) cannot leak it. Crashes
+during rendezvous are covered by a ``weakref.finalize``/atexit unlink and by
+:func:`cleanup_stale_segments`, which the next creator runs.
+
+A peer that dies or stops calling gives :class:`CollectiveTimeoutError` naming
+it, within the timeout (sooner when its process is seen dead), and the failing
+rank raises an abort flag so every other rank fails fast too.
+
+Memory ordering: counters are written after the data with plain stores; this
+relies on x86-64's store ordering (TSO), like most shared-memory Python code.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import secrets
+import time
+import weakref
+from typing import List, Optional
+
+import numpy as np
+
+from .base import (DEFAULT_TIMEOUT_S, OP_CODES, CollectiveError, CollectiveMismatchError,
+                   CollectiveTimeoutError, Communicator, flat_view, normalize_op,
+                   reduce_in_order, resolve_recv_target, split_ranges)
+
+__all__ = ["ShmCommunicator", "cleanup_stale_segments", "list_segments", "SHM_DIR", "PREFIX"]
+
+SHM_DIR = "/dev/shm"
+PREFIX = "distgrad_"
+_MAGIC = int.from_bytes(b"DGSHM001", "little")
+_LINE = 16                       # int64 words per 128-byte line (no false sharing)
+_HDR = 32                        # int64 words per op header (256 bytes)
+_MAX_NDIM = _HDR - 8
+# control block, in words
+_W_MAGIC, _W_WORLD, _W_SLOT, _W_P2P, _W_PID, _W_READY, _W_SIZE = range(7)
+_ABORT = _LINE                   # [rank+1 of who aborted, missing-rank bitmask, op code]
+_RANKS = 2 * _LINE               # per rank line: [barrier counter, pid, attached]
+
+_OPS = {"allreduce": 1, "allreduce_small": 2, "reducescatter": 3, "reduce": 4,
+        "broadcast": 5, "allgather": 6, "barrier": 7}
+_OP_NAMES = {v: k for k, v in _OPS.items()}
+
+
+def _dtype_code(dt: np.dtype) -> int:
+    return int.from_bytes(dt.str.encode().ljust(8, b"\0")[:8], "little")
+
+
+def _code_dtype(code: int) -> np.dtype:
+    return np.dtype(int(code).to_bytes(8, "little").rstrip(b"\0").decode())
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless ``pid`` is known dead (gone, or a zombie awaiting its parent)."""
+    if pid <= 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def list_segments() -> List[str]:
+    """Names of distgrad segments currently in /dev/shm (for leak checks).
+
+    >>> list_segments()   # doctest: +SKIP
+    []
+    """
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def cleanup_stale_segments() -> List[str]:
+    """Unlink distgrad segments whose creating process is dead; return their names.
+
+    Only names starting with ``distgrad_`` are touched. Safe to call any time:
+    a live group's segment has either a live creator or no name at all.
+
+    >>> cleanup_stale_segments()   # doctest: +SKIP
+    []
+    """
+    removed = []
+    for name in list_segments():
+        path = os.path.join(SHM_DIR, name)
+        pid = 0
+        if name.startswith(PREFIX + "tmp_"):
+            try:
+                pid = int(name.split("_")[2])
+            except (IndexError, ValueError):
+                continue
+        else:
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(8 * (_W_PID + 1))
+            except OSError:
+                continue
+            if len(head) < 8 * (_W_PID + 1):
+                continue
+            words = np.frombuffer(head, np.int64)
+            if int(words[_W_MAGIC]) != _MAGIC:
+                continue
+            pid = int(words[_W_PID])
+        if pid > 0 and not _pid_alive(pid):
+            _unlink_quiet(path)
+            removed.append(name)
+    return removed
+
+
+def _default_slot_bytes(world_size: int) -> int:
+    # Small chunks keep the exchanged data in cache between writer and reader: on the
+    # 2-core dev box 256 KB per slot gave 7 GB/s for 2 ranks at 128 MB, 1 MB slots 2 GB/s
+    # (bench/allreduce.py --slot-bytes to re-tune). DISTGRAD_SHM_SLOT_BYTES overrides.
+    env = os.environ.get("DISTGRAD_SHM_SLOT_BYTES")
+    if env:
+        return int(env)
+    return max(256 << 10, min(1 << 20, (128 << 10) * world_size))
+
+
+class ShmCommunicator(Communicator):
+    """A rank of a same-node group communicating through one shared-memory segment.
+
+    Every rank constructs it with the same ``name``; rank ``creator_rank``
+    (default 0) creates the segment, the others attach; construction returns
+    once all ``world_size`` ranks are attached (or raises
+    :class:`CollectiveTimeoutError` naming the ranks that never came).
+
+    Args:
+        rank, world_size: this rank and the group size.
+        name: segment name shared by the ranks (``distgrad_`` is prepended
+            when missing); must be unique per live group.
+        timeout_s: bound on every wait (default 30 s).
+        group_name: used in error messages (default: ``name``).
+        slot_bytes: per-rank chunk size (creator's value wins).
+        small_bytes: all-reduce of arrays up to this size uses the one-barrier path.
+        p2p_bytes: size of each send/recv channel.
+
+    Example (in each of 2 processes)::
+
+        comm = ShmCommunicator(rank, 2, "distgrad_demo")
+        x = np.full(1000, rank + 1.0, np.float32)
+        comm.allreduce(x)             # 3.0 everywhere
+        comm.close()
+    """
+
+    def __init__(self, rank: int, world_size: int, name: str,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, group_name: Optional[str] = None,
+                 slot_bytes: Optional[int] = None, small_bytes: int = 64 << 10,
+                 p2p_bytes: int = 256 << 10, creator_rank: int = 0):
+        if not name.startswith(PREFIX):
+            name = PREFIX + name
+        if "/" in name or len(name) > 200:
+            raise ValueError(f"bad shared-memory segment name {name!r}")
+        super().__init__(rank, world_size, group_name or name, timeout_s)
+        self.name = name
+        self._path = os.path.join(SHM_DIR, name)
+        self._small_bytes = int(small_bytes)
+        self._is_creator = rank == creator_rank
+        self._linked = False
+        self._broken: Optional[tuple] = None
+        self._mm = None
+        self._q = None
+        self._finalizer = None
+        self._nsync = 0          # barriers entered
+        self._chunk = 0          # chunks processed (selects the buffer set)
+        self._opseq = 0
+        ncpu = os.cpu_count() or 1
+        # More ranks than cores: spinning would steal the CPU the late rank needs.
+        self._spin = 0 if world_size > ncpu else 4000
+        self._yields = 200 if world_size > ncpu else 2000
+        if self._is_creator:
+            sb = int(slot_bytes or _default_slot_bytes(world_size))
+            self._create(sb, int(p2p_bytes))
+        else:
+            self._attach()
+        self._setup_views()
+
+    # -- segment lifecycle -------------------------------------------------------
+    def _layout(self, world_size, slot_bytes, p2p_bytes):
+        n = world_size
+        sub = max(64, (slot_bytes // n) // 64 * 64)
+        slot = sub * n
+        p2p = max(4096, p2p_bytes // 64 * 64)
+        hdr_off = _RANKS + n * _LINE                 # words
+        p2p_ctl = hdr_off + 2 * n * _HDR
+        ctl_words = p2p_ctl + n * n * _HDR
+        data_off = -(-ctl_words * 8 // 4096) * 4096  # bytes, page aligned
+        p2p_off = data_off + 2 * n * slot
+        size = p2p_off + (n * n * p2p if n > 1 else 0)
+        return dict(sub=sub, slot=slot, p2p=p2p, hdr_off=hdr_off, p2p_ctl=p2p_ctl,
+                    data_off=data_off, p2p_off=p2p_off, size=size)
+
+    def _map(self, fd, size):
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # pre-fault: no page faults in the hot loop
+        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def _create(self, slot_bytes, p2p_bytes):
+        cleanup_stale_segments()
+        lay = self._layout(self._world_size, slot_bytes, p2p_bytes)
+        tmp = os.path.join(SHM_DIR, f"{PREFIX}tmp_{os.getpid()}_{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, lay["size"])
+            mm = self._map(fd, lay["size"])
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp)
+            raise
+        os.close(fd)
+        q = memoryview(mm).cast("q")
+        q[_W_WORLD] = self._world_size
+        q[_W_SLOT] = slot_bytes
+        q[_W_P2P] = p2p_bytes
+        q[_W_PID] = os.getpid()
+        q[_W_SIZE] = lay["size"]
+        r = _RANKS + self._rank * _LINE
+        q[r + 1] = os.getpid()
+        q[r + 2] = 1
+        q[_W_MAGIC] = _MAGIC
+        self._mm, self._q = mm, q
+        try:
+            for attempt in range(2):
+                try:
+                    os.link(tmp, self._path)
+                    # covers a crash before all ranks attach (then the name is dropped anyway)
+                    self._linked = True
+                    self._finalizer = weakref.finalize(self, _unlink_quiet, self._path)
+                    break
+                except FileExistsError:
+                    if attempt == 0 and self.name in cleanup_stale_segments():
+                        continue
+                    self._release()
+                    raise CollectiveError(
+                        f"shared-memory segment {self._path} already exists and its creator is "
+                        f"alive: another live group uses the name {self.name!r}") from None
+        finally:
+            _unlink_quiet(tmp)
+        try:
+            self._wait_attached(q)
+        finally:
+            _unlink_quiet(self._path)   # every rank has it mapped (or we failed): drop the name
+            self._linked = False
+        q[_W_READY] = 1
+
+    def _wait_attached(self, q):
+        deadline = time.monotonic() + self._timeout_s
+        sleep = 1e-4
+        while True:
+            missing = [k for k in range(self._world_size) if q[_RANKS + k * _LINE + 2] != 1]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                self._release()
+                raise CollectiveTimeoutError(self._group_name, "init (attach to shared memory)",
+                                             self._rank, missing, self._timeout_s)
+            time.sleep(sleep)
+            sleep = min(sleep * 2, 0.01)
+
+    def _attach(self):
+        deadline = time.monotonic() + self._timeout_s
+        sleep = 1e-4
+        while True:
+            mm = self._try_open()
+            if mm is not None:
+                break
+            if time.monotonic() > deadline:
+                raise CollectiveTimeoutError(self._group_name, "init (attach to shared memory)",
+                                             self._rank, [0], self._timeout_s,
+                                             f"segment {self._path} never appeared")
+            time.sleep(sleep)
+            sleep = min(sleep * 2, 0.01)
+        q = memoryview(mm).cast("q")
+        self._mm, self._q = mm, q
+        if q[_W_WORLD] != self._world_size:
+            ws = q[_W_WORLD]
+            self._release()
+            raise CollectiveMismatchError(f"collective group {self._group_name!r}: segment "
+                                          f"{self.name!r} has world_size {ws}, this rank "
+                                          f"expects {self._world_size}")
+        r = _RANKS + self._rank * _LINE
+        if q[r + 2] != 0:
+            pid = q[r + 1]
+            self._release()
+            raise CollectiveError(f"collective group {self._group_name!r}: rank {self._rank} "
+                                  f"is already taken (by pid {pid})")
+        q[r + 1] = os.getpid()
+        q[r + 2] = 1
+        sleep = 1e-4
+        while q[_W_READY] != 1:
+            if time.monotonic() > deadline or not _pid_alive(q[_W_PID]):
+                missing = [k for k in range(self._world_size) if q[_RANKS + k * _LINE + 2] != 1]
+                self._release()
+                raise CollectiveTimeoutError(self._group_name, "init (attach to shared memory)",
+                                             self._rank, missing or [0], self._timeout_s)
+            time.sleep(sleep)
+            sleep = min(sleep * 2, 0.01)
+
+    def _try_open(self):
+        try:
+            fd = os.open(self._path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size < 4096:
+                return None
+            head = os.pread(fd, 8 * 8, 0)
+            words = np.frombuffer(head, np.int64)
+            if int(words[_W_MAGIC]) != _MAGIC or int(words[_W_SIZE]) != size:
+                return None
+            if not _pid_alive(int(words[_W_PID])):
+                return None            # stale segment of a crashed group
+            return self._map(fd, size)
+        finally:
+            os.close(fd)
+
+    def _setup_views(self):
+        q = self._q
+        self._lay = lay = self._layout(q[_W_WORLD], q[_W_SLOT], q[_W_P2P])
+        n = self._world_size
+        self._u8 = np.frombuffer(self._mm, np.uint8)
+        off = lay["data_off"]
+        self._slots = [[self._u8[off + (s * n + k) * lay["slot"]:
+                                 off + (s * n + k + 1) * lay["slot"]] for k in range(n)]
+                       for s in range(2)]
+        self._sub = lay["sub"]
+        self._ctr = _RANKS + self._rank * _LINE
+        self._peers = [k for k in range(n) if k != self._rank]
+        self._peer_ctr = [(k, _RANKS + k * _LINE) for k in self._peers]
+        self._pids = [q[_RANKS + k * _LINE + 1] for k in range(n)]
+        self._p2p_sent = [0] * n      # messages chunks sent to / received from each peer
+        self._p2p_recv = [0] * n
+
+    def _release(self):
+        if self._q is not None:
+            self._q.release()
+            self._q = None
+        self._slots = None
+        self._u8 = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass                   # a caller still holds a view; unmapped when it goes
+            self._mm = None
+
+    def close(self):
+        """Detach from the segment (idempotent). The memory is freed when the last rank detaches."""
+        if self._closed:
+            return
+        super().close()
+        if self._linked:
+            _unlink_quiet(self._path)
+            self._linked = False
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._release()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- waiting ------------------------------------------------------------------
+    def _fail(self, op, missing, detail=""):
+        q = self._q
+        if q is not None and q[_ABORT] == 0:
+            mask = 0
+            for k in missing:
+                if k < 63:
+                    mask |= 1 << k
+            q[_ABORT + 1] = mask
+            q[_ABORT] = self._rank + 1
+        self._broken = (op, list(missing), detail)
+        raise CollectiveTimeoutError(self._group_name, op, self._rank, missing,
+                                     self._timeout_s, detail)
+
+    def _check_abort(self, op):
+        q = self._q
+        if q[_ABORT]:
+            who, mask = q[_ABORT] - 1, q[_ABORT + 1]
+            missing = [k for k in range(min(self._world_size, 63)) if mask >> k & 1]
+            self._broken = (op, missing, f"rank {who} gave up")
+            raise CollectiveTimeoutError(self._group_name, op, self._rank, missing,
+                                         self._timeout_s, f"rank {who} gave up")
+
+    def _wait_ge(self, idx, target, op, who, missing_fn):
+        """Wait until word ``idx`` >= ``target``; ``who`` is the rank that writes it."""
+        q = self._q
+        for _ in range(self._spin):
+            if q[idx] >= target:
+                return
+        for _ in range(self._yields):
+            if q[idx] >= target:
+                return
+            os.sched_yield()
+        deadline = time.monotonic() + self._timeout_s
+        next_check = 0.0
+        sleep = 2e-5
+        while q[idx] < target:
+            now = time.monotonic()
+            if now >= next_check:
+                self._check_abort(op)
+                if not _pid_alive(self._pids[who]):
+                    self._fail(op, missing_fn(), f"rank {who} (pid {self._pids[who]}) died")
+                if now > deadline:
+                    self._fail(op, missing_fn())
+                next_check = now + 0.05
+            time.sleep(sleep)
+            sleep = min(sleep * 1.5, 1e-3)
+
+    def _barrier(self, op):
+        self._nsync += 1
+        my = self._nsync
+        q = self._q
+        q[self._ctr] = my
+        for k, idx in self._peer_ctr:
+            if q[idx] < my:
+                self._wait_ge(idx, my, op, k, lambda: [
+                    j for j, i in self._peer_ctr if q[i] < my])
+
+    def _begin(self, op, collective=True):
+        self._check_open()
+        if self._broken is not None:
+            bop, missing, detail = self._broken
+            raise CollectiveTimeoutError(self._group_name, op, self._rank, missing,
+                                         self._timeout_s,
+                                         f"group broken by an earlier failure in {bop}" +
+                                         (f": {detail}" if detail else ""))
+        if collective:
+            self._opseq += 1
+
+    def _next_set(self):
+        self._chunk += 1
+        return self._chunk & 1
+
+    def _write_hdr(self, st, words):
+        h = self._lay["hdr_off"] + (st * self._world_size + self._rank) * _HDR
+        q = self._q
+        q[h + 1] = self._opseq
+        for i, w in enumerate(words):
+            q[h + 2 + i] = int(w)
+        return h
+
+    def _read_hdrs(self, st, nwords):
+        base = self._lay["hdr_off"] + st * self._world_size * _HDR
+        return [self._q[base + k * _HDR + 1: base + k * _HDR + 2 + nwords].tolist()
+                for k in range(self._world_size)]
+
+    def _check_hdrs(self, st, nwords, opname):
+        hdrs = self._read_hdrs(st, nwords)
+        if any(h != hdrs[0] for h in hdrs):
+            def show(h):
+                name = _OP_NAMES.get(h[1], f"op#{h[1]}")
+                return f"{name} {h[2:]}"
+            desc = "; ".join(f"rank {k}: {show(h)}" for k, h in enumerate(hdrs))
+            raise CollectiveMismatchError(
+                f"collective group {self._group_name!r}: ranks disagree in {opname} "
+                f"(op, sizes, dtype, root): {desc}")
+
+    # -- collectives ----------------------------------------------------------------
+    def allreduce(self, array, op="sum"):
+        op = normalize_op(op)
+        flat, writeback = flat_view(array)
+        if self._world_size == 1:
+            return array
+        self._begin("allreduce")
+        if flat.nbytes <= min(self._small_bytes, self._lay["slot"]):
+            self._allreduce_small(flat, op)
+        else:
+            ranges = split_ranges(flat.size, self._world_size)
+            self._reduce_chunks("allreduce", flat, ranges, op, "all")
+        writeback()
+        return array
+
+    def _allreduce_small(self, flat, op):
+        st = self._next_set()
+        slots = self._slots[st]
+        b = flat.view(np.uint8)
+        slots[self._rank][:b.size] = b
+        self._write_hdr(st, (_OPS["allreduce_small"], flat.size, _dtype_code(flat.dtype),
+                             OP_CODES[op]))
+        self._barrier("allreduce")
+        self._check_hdrs(st, 4, "allreduce")
+        n = flat.nbytes
+        reduce_in_order([s[:n].view(flat.dtype) for s in slots], op, flat)
+
+    def _reduce_chunks(self, opname, flat, ranges, op, mode, root=-1, out=None):
+        """Reduce-scatter (+ gather) of ``flat`` where rank k owns ``ranges[k]``.
+
+        mode "all": every rank gets the full result in ``flat``; "root": only
+        ``root`` does; "scatter": each rank gets its own range in ``out``.
+        """
+        n, r, sub = self._world_size, self._rank, self._sub
+        dt = flat.dtype
+        item = dt.itemsize
+        cs = sub // item
+        nchunks = max(1, -(-max(e - s for s, e in ranges) // cs))
+        gather = mode != "scatter"
+        copy_out = mode == "all" or r == root
+        my_s, my_e = ranges[r]
+        for c in range(nchunks):
+            st = self._next_set()
+            slots = self._slots[st]
+            mine = slots[r]
+            base = c * cs
+            lens = [max(0, min(e - s - base, cs)) for s, e in ranges]
+            for j in self._peers:
+                if lens[j]:
+                    s0 = ranges[j][0] + base
+                    np.copyto(mine[j * sub: j * sub + lens[j] * item].view(dt),
+                              flat[s0: s0 + lens[j]])
+            if c == 0:
+                self._write_hdr(st, (_OPS[opname], flat.size, _dtype_code(dt),
+                                     OP_CODES[op], root))
+            self._barrier(opname)
+            if c == 0:
+                self._check_hdrs(st, 5, opname)
+            L = lens[r]
+            if L:
+                s0 = my_s + base
+                lo = r * sub
+                terms = [flat[s0: s0 + L] if k == r else slots[k][lo: lo + L * item].view(dt)
+                         for k in range(n)]
+                if gather:
+                    res = mine[lo: lo + L * item].view(dt)
+                    reduce_in_order(terms, op, res)
+                    if copy_out:
+                        np.copyto(flat[s0: s0 + L], res)
+                else:
+                    reduce_in_order(terms, op, out[base: base + L])
+            if gather:
+                self._barrier(opname)
+                if copy_out:
+                    for j in self._peers:
+                        if lens[j]:
+                            s0 = ranges[j][0] + base
+                            np.copyto(flat[s0: s0 + lens[j]],
+                                      slots[j][j * sub: j * sub + lens[j] * item].view(dt))
+
+    def reducescatter(self, array, op="sum"):
+        op = normalize_op(op)
+        if not isinstance(array, np.ndarray) or array.ndim == 0:
+            raise ValueError("reducescatter needs a numpy array with at least one dimension")
+        n = self._world_size
+        rows = split_ranges(array.shape[0], n)
+        row = math.prod(array.shape[1:])
+        s, e = rows[self._rank]
+        if n == 1:
+            return array.copy()
+        self._begin("reducescatter")
+        flat, _ = flat_view(array)
+        out = np.empty((e - s,) + array.shape[1:], array.dtype)
+        self._reduce_chunks("reducescatter", flat, [(a * row, b * row) for a, b in rows], op,
+                            "scatter", out=out.reshape(-1))
+        return out
+
+    def reduce(self, array, root=0, op="sum"):
+        self._check_root(root)
+        op = normalize_op(op)
+        flat, writeback = flat_view(array)
+        if self._world_size == 1:
+            return array
+        self._begin("reduce")
+        self._reduce_chunks("reduce", flat, split_ranges(flat.size, self._world_size), op,
+                            "root", root=root)
+        if self._rank == root:
+            writeback()
+        return array
+
+    def broadcast(self, array, root=0):
+        self._check_root(root)
+        flat, writeback = flat_view(array)
+        if self._world_size == 1:
+            return array
+        self._begin("broadcast")
+        b = flat.view(np.uint8)
+        slot = self._lay["slot"]
+        nchunks = max(1, -(-b.size // slot))
+        for c in range(nchunks):
+            st = self._next_set()
+            src = self._slots[st][root]
+            lo, hi = c * slot, min(b.size, (c + 1) * slot)
+            if self._rank == root:
+                src[: hi - lo] = b[lo:hi]
+            if c == 0:
+                self._write_hdr(st, (_OPS["broadcast"], flat.nbytes, _dtype_code(flat.dtype),
+                                     root))
+            self._barrier("broadcast")
+            if c == 0:
+                self._check_hdrs(st, 4, "broadcast")
+            if self._rank != root:
+                b[lo:hi] = src[: hi - lo]
+        if self._rank != root:
+            writeback()
+        return array
+
+    def allgather(self, array):
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+        if array.ndim > _MAX_NDIM - 1:
+            raise ValueError(f"allgather supports at most {_MAX_NDIM - 1} dimensions")
+        if self._world_size == 1:
+            return [array.copy()]
+        self._begin("allgather")
+        n, r = self._world_size, self._rank
+        st = self._next_set()
+        self._write_hdr(st, (_OPS["allgather"], _dtype_code(array.dtype), array.ndim)
+                        + tuple(array.shape))
+        self._barrier("allgather")
+        hdrs = self._read_hdrs(st, 3 + _MAX_NDIM - 1)
+        if any(h[:3] != hdrs[0][:3] for h in hdrs):
+            desc = "; ".join(f"rank {k}: {_OP_NAMES.get(h[1], h[1])} dtype "
+                             f"{_code_dtype(h[2]) if h[1] == _OPS['allgather'] else '?'}"
+                             for k, h in enumerate(hdrs))
+            raise CollectiveMismatchError(f"collective group {self._group_name!r}: ranks "
+                                          f"disagree in allgather: {desc}")
+        shapes = [tuple(h[4: 4 + h[3]]) for h in hdrs]
+        outs = [np.empty(shp, array.dtype) for shp in shapes]
+        outs[r][...] = array
+        mine = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        views = [o.reshape(-1).view(np.uint8) for o in outs]
+        slot = self._lay["slot"]
+        nchunks = max(1, -(-max(v.size for v in views) // slot))
+        for c in range(nchunks):
+            st = self._next_set()
+            lo = c * slot
+            if lo < mine.size:
+                hi = min(mine.size, lo + slot)
+                self._slots[st][r][: hi - lo] = mine[lo:hi]
+            self._barrier("allgather")
+            for k in self._peers:
+                v = views[k]
+                if lo < v.size:
+                    hi = min(v.size, lo + slot)
+                    v[lo:hi] = self._slots[st][k][: hi - lo]
+        return outs
+
+    def barrier(self):
+        if self._world_size == 1:
+            return
+        self._begin("barrier")
+        st = self._next_set()
+        self._write_hdr(st, (_OPS["barrier"],))
+        self._barrier("barrier")
+        self._check_hdrs(st, 1, "barrier")
+
+    # -- point to point ---------------------------------------------------------------
+    def _chan(self, src, dst):
+        lay = self._lay
+        ctl = lay["p2p_ctl"] + (src * self._world_size + dst) * _HDR
+        off = lay["p2p_off"] + (src * self._world_size + dst) * lay["p2p"]
+        return ctl, self._u8[off: off + lay["p2p"]]
+
+    def send(self, array, dst):
+        self._check_peer(dst, "dst")
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+        if array.ndim > _MAX_NDIM - 3:
+            raise ValueError(f"send supports at most {_MAX_NDIM - 3} dimensions")
+        self._begin(f"send to rank {dst}", collective=False)
+        op = f"send to rank {dst}"
+        ctl, buf = self._chan(self._rank, dst)
+        q = self._q
+        b = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        cap = buf.size
+        nchunks = max(1, -(-b.size // cap))
+        for c in range(nchunks):
+            # channel free once the receiver acknowledged everything sent so far
+            sent = self._p2p_sent[dst]
+            if q[ctl + _LINE] < sent:
+                self._wait_ge(ctl + _LINE, sent, op, dst, lambda: [dst])
+            lo, hi = c * cap, min(b.size, (c + 1) * cap)
+            buf[: hi - lo] = b[lo:hi]
+            if c == 0:
+                q[ctl + 1] = b.size
+                q[ctl + 2] = _dtype_code(array.dtype)
+                q[ctl + 3] = array.ndim
+                for i, d in enumerate(array.shape):
+                    q[ctl + 4 + i] = d
+            self._p2p_sent[dst] = sent + 1
+            q[ctl] = sent + 1
+
+    def recv(self, array_or_shape, src, dtype=None):
+        self._check_peer(src, "src")
+        self._begin(f"recv from rank {src}", collective=False)
+        op = f"recv from rank {src}"
+        ctl, buf = self._chan(src, self._rank)
+        q = self._q
+        cap = buf.size
+        got = self._p2p_recv[src]
+        if q[ctl] <= got:
+            self._wait_ge(ctl, got + 1, op, src, lambda: [src])
+        nbytes = q[ctl + 1]
+        sent_dt = _code_dtype(q[ctl + 2])
+        shape = tuple(q[ctl + 4: ctl + 4 + q[ctl + 3]].tolist())
+        nchunks = max(1, -(-nbytes // cap))
+        try:
+            out = resolve_recv_target(array_or_shape, dtype, sent_dt, shape,
+                                      self._group_name, src)
+        except CollectiveMismatchError as e:
+            out, err = None, e         # drain the message so the channel stays in step
+            b = writeback = None
+        else:
+            err = None
+            flat, writeback = flat_view(out)
+            b = flat.view(np.uint8)
+        for c in range(nchunks):
+            if c:
+                if q[ctl] <= got:
+                    self._wait_ge(ctl, got + 1, op, src, lambda: [src])
+            lo, hi = c * cap, min(nbytes, (c + 1) * cap)
+            if b is not None:
+                b[lo:hi] = buf[: hi - lo]
+            got += 1
+            self._p2p_recv[src] = got
+            q[ctl + _LINE] = got
+        if err is not None:
+            raise err
+        writeback()
+        return out
