@@ -21,11 +21,13 @@ class LocalGang:
         self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-worker-{r}")
                        for r in range(n)]
 
-    def run(self, payloads):
-        futures = [pool.submit(w.execute, data, side)
-                   for pool, w, (data, side) in zip(self._pools, self.workers, payloads)]
+    def run(self, payloads, ranks=None):
+        """Send ``payloads[i]`` to worker ``ranks[i]`` (default: all); return the replies."""
+        ranks = list(range(self.n)) if ranks is None else list(ranks)
+        futures = [self._pools[r].submit(self.workers[r].execute, data, side)
+                   for r, (data, side) in zip(ranks, payloads)]
         results = []
-        for r, f in enumerate(futures):
+        for r, f in zip(ranks, futures):
             try:
                 results.append(prog.decode(f.result(timeout=self.timeout_s)))
             except cf.TimeoutError:
