@@ -227,7 +227,7 @@ defop("mean", lambda xp, x, dim=None, keepdim=False:
 
 def _extreme_vjp(g, ans, x, dim=None, keepdim=False):
     # Ties share the gradient evenly (PyTorch's amax/amin rule).
-    mask = x == _keep(ans, x.shape, dim, keepdim)
+    mask = (x == _keep(ans, x.shape, dim, keepdim)).astype(x.dtype)   # float: keeps g's dtype
     return _keep(g, x.shape, dim, keepdim) * mask / mask.sum(dim=dim, keepdim=True)
 
 
@@ -235,11 +235,22 @@ defop("amax", lambda xp, x, dim=None, keepdim=False: xp.max(x, axis=_np_axis(dim
       _extreme_vjp, uses_output=True, placement="reduce")
 defop("amin", lambda xp, x, dim=None, keepdim=False: xp.min(x, axis=_np_axis(dim), keepdims=keepdim),
       _extreme_vjp, uses_output=True, placement="reduce")
-# Gradient ans/x: exact where no factor is zero (a zero factor gives nan, as documented).
+def _prod_vjp(g, ans, x, dim=None, keepdim=False):
+    # d prod / d x_i is the product of the other factors. ans / x would give nan at a zero
+    # factor, so take the product p of the non-zero factors: with no zero in the slice the
+    # gradient is p / x; with exactly one zero it is p at the zero and 0 elsewhere; with
+    # more it is 0 (PyTorch's result). No data-dependent branch: the graph stays static.
+    zero = x == 0
+    nz = x._masked(zero, 1, invert=True)
+    p = nz.prod(dim=dim, keepdim=True)
+    n0 = zero.sum(dim=dim, keepdim=True)
+    at_zero = (p * (n0 == 1)).expand(x.shape)._masked(zero, 0)
+    elsewhere = (p / nz * (n0 == 0))._masked(zero, 0, invert=True)
+    return _keep(g, x.shape, dim, keepdim) * (at_zero + elsewhere)
+
+
 defop("prod", lambda xp, x, dim=None, keepdim=False: xp.prod(x, axis=_np_axis(dim), keepdims=keepdim),
-      lambda g, ans, x, dim=None, keepdim=False:
-      _keep(g, x.shape, dim, keepdim) * _keep(ans, x.shape, dim, keepdim) / x,
-      uses_output=True, placement="reduce")
+      _prod_vjp, placement="reduce")
 
 
 def _norm_vjp(g, ans, x, dim=None, keepdim=False):

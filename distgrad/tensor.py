@@ -138,7 +138,11 @@ def apply_op(name, *inputs, **attrs):
         out = np.asarray(out)          # numpy scalar -> 0-d array
     node = engine.make_node(op, inputs, attrs, out)
     cls = Variable if any(isinstance(t, Variable) for t in tensors) else Tensor
-    return cls._from_array(out, grad_fn=node, requires_grad=node is not None)
+    result = cls._from_array(out, grad_fn=node, requires_grad=node is not None)
+    if node is not None and op.uses_output:
+        # The VJP reads the output: an in-place write to it must fail backward, not corrupt it.
+        node.out_store, node.out_version = result._store, result._store.version
+    return result
 
 
 def _dims(args):

@@ -106,7 +106,7 @@ def check_version(tensor, saved_version, node):
 class OpNode(Node):
     """grad_fn of a registry op: calls the op's per-input VJPs."""
 
-    __slots__ = ("op", "inputs", "versions", "attrs", "out_array")
+    __slots__ = ("op", "inputs", "versions", "attrs", "out_array", "out_store", "out_version")
 
     def __init__(self, op, inputs, attrs, out_array, next_nodes):
         super().__init__(next_nodes)
@@ -115,6 +115,8 @@ class OpNode(Node):
         self.versions = tuple(getattr(x, "_store", None) and x._store.version for x in inputs)
         self.attrs = attrs
         self.out_array = out_array
+        self.out_store = None         # the output's storage (set by apply_op) for its version check
+        self.out_version = 0
 
     def input_grads(self, grad):
         from ..tensor import Tensor, SavedTensor
@@ -124,7 +126,18 @@ class OpNode(Node):
                 "saved values were already freed. Specify retain_graph=True on the first backward.")
         saved = tuple(SavedTensor(x, v, self) if isinstance(x, Tensor) else x
                       for x, v in zip(self.inputs, self.versions))
-        ans = Tensor._from_array(self.out_array, grad_fn=self) if self.op.uses_output else None
+        ans = None
+        if self.op.uses_output:
+            store = self.out_store
+            if store is not None and store.version != self.out_version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by "
+                    f"an inplace operation: the output of {self.name()} (shape "
+                    f"{tuple(store.shape)}) is at version {store.version}; expected version "
+                    f"{self.out_version} instead.")
+            # Differentiable under create_graph: the output depends on the inputs through
+            # this very node, which higher-order gradients must follow.
+            ans = Tensor._from_array(self.out_array, grad_fn=self, requires_grad=is_grad_enabled())
         out = []
         for i, nxt in enumerate(self.next_nodes):
             if nxt is None:
@@ -136,7 +149,7 @@ class OpNode(Node):
 
     def release(self):
         super().release()
-        self.inputs = self.out_array = None
+        self.inputs = self.out_array = self.out_store = None
 
 
 class AccumulateGrad(Node):
