@@ -29,7 +29,7 @@ class LocalGang:
         results = []
         for r, f in zip(ranks, futures):
             try:
-                results.append(prog.decode(f.result(timeout=self.timeout_s)))
+                results.append(prog.decode(*f.result(timeout=self.timeout_s)))
             except cf.TimeoutError:
                 raise WorkerTimeoutError(f"worker {r} (local thread) did not finish its program "
                                          f"within {self.timeout_s:g}s", ranks=[r]) from None

@@ -186,7 +186,7 @@ class RayGang:
         except WorkerError as e:
             e.ranks = tuple(ranks[i] for i in e.ranks)
             raise
-        return [prog.decode(r) for r in replies]
+        return [prog.decode(data, side) for data, side in replies]
 
     def inject_failure(self, rank, kind, seconds=0.0):
         """Test hook: worker ``rank`` crashes or hangs at its next program."""

@@ -187,9 +187,9 @@ def test_worker_rejects_bad_messages_and_stays_usable():
     w = Worker(0, 1)
 
     def reply(msg, side=()):
-        return prog.decode(w.execute(msg, side))
+        return prog.decode(*w.execute(msg, side))
     assert "malformed" in reply(b"\xc1garbage")["error"]
-    assert "exceeds the limit" in prog.decode(Worker(0, 1, max_message_bytes=10).execute(b"x" * 11))["error"]
+    assert "exceeds the limit" in prog.decode(*Worker(0, 1, max_message_bytes=10).execute(b"x" * 11))["error"]
     structure = {"instrs": [["op", "no_such_op", [], {}, 0, True]], "nslots": 1, "ext": [], "keep": []}
     msg = {"v": 1, "key": prog.structure_key(structure), "bind": [], "free": [], "prog": structure, "inputs": []}
     assert "unknown op 'no_such_op'" in reply(prog.encode(msg))["error"]

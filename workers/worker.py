@@ -50,7 +50,8 @@ class Worker:
 
     # ------------------------------------------------------------------ entry point
     def execute(self, payload, side=()):
-        """Run one message; return msgpack bytes ``{"fetched": {slot: array}, "error": ...}``."""
+        """Run one message; return ``(msgpack bytes, side arrays)`` of
+        ``{"fetched": {slot: array}, "error": ...}`` (big arrays travel beside the bytes)."""
         t0, w0 = time.perf_counter(), time.time()
         try:
             msg = prog.decode(payload, side, self.max_message_bytes)
@@ -63,7 +64,8 @@ class Worker:
         self.stats["bytes_in"] += len(payload)
         self.stats["run_s"] += time.perf_counter() - t0
         self.step_times.append(time.perf_counter() - t0)
-        return prog.encode(reply)
+        out_side = []
+        return prog.encode(reply, out_side), out_side
 
     def _run_message(self, msg):
         if not isinstance(msg, dict) or msg.get("v") != prog.PROTOCOL:
