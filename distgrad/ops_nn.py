@@ -74,8 +74,7 @@ def _geometry(shape, kernel, stride, padding, dilation, ceil_mode=False):
 
 def _unfold(xp, x, kernel, stride, pads, dilation, out_hw, fill=0):
     """View (N, C, kh, kw, OH, OW) of the padded input's sliding windows (no copy)."""
-    if any(p for pair in pads for p in pair):
-        x = xp.pad(x, ((0, 0), (0, 0)) + pads, constant_values=fill)
+    x = _pad(xp, x, pads, fill)
     N, C = x.shape[:2]
     sN, sC, sH, sW = x.strides
     (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
@@ -83,21 +82,40 @@ def _unfold(xp, x, kernel, stride, pads, dilation, out_hw, fill=0):
         x, (N, C, kh, kw, oh, ow), (sN, sC, sH * dh, sW * dw, sH * sh, sW * sw))
 
 
-def _fold(xp, cols, in_shape, stride, pads, dilation):
-    """Transpose of ``_unfold``: add window values (N, C, kh, kw, OH, OW) back into the input.
+def _pad(xp, x, pads, fill=0):
+    if any(p for pair in pads for p in pair):
+        return xp.pad(x, ((0, 0), (0, 0)) + tuple(pads), constant_values=fill)
+    return x
 
-    Loops over kernel offsets (kh*kw strided adds), never over pixels.
+
+def _window_slices(x, kernel, stride, dilation, out_hw):
+    """(k, view) for each kernel offset: view (N, C, OH, OW) of the (padded) input.
+
+    Pooling works offset by offset with whole-array ops: kh*kw iterations, never a
+    loop over pixels, and much faster in numpy than reducing a 6-D strided view.
     """
-    N, C, kh, kw, oh, ow = cols.shape
-    H, W = in_shape[-2:]
-    (ph0, ph1), (pw0, pw1) = pads
-    (sh, sw), (dh, dw) = stride, dilation
-    out = xp.zeros((N, C, H + ph0 + ph1, W + pw0 + pw1), dtype=cols.dtype)
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh,
-                j * dw:j * dw + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
+            yield i * kw + j, x[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                                j * dw:j * dw + sw * (ow - 1) + 1:sw]
+
+
+def _fold_each(xp, piece, in_shape, kernel, stride, pads, dilation, out_hw, dtype):
+    """Transpose of ``_unfold``: add ``piece(k)`` (N, C, OH, OW) into window offset k's slots."""
+    N, C, H, W = in_shape
+    (ph0, ph1), (pw0, pw1) = pads
+    out = xp.zeros((N, C, H + ph0 + ph1, W + pw0 + pw1), dtype=dtype)
+    for k, view in _window_slices(out, kernel, stride, dilation, out_hw):
+        view += piece(k)
     return out[:, :, ph0:ph0 + H, pw0:pw0 + W]
+
+
+def _fold(xp, cols, in_shape, stride, pads, dilation):
+    """Add window values (N, C, kh, kw, OH, OW) back into the input's shape."""
+    N, C, kh, kw, oh, ow = cols.shape
+    return _fold_each(xp, lambda k: cols[:, :, k // kw, k % kw], (N, C) + tuple(in_shape[-2:]),
+                      (kh, kw), stride, pads, dilation, (oh, ow), cols.dtype)
 
 
 # ---------------------------------------------------------------- conv2d
@@ -144,9 +162,9 @@ def _conv2d_weight_grad(xp, x, g, w_shape=None, stride=(1, 1), padding=(0, 0), d
     cols = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
     cols = cols.reshape(N, groups, -1, out_hw[0] * out_hw[1])
     gg = g.reshape(N, groups, O // groups, -1)
-    # One tensordot per group (groups is small); contracts batch and output positions.
-    parts = [xp.tensordot(gg[:, k], cols[:, k], axes=([0, 2], [0, 2])) for k in range(groups)]
-    gw = parts[0] if groups == 1 else xp.concatenate(parts, axis=0)
+    # Per-sample gemms then a sum over the batch: far faster in numpy than one tensordot,
+    # which would copy both operands into batch-major layouts first.
+    gw = xp.matmul(gg, cols.transpose(0, 1, 3, 2)).sum(axis=0)
     return gw.reshape(w_shape).astype(x.dtype, copy=False)
 
 
@@ -203,48 +221,55 @@ def _pool_geom(shape, kernel_size, stride, padding, dilation, ceil_mode):
     return _geometry(shape, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-def _pool_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode, fill):
-    out_hw, pads = _pool_geom(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
-    return _unfold(xp, x, kernel_size, stride, pads, dilation, out_hw, fill=fill), out_hw, pads
-
-
 def _neg_inf(x):
     return -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
 
 
+def _pool_setup(xp, x, kernel_size, stride, padding, dilation, ceil_mode, fill):
+    out_hw, pads = _pool_geom(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    return _pad(xp, x, pads, fill), out_hw, pads
+
+
 def _max_pool2d(xp, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
-    win, _, _ = _pool_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode, _neg_inf(x))
-    return win.max(axis=(2, 3))
+    xpad, out_hw, _ = _pool_setup(xp, x, kernel_size, stride, padding, dilation, ceil_mode,
+                                  _neg_inf(x))
+    out = None
+    for _, view in _window_slices(xpad, kernel_size, stride, dilation, out_hw):
+        out = view.copy() if out is None else xp.maximum(out, view, out=out)
+    return out
 
 
 def _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode):
-    """Flat window index (0..kh*kw-1) of each window's first maximum, as PyTorch picks it."""
-    win, out_hw, pads = _pool_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode,
-                                      _neg_inf(x))
-    N, C = x.shape[:2]
-    kk = kernel_size[0] * kernel_size[1]
-    return win.reshape(N, C, kk, out_hw[0], out_hw[1]).argmax(axis=2), out_hw, pads
+    """Window offset (0..kh*kw-1) of each window's first maximum, as PyTorch picks it."""
+    xpad, out_hw, pads = _pool_setup(xp, x, kernel_size, stride, padding, dilation, ceil_mode,
+                                     _neg_inf(x))
+    best = idx = None
+    for k, view in _window_slices(xpad, kernel_size, stride, dilation, out_hw):
+        if best is None:
+            best, idx = view.copy(), xp.zeros(view.shape, dtype=np.int16)
+            continue
+        better = view > best                 # strict: ties keep the earlier offset
+        xp.copyto(best, view, where=better)
+        xp.copyto(idx, k, where=better)
+    return idx, out_hw, pads
 
 
 def _max_pool2d_grad(xp, g, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1),
                      ceil_mode=False):
     """Scatter g (pooled shape) into x's shape at each window's argmax."""
     idx, out_hw, pads = _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode)
-    N, C = x.shape[:2]
-    kh, kw = kernel_size
-    cols = xp.zeros((N, C, kh * kw) + out_hw, dtype=g.dtype)
-    xp.put_along_axis(cols, idx[:, :, None], g[:, :, None], axis=2)
-    return _fold(xp, cols.reshape(N, C, kh, kw, *out_hw), x.shape, stride, pads, dilation)
+    return _fold_each(xp, lambda k: xp.where(idx == k, g, 0), x.shape, kernel_size, stride, pads,
+                      dilation, out_hw, g.dtype)
 
 
 def _max_pool2d_pick(xp, h, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1),
                      ceil_mode=False):
     """h (x's shape) read at the positions where max_pool2d(x) took its maxima."""
     idx, out_hw, pads = _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode)
-    N, C = x.shape[:2]
-    win = _unfold(xp, h, kernel_size, stride, pads, dilation, out_hw)
-    win = win.reshape(N, C, kernel_size[0] * kernel_size[1], out_hw[0], out_hw[1])
-    return xp.take_along_axis(win, idx[:, :, None], axis=2)[:, :, 0]
+    out = None
+    for k, view in _window_slices(_pad(xp, h, pads), kernel_size, stride, dilation, out_hw):
+        out = view.copy() if out is None else xp.where(idx == k, view, out)
+    return out
 
 
 def _mp_grad(g, ans, x, **a):
@@ -257,6 +282,11 @@ def _mp_pick(gg, ans, g, x, **a):
     return apply_op("max_pool2d_pick", gg, x, **a)
 
 
+def _pick_vjp(g, ans, h, x, **a):
+    from .tensor import apply_op
+    return apply_op("max_pool2d_grad", g, x, **a)
+
+
 def _no_grad_through_argmax(*args, **a):
     # Which element is the maximum is piecewise constant in x: zero gradient almost everywhere.
     return None
@@ -265,7 +295,7 @@ def _no_grad_through_argmax(*args, **a):
 defop("max_pool2d", _max_pool2d, _mp_grad, placement="batch_local")
 defop("max_pool2d_grad", _max_pool2d_grad, _mp_pick, _no_grad_through_argmax,
       placement="batch_local")
-defop("max_pool2d_pick", _max_pool2d_pick, _mp_grad, _no_grad_through_argmax,
+defop("max_pool2d_pick", _max_pool2d_pick, _pick_vjp, _no_grad_through_argmax,
       placement="batch_local")
 
 
@@ -289,22 +319,24 @@ def _avg_divisor(xp, in_hw, kernel_size, stride, padding, out_hw, count_include_
 
 def _avg_pool2d(xp, x, kernel_size, stride, padding=(0, 0), ceil_mode=False,
                 count_include_pad=True):
-    win, out_hw, _ = _pool_windows(xp, x, kernel_size, stride, padding, (1, 1), ceil_mode, 0)
+    xpad, out_hw, _ = _pool_setup(xp, x, kernel_size, stride, padding, (1, 1), ceil_mode, 0)
+    total = None
+    for _, view in _window_slices(xpad, kernel_size, stride, (1, 1), out_hw):
+        total = view.copy() if total is None else xp.add(total, view, out=total)
     div = _avg_divisor(xp, x.shape[-2:], kernel_size, stride, padding, out_hw,
                        count_include_pad, x.dtype)
-    return (win.sum(axis=(2, 3)) / div).astype(x.dtype, copy=False)
+    return (total / div).astype(x.dtype, copy=False)
 
 
 def _avg_pool2d_grad(xp, g, in_hw=None, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
                      ceil_mode=False, count_include_pad=True):
     """Transpose of avg_pool2d: spread each g / divisor over its window."""
-    N, C = g.shape[:2]
-    in_shape = (N, C) + tuple(in_hw)
+    in_shape = tuple(g.shape[:2]) + tuple(in_hw)
     out_hw, pads = _pool_geom(in_shape, kernel_size, stride, padding, (1, 1), ceil_mode)
     div = _avg_divisor(xp, in_hw, kernel_size, stride, padding, out_hw, count_include_pad, g.dtype)
     gd = (g / div).astype(g.dtype, copy=False)
-    cols = xp.broadcast_to(gd[:, :, None, None], (N, C) + tuple(kernel_size) + tuple(out_hw))
-    return _fold(xp, cols, in_shape, stride, pads, (1, 1))
+    return _fold_each(xp, lambda k: gd, in_shape, kernel_size, stride, pads, (1, 1), out_hw,
+                      g.dtype)
 
 
 def _ap_vjp(g, ans, x, **a):
