@@ -319,6 +319,75 @@ CASES["pow"] += [Case(lambda m, a: a.norm(p=3), (2, 3))]
 # ---- TESTED_ELSEWHERE["allreduce"] = "tests/test_collective.py::test_allreduce_gradient"
 TESTED_ELSEWHERE = {}
 
+
+# nn ops (distgrad/ops_nn.py). The *_grad / *_pick ops are what a create_graph backward of
+# conv and pooling runs, so their cases differentiate through a first gradient.
+def _grad_of(fn, wrt):
+    """d(fn)/d(input ``wrt``) as a differentiable function of the other inputs; the last
+    input is the output cotangent."""
+    def run(m, *args):
+        args, g = list(args[:-1]), args[-1]
+        args[wrt] = args[wrt].detach().requires_grad_(True)
+        return m.autograd.grad(fn(m, *args), args[wrt], g, create_graph=True)[0]
+    return run
+
+
+def _conv(m, x, w):
+    return m.nn.functional.conv2d(x, w, stride=2, padding=1, groups=2)
+
+
+def _maxpool(m, x):
+    return m.nn.functional.max_pool2d(x, 3, 2, padding=1, ceil_mode=True)
+
+
+def _avgpool(m, x):
+    return m.nn.functional.avg_pool2d(x, 3, 2, padding=1, count_include_pad=False)
+
+
+def _nll_sum(m, x):
+    return m.nn.functional.nll_loss(x, m.tensor([1, 0, 3]), reduction="sum")
+
+
+def _maxpool_pick(m, x, g, h):
+    xr, gr = x.detach().requires_grad_(True), g.detach().requires_grad_(True)
+    gx = m.autograd.grad(_maxpool(m, xr), xr, gr, create_graph=True)[0]
+    return m.autograd.grad(gx, gr, h, create_graph=True)[0]
+
+
+CASES["linear"] = [
+    Case(lambda m, x, w, b: m.nn.functional.linear(x, w, b), (4, 3), (5, 3), (5,)),
+    Case(lambda m, x, w: m.nn.functional.linear(x, w), (2, 4, 3), (5, 3)),
+    Case(lambda m, x, w, b: m.nn.functional.linear(x, w, b), (3,), (2, 3), (2,))]
+CASES["conv2d"] = [
+    Case(lambda m, x, w, b: m.nn.functional.conv2d(x, w, b), (2, 2, 5, 5), (3, 2, 3, 3), (3,)),
+    Case(_conv, (2, 4, 6, 5), (4, 2, 3, 3)),
+    Case(lambda m, x, w: m.nn.functional.conv2d(x, w, padding=2, dilation=2), (1, 2, 5, 5),
+         (2, 2, 2, 3))]
+CASES["conv2d_input_grad"] = [Case(_grad_of(_conv, 0), C(2, 4, 6, 5), (4, 2, 3, 3), (2, 4, 3, 3))]
+CASES["conv2d_weight_grad"] = [Case(_grad_of(_conv, 1), (2, 4, 6, 5), C(4, 2, 3, 3),
+                                    (2, 4, 3, 3))]
+CASES["max_pool2d"] = [Case(_maxpool, D(2, 3, 7, 6)),
+                       Case(lambda m, x: m.nn.functional.max_pool2d(x, 2), D(1, 2, 4, 6)),
+                       Case(lambda m, x: m.nn.functional.max_pool2d(x, 2, 1, dilation=2),
+                            D(1, 2, 5, 5))]
+CASES["max_pool2d_grad"] = [Case(_grad_of(_maxpool, 0), D(2, 3, 7, 6), (2, 3, 4, 4))]
+CASES["max_pool2d_pick"] = [Case(_maxpool_pick, D(2, 3, 7, 6), C(2, 3, 4, 4), (2, 3, 7, 6))]
+CASES["avg_pool2d"] = [Case(_avgpool, (2, 3, 7, 6)),
+                       Case(lambda m, x: m.nn.functional.avg_pool2d(x, 2, ceil_mode=True),
+                            (1, 2, 5, 5))]
+CASES["avg_pool2d_grad"] = [Case(_grad_of(_avgpool, 0), C(2, 3, 7, 6), (2, 3, 4, 3))]
+CASES["nll_loss"] = [
+    Case(lambda m, x: m.nn.functional.nll_loss(x.log_softmax(1), m.tensor([1, 0, 3])), (3, 4)),
+    Case(lambda m, x: m.nn.functional.cross_entropy(x, m.tensor([1, -100, 3]), reduction="none"),
+         (3, 4)),
+    Case(lambda m, x, w: m.nn.functional.cross_entropy(x, m.tensor([[1, 2], [0, 2]]),
+                                                       weight=w.detach() + 2), (2, 3, 2), C(3,))]
+CASES["nll_loss_grad"] = [Case(_grad_of(_nll_sum, 0), C(3, 4), ())]
+CASES["axpby"] = [Case(lambda m, x, y: x.axpby(y, 0.9, -0.1), (2, 3), (2, 3),
+                       torch_fn=lambda m, x, y: 0.9 * x - 0.1 * y),
+                  Case(lambda m, x, y: x.axpby(y, 2.0, 0.5), (2, 3), (3,),
+                       torch_fn=lambda m, x, y: 2.0 * x + 0.5 * y)]
+
 # Ops without a gradient: forward values only, on either side of a scalar.
 FORWARD_CASES = {
     "lt": [lambda m, a, b: a < b, lambda m, a, b: a < 0.1, lambda m, a, b: 0.1 > a,
