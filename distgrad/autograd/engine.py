@@ -64,6 +64,11 @@ class Node:
     def name(self):
         return type(self).__name__
 
+    @property
+    def next_functions(self):
+        """PyTorch's view of the graph: ((node, input_nr), ...) for each input."""
+        return tuple((n, 0) for n in self.next_nodes)
+
     def __repr__(self):
         return f"<distgrad.autograd.{type(self).__name__} object at {hex(id(self))}>"
 
