@@ -1,0 +1,143 @@
+"""Training-step benchmark: distgrad vs PyTorch CPU at equal thread count, printed as ratios.
+
+Two steps (forward, backward, SGD-with-momentum update), each measured for both
+libraries in the same run:
+
+* MLP  784-512-256-10, batch 128, cross-entropy
+* LeNet-5-sized CNN (conv 6@5x5, pool, conv 16@5x5, pool, fc 120-84-10), batch 64, 28x28
+
+    python bench/bench_nn.py --threads 2
+
+Thread counts are pinned before numpy and torch load: OMP/OPENBLAS/MKL env vars for
+numpy's BLAS (threadpoolctl too when installed), ``torch.set_num_threads`` for torch.
+Targets (issue 3): MLP <= 1.0x, CNN <= 1.5x PyTorch.
+"""
+import argparse
+import os
+import sys
+import time
+
+
+def _pin_threads(n):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
+def _parse():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--seconds", type=float, default=5.0, help="time budget per case")
+    ap.add_argument("--rounds", type=int, default=10, help="at least this many alternating blocks")
+    return ap.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None:
+    _pin_threads(ARGS.threads)      # before numpy is imported
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distgrad as dg  # noqa: E402
+import distgrad.nn as nn  # noqa: E402
+import distgrad.nn.functional as F  # noqa: E402
+import distgrad.optim as optim  # noqa: E402
+
+
+def _mlp(lib):
+    return lib.nn.Sequential(lib.nn.Linear(784, 512), lib.nn.ReLU(), lib.nn.Linear(512, 256),
+                             lib.nn.ReLU(), lib.nn.Linear(256, 10))
+
+
+class _LeNet:
+    """The same LeNet layout for either library (lib is distgrad or torch)."""
+
+    @staticmethod
+    def build(lib):
+        n = lib.nn
+        return n.Sequential(n.Conv2d(1, 6, 5), n.ReLU(), n.MaxPool2d(2), n.Conv2d(6, 16, 5),
+                            n.ReLU(), n.MaxPool2d(2), n.Flatten(), n.Linear(16 * 4 * 4, 120),
+                            n.ReLU(), n.Linear(120, 84), n.ReLU(), n.Linear(84, 10))
+
+
+def _copy_weights(src_torch, dst):
+    for pt, pd in zip(src_torch.parameters(), dst.parameters()):
+        pd.data.copy_(dg.from_numpy(pt.detach().numpy().copy()))
+
+
+def _step_fns(torch, build, x, y):
+    """A training step for torch and one for distgrad, from the same weights and data."""
+    tm = build(torch)
+    dm = build(dg)
+    _copy_weights(tm, dm)
+    topt = torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9)
+    dopt = optim.SGD(dm.parameters(), lr=0.01, momentum=0.9)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    dx, dy = dg.from_numpy(x), dg.from_numpy(y)
+    tloss = torch.nn.functional.cross_entropy
+
+    def t_step():
+        topt.zero_grad()
+        loss = tloss(tm(tx), ty)
+        loss.backward()
+        topt.step()
+        return loss
+
+    def d_step():
+        dopt.zero_grad()
+        loss = F.cross_entropy(dm(dx), dy)
+        loss.backward()
+        dopt.step()
+        return loss
+    return t_step, d_step
+
+
+def measure(name, torch, build, x, y, seconds, rounds):
+    """Best block mean of each library, blocks alternating so load changes hit both alike.
+
+    The minimum over blocks is the figure least disturbed by other processes on a
+    shared machine; both libraries get the same number of blocks in the same window.
+    """
+    t_step, d_step = _step_fns(torch, build, x, y)
+    for fn in (t_step, d_step):
+        fn(), fn()                              # warm-up (allocations, caches)
+    best = {t_step: float("inf"), d_step: float("inf")}
+    deadline = time.perf_counter() + seconds
+    blocks = 0
+    while blocks < rounds or time.perf_counter() < deadline:
+        for fn in (t_step, d_step):
+            start = time.perf_counter()
+            for _ in range(5):
+                fn()
+            best[fn] = min(best[fn], (time.perf_counter() - start) / 5)
+        blocks += 1
+    return name, best[d_step], best[t_step]
+
+
+def main():
+    import torch
+    torch.set_num_threads(ARGS.threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(ARGS.threads)
+    except ImportError:
+        pass                                    # the env vars set before import did it
+    rng = np.random.default_rng(0)
+    cases = [
+        ("MLP 784-512-256-10, batch 128", _mlp,
+         rng.standard_normal((128, 784)).astype(np.float32), rng.integers(0, 10, 128)),
+        ("LeNet CNN, batch 64, 1x28x28", _LeNet.build,
+         rng.standard_normal((64, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 64)),
+    ]
+    targets = [1.0, 1.5]
+    print(f"training step (forward + backward + SGD momentum), {ARGS.threads} thread(s), "
+          f"numpy {np.__version__}, torch {torch.__version__}")
+    print(f"{'case':34s} {'distgrad ms':>12s} {'torch ms':>10s} {'ratio':>7s} {'target':>7s}")
+    for (name, build, x, y), target in zip(cases, targets):
+        name, d, t = measure(name, torch, build, x, y, ARGS.seconds, ARGS.rounds)
+        ok = "ok" if d / t <= target else "MISSED"
+        print(f"{name:34s} {d * 1e3:12.3f} {t * 1e3:10.3f} {d / t:6.2f}x {target:5.1f}x {ok}")
+
+
+if __name__ == "__main__":
+    main()
