@@ -94,6 +94,8 @@ def from_numpy(a):
     """A tensor sharing memory with a numpy array. Example: ``dg.from_numpy(np.ones(3))``."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"from_numpy expects a numpy.ndarray, got {type(a).__name__}")
+    from .tensor import _check_dtype
+    _check_dtype(a.dtype)
     return Tensor._from_array(a)
 
 

@@ -357,7 +357,12 @@ def _expand_shape(shape, sizes):
 
 
 def _getitem(xp, x, index):
-    return x[index]
+    out = x[index]
+    if not isinstance(out, xp.ndarray) and is_basic_index(index):
+        # numpy gives a scalar copy for a full integer index: take a 0-d view instead, so
+        # that x[0] aliases x as it does in PyTorch.
+        out = x[(index if isinstance(index, tuple) else (index,)) + (Ellipsis,)]
+    return out
 
 
 def _scatter_add(xp, g, shape, index):

@@ -43,9 +43,13 @@ class SerializationError(RuntimeError):
 # ---------------------------------------------------------------- encode
 
 def _array_ext(code, array, kind=None, requires_grad=False):
-    a = np.ascontiguousarray(_backend.to_numpy(array))
+    a = np.asarray(_backend.to_numpy(array))
+    if a.dtype.str.lstrip("<>|=") not in _ALLOWED_DTYPES:
+        raise TypeError(f"dg.save: arrays of dtype {a.dtype} cannot be saved (object and "
+                        "structured dtypes are not plain data)")
     dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-    a = a.astype(dt, copy=False)
+    # astype(order="C") keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
+    a = a.astype(dt, order="C", copy=False)
     head = msgpack.packb([dt.str, list(a.shape), kind, bool(requires_grad)])
     return msgpack.ExtType(code, struct.pack("<I", len(head)) + head + a.tobytes())
 

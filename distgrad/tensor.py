@@ -30,11 +30,21 @@ def set_lazy_dispatch(fn):
 class Storage:
     """An array and a version counter bumped by every in-place write."""
 
-    __slots__ = ("array", "version", "__weakref__")
+    __slots__ = ("array", "counter", "__weakref__")
 
-    def __init__(self, array):
+    def __init__(self, array, counter=None):
         self.array = array
-        self.version = 0
+        # A one-item list, shared by the storages of views of the same memory: an in-place
+        # write through any of them invalidates what the others saved.
+        self.counter = [0] if counter is None else counter
+
+    @property
+    def version(self):
+        return self.counter[0]
+
+    @version.setter
+    def version(self, value):
+        self.counter[0] = value
 
     @property
     def shape(self):
@@ -94,9 +104,16 @@ def _to_array(data, dtype=None, device=None):
                 arr = arr.astype(DEFAULT_DTYPE)      # Python floats -> default float32
         if dtype is not None:
             arr = arr.astype(np.dtype(dtype), copy=False)
+    _check_dtype(arr.dtype)
     if device is not None:
         arr = _backend.to_device(arr, device)
     return arr
+
+
+def _check_dtype(dtype):
+    if np.dtype(dtype).kind not in "biuf":
+        raise TypeError(f"unsupported dtype {dtype}: distgrad tensors hold bool, integer or "
+                        f"floating-point numbers")
 
 
 def _index_arg(index):
@@ -139,10 +156,49 @@ def apply_op(name, *inputs, **attrs):
     node = engine.make_node(op, inputs, attrs, out)
     cls = Variable if any(isinstance(t, Variable) for t in tensors) else Tensor
     result = cls._from_array(out, grad_fn=node, requires_grad=node is not None)
+    if name in _VIEW_OPS and getattr(out, "base", None) is not None \
+            and xp.may_share_memory(out, arrays[0]):
+        # A view of its input (numpy/cupy basic indexing, reshape...): share the version
+        # counter, and remember how it was taken so an in-place write through it can
+        # update the base's history (``_rebase``).
+        result._store.counter = inputs[0]._store.counter
+        result._view_of = (inputs[0], name, attrs)
     if node is not None and op.uses_output:
         # The VJP reads the output: an in-place write to it must fail backward, not corrupt it.
         node.out_store, node.out_version = result._store, result._store.version
     return result
+
+
+# Ops whose output may be a view of input 0 (expand's is read-only: never written through).
+_VIEW_OPS = frozenset({"reshape", "transpose", "permute", "squeeze", "unsqueeze", "getitem"})
+# In-place ops whose VJPs never read input 0's values: no snapshot of it is needed.
+_INPLACE_NO_SNAPSHOT = frozenset({"add", "sub", "neg", "exp", "sqrt", "relu", "mask_fill",
+                                  "copy_from", "index_put"})
+
+
+def _rebase(view):
+    """After a recorded in-place write through ``view``, give its base the new history.
+
+    The base's values already changed (shared memory); its ``grad_fn`` becomes a node
+    that puts the view's gradient back into place: index_put for an indexed view, the
+    inverse reshape/transpose/permute otherwise. Repeats up a chain of views.
+    """
+    while getattr(view, "_view_of", None) is not None:
+        base, name, attrs = view._view_of
+        if name == "getitem":
+            op, inputs, at = get_op("index_put"), (base, view), {"index": attrs["index"]}
+        elif name == "transpose":
+            op, inputs, at = get_op("transpose"), (view,), attrs
+        elif name == "permute":
+            inverse = tuple(np.argsort([d % view.ndim for d in attrs["dims"]]).tolist())
+            op, inputs, at = get_op("permute"), (view,), {"dims": inverse}
+        else:
+            op, inputs, at = get_op("reshape"), (view,), {"shape": tuple(base.shape)}
+        node = engine.make_node(op, inputs, at, None)   # these VJPs read no values
+        if node is None:
+            return
+        base.grad_fn, base.requires_grad = node, True
+        view = base
 
 
 def _dims(args):
@@ -678,11 +734,31 @@ class Tensor:
 
     # ------------------------------------------------------------ in place
     def _inplace(self, name, *args, **attrs):
-        if self.requires_grad and self.is_leaf and engine.is_grad_enabled():
+        recording = engine.is_grad_enabled()
+        if self.requires_grad and self.is_leaf and recording:
             raise RuntimeError(f"a leaf Variable that requires grad is being used in an in-place "
                                f"operation ({name}); wrap it in dg.no_grad() or use .data")
-        result = apply_op(name, self, *args, **attrs)
+        view = getattr(self, "_view_of", None)
+        if view is not None and recording:
+            root = self
+            while getattr(root, "_view_of", None) is not None:
+                root = root._view_of[0]
+            if root.requires_grad and root.is_leaf:
+                raise RuntimeError(f"a view of a leaf Variable that requires grad is being used in "
+                                   f"an in-place operation ({name}); wrap it in dg.no_grad()")
+        src = self
+        if (recording and name not in _INPLACE_NO_SNAPSHOT and not self._store.lazy
+                and (self.requires_grad or any(isinstance(a, Tensor) and a.requires_grad
+                                               for a in args))):
+            # The VJP reads the value before the write (mul_, pow_, clamp_...): save a copy
+            # that carries this tensor's history, not the storage about to be overwritten.
+            src = Tensor._from_array(self._store.array.copy(), grad_fn=self.grad_fn,
+                                     requires_grad=self.requires_grad)
+            src._accum_ref = self._accum_ref
+        result = apply_op(name, src, *args, **attrs)
         self._write(result, name)
+        if view is not None and result.grad_fn is not None:
+            _rebase(self)
         return self
 
     def _write(self, result, name):
@@ -700,6 +776,7 @@ class Tensor:
             arr = store.array
             if getattr(arr, "flags", None) is not None and not arr.flags.writeable:
                 store.array = result._store.array.astype(store.dtype, copy=True)
+                self._view_of = None          # no longer shares memory with a base
             else:
                 arr[...] = result._store.array
         store.version += 1

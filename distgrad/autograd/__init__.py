@@ -22,8 +22,14 @@ def _seeds(tensors, grad_tensors, create_graph, who):
             raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} does not match "
                                f"output {i} of shape {tuple(t.shape)}")
         # The engine may hand a seed through unchanged (x + 0): keep the user's tensor out of it.
-        seeds.append(g if create_graph and g.requires_grad else
-                     Tensor._from_array(g._store.array.astype(t.dtype, copy=True)))
+        if create_graph and g.requires_grad:
+            seeds.append(g)
+            continue
+        arr = g._store.array.astype(t.dtype, copy=True)
+        if not t._store.lazy and g.device != t.device:
+            from .. import _backend
+            arr = _backend.to_device(arr, t.device)     # a CPU gradient for a CUDA output
+        seeds.append(Tensor._from_array(arr))
     return seeds
 
 

@@ -166,12 +166,15 @@ class AccumulateGrad(Node):
         super().__init__(())
         self.variable = variable
 
-    def accumulate(self, grad, create_graph):
+    def check(self, grad):
         leaf = self.variable
         if grad.shape != leaf.shape:
             raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match leaf of shape "
                                f"{tuple(leaf.shape)}")
-        leaf._accumulate_grad(grad, create_graph)
+
+    def accumulate(self, grad, create_graph):
+        self.check(grad)
+        self.variable._accumulate_grad(grad, create_graph)
 
 
 def next_node_of(t):
@@ -224,7 +227,7 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     """
     from ..tensor import Tensor
     root_nodes, buffers = [], {}
-    capture = {}
+    capture, ready = {}, []
     if inputs is not None:
         for t in inputs:
             capture[id(next_node_of(t) if t.requires_grad else None)] = None
@@ -253,9 +256,11 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
                 if isinstance(node, AccumulateGrad):
                     continue
             if isinstance(node, AccumulateGrad):
+                if on_leaf_ready is None:
+                    ready.append((node, grad))   # written after the walk (see below)
+                    continue
                 node.accumulate(grad, create_graph)
-                if on_leaf_ready is not None:
-                    on_leaf_ready(node.variable)
+                on_leaf_ready(node.variable)
                 continue
             grads = node.input_grads(grad)
             if not retain_graph:
@@ -267,6 +272,12 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
                     continue
                 prev = buffers.get(id(nxt))
                 buffers[id(nxt)] = g if prev is None else prev + g
+        # Leaves are written only once the whole walk succeeded: an error anywhere in the
+        # backward pass (a freed graph, a modified saved tensor) leaves no partial .grad.
+        for node, grad in ready:
+            node.check(grad)
+        for node, grad in ready:
+            node.accumulate(grad, create_graph)
     finally:
         set_grad_enabled(prev_mode)
     if inputs is not None:

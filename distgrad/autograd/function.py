@@ -95,4 +95,6 @@ class Function:
         node.ctx, node.fn_cls, node.n_inputs = ctx, cls, len(args)
         ctx._node = node
         result_cls = Variable if any(isinstance(a, Variable) for a in args) else type(out)
-        return result_cls._from_array(out._store.array, grad_fn=node, requires_grad=True)
+        result = result_cls._from_array(out._store.array, grad_fn=node, requires_grad=True)
+        result._store = out._store       # one version counter: ctx may have saved ``out``
+        return result
