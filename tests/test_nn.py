@@ -420,3 +420,28 @@ def test_conv_second_derivative_through_create_graph():
         gx, = dg.autograd.grad(out.sum(), xx, create_graph=True)
         return (gx * gx).sum()
     assert gradcheck(penalty, (x, conv.weight), atol=1e-5, rtol=1e-4)
+
+
+def test_cnn_training_on_a_local_cluster_matches_single_process():
+    """Conv, BatchNorm, pooling, cross-entropy and Adam on lazy sharded values (uneven split)."""
+    def net():
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    dg.manual_seed(0)
+    local, remote = net(), net()
+    remote.load_state_dict(local.state_dict())
+    xb = RNG.standard_normal((7, 1, 8, 8)).astype(np.float32)
+    yb = RNG.integers(0, 3, 7)
+    lopt = dg.optim.Adam(local.parameters(), lr=0.01)
+    with dg.init(workers=2, backend="local") as cluster:
+        model = cluster.replicate(remote)
+        opt = dg.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(3):
+            loss = F.cross_entropy(model(cluster.shard(xb)), cluster.shard(yb))
+            opt.zero_grad(), loss.backward(), opt.step()
+            ref = F.cross_entropy(local(dg.from_numpy(xb)), dg.from_numpy(yb))
+            lopt.zero_grad(), ref.backward(), lopt.step()
+            assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        for (name, p), q in zip(model.named_parameters(), local.parameters()):
+            np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), atol=1e-5,
+                                       err_msg=name)
