@@ -23,8 +23,10 @@ from distgrad.workers.collective import (CollectiveMismatchError, CollectiveTime
                                          create_communicator, split_ranges)
 from distgrad.workers.collective.base import normalize_op, reduce_in_order
 from distgrad.workers.collective.inprocess import InProcessGroup
+from distgrad.workers.collective.rendezvous import DictStore, FileStore
 from distgrad.workers.collective.shm import (ShmCommunicator, cleanup_stale_segments,
                                              list_segments)
+from distgrad.workers.collective.tcp import HierarchicalCommunicator, TcpCommunicator
 
 DTYPES = [np.float32, np.float64, np.int64, np.float16]
 OPS = ["sum", "prod", "min", "max"]
@@ -41,18 +43,71 @@ def _data(case, rank, shape, dtype):
     return rng.uniform(0.5, 1.5, size=shape).astype(dtype)
 
 
-def _reference(case, ws, shape, dtype, op):
-    """((x0 op x1) op x2) ... with plain numpy, in rank order."""
+class RankOrder:
+    """Reference of the shm and in-process backends: ((x0 op x1) op x2) ... in rank order."""
+
+    def reduce(self, xs, op):
+        return functools.reduce(UFUNC[op], xs)
+
+    def reducescatter(self, xs, op):
+        return self.reduce(xs, op)
+
+
+class RingOrder(RankOrder):
+    """Reference of the tcp ring: segment j of the flat array (numpy.array_split into
+    N parts) is reduced in the order j, j+1, ..., j-1 (mod N)."""
+
+    def _ring(self, xs, op, segs, start):
+        n = len(xs)
+        flat = [np.ascontiguousarray(x).reshape(-1) for x in xs]
+        out = np.empty_like(flat[0])
+        for j, (s, e) in enumerate(segs):
+            out[s:e] = functools.reduce(UFUNC[op], [flat[(start(j) + k) % n][s:e]
+                                                    for k in range(n)])
+        return out.reshape(xs[0].shape)
+
+    def reduce(self, xs, op):
+        return self._ring(xs, op, split_ranges(xs[0].size, len(xs)), lambda j: j)
+
+    def reducescatter(self, xs, op):
+        # rank r's rows (array_split along axis 0) are ring segment r + 1
+        n, shape = len(xs), xs[0].shape
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        segs = [(a * row, b * row) for a, b in split_ranges(shape[0], n)]
+        return self._ring(xs, op, segs, lambda j: j + 1)
+
+
+class HierOrder(RankOrder):
+    """Reference of the hierarchical backend: rank order inside each node, then the
+    ring over the node partials (nodes ordered by their lowest rank)."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def reduce(self, xs, op):
+        order = list(dict.fromkeys(self.nodes))
+        parts = [functools.reduce(UFUNC[op], [x for x, nd in zip(xs, self.nodes) if nd == o])
+                 for o in order]
+        return RingOrder().reduce(parts, op) if len(parts) > 1 else parts[0]
+
+    def reducescatter(self, xs, op):
+        return self.reduce(xs, op)
+
+
+def _reference(case, ws, shape, dtype, op, order=RankOrder(), kind="reduce"):
+    """The expected reduction of every rank's input for ``case``, in ``order``."""
     xs = [_data(case, k, shape, dtype) for k in range(ws)]
-    return functools.reduce(UFUNC[op], xs)
+    return getattr(order, kind)(xs, op)
 
 
 def _digest(a):
     return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 
-def run_battery(comm, big=True):
-    """Run every collective on ``comm``; return ({case: digest}, [error strings])."""
+def run_battery(comm, big=True, order=RankOrder()):
+    """Run every collective on ``comm``; return ({case: digest}, [error strings]).
+
+    ``order``: the backend's documented reduction order (the reference)."""
     r, ws = comm.rank, comm.world_size
     digests, errors = {}, []
     case = 0
@@ -75,14 +130,14 @@ def run_battery(comm, big=True):
                 x = _data(case, r, (n,), dtype)
                 out = comm.allreduce(x, op=op)
                 assert out is x
-                check(name, x, _reference(case, ws, (n,), dtype, op))
+                check(name, x, _reference(case, ws, (n,), dtype, op, order))
     # non-contiguous array, 0-d array, empty array, Ray-style op object
     case += 1
     base = _data(case, r, (6, 10), np.float64)
     view = base[:, ::2]
     comm.allreduce(view, "SUM")
-    want = _reference(case, ws, (6, 10), np.float64, "sum")
-    check("allreduce non-contiguous", view, want[:, ::2])
+    want = [_data(case, k, (6, 10), np.float64)[:, ::2] for k in range(ws)]
+    check("allreduce non-contiguous", view, order.reduce(want, "sum"))
     check("allreduce non-contiguous untouched", base[:, 1::2],
           _data(case, r, (6, 10), np.float64)[:, 1::2], False)
     case += 1
@@ -100,7 +155,7 @@ def run_battery(comm, big=True):
             x = _data(case, r, (rows, 3), dtype)
             keep = x.copy()
             got = comm.reducescatter(x, op)
-            full = _reference(case, ws, (rows, 3), dtype, op)
+            full = _reference(case, ws, (rows, 3), dtype, op, order, "reducescatter")
             check(f"reducescatter rows={rows} {np.dtype(dtype).name} {op}", got,
                   np.array_split(full, ws, axis=0)[r], False)
             check(f"reducescatter input unchanged rows={rows}", x, keep, False)
@@ -127,7 +182,7 @@ def run_battery(comm, big=True):
             case += 1
             x = _data(case, r, (n,), np.float64)
             comm.reduce(x, root=root, op="sum")
-            want = (_reference(case, ws, (n,), np.float64, "sum") if r == root
+            want = (_reference(case, ws, (n,), np.float64, "sum", order) if r == root
                     else _data(case, r, (n,), np.float64))
             check(f"reduce root={root} n={n}", x, want, False)
 
@@ -276,11 +331,27 @@ def test_create_communicator_factory():
 
 # -- shared memory, processes ---------------------------------------------------------
 
+def _make(rank, ws, name, kw):
+    """Build the communicator named by kw["kind"] (default shm) in a child process."""
+    kind = kw.pop("kind", "shm")
+    timeout_s = kw.pop("timeout_s", 30)
+    if kind == "shm":
+        return ShmCommunicator(rank, ws, name, timeout_s=timeout_s, **kw), RankOrder()
+    store = FileStore(kw.pop("store_dir"))
+    if kind == "tcp":
+        return TcpCommunicator(rank, ws, store, name, timeout_s=timeout_s, **kw), RingOrder()
+    nodes = kw.pop("nodes")
+    comm = HierarchicalCommunicator(rank, ws, store, node_id=nodes[rank], group_name=name,
+                                    timeout_s=timeout_s, **kw)
+    return comm, HierOrder(nodes)
+
+
 def _shm_child(rank, ws, name, q, mode, kw):
     try:
-        comm = ShmCommunicator(rank, ws, name, timeout_s=kw.pop("timeout_s", 30), **kw)
+        big = kw.pop("big", True)
+        comm, order = _make(rank, ws, name, kw)
         if mode == "battery":
-            q.put((rank, run_battery(comm)))
+            q.put((rank, run_battery(comm, big=big, order=order)))
         elif mode == "timeout":
             t0 = time.monotonic()
             try:
@@ -309,8 +380,8 @@ def _shm_child(rank, ws, name, q, mode, kw):
         q.put((rank, ("exception", traceback.format_exc())))
 
 
-def _shm_idle_child(rank, ws, name, q, ev):
-    comm = ShmCommunicator(rank, ws, name, timeout_s=30)
+def _shm_idle_child(rank, ws, name, q, ev, kw):
+    comm, _ = _make(rank, ws, name, kw)
     q.put((rank, "idle"))
     ev.wait(60)
     comm.close()
@@ -323,7 +394,7 @@ def _spawn(ws, name, mode, kw=None, idle_rank=None, timeout=90):
     procs = []
     for r in range(ws):
         if r == idle_rank:
-            p = ctx.Process(target=_shm_idle_child, args=(r, ws, name, q, ev))
+            p = ctx.Process(target=_shm_idle_child, args=(r, ws, name, q, ev, dict(kw or {})))
         else:
             p = ctx.Process(target=_shm_child, args=(r, ws, name, q, mode, dict(kw or {})))
         p.start()
@@ -453,3 +524,62 @@ def test_shm_crash_during_rendezvous_is_cleaned_up():
     assert name in list_segments()                  # the crash left the name behind...
     assert name in cleanup_stale_segments()         # ...and the next creator removes it
     assert name not in list_segments()
+
+
+# -- tcp ring and hierarchical, processes on loopback -----------------------------------------
+
+@pytest.mark.parametrize("ws", [2, 3])
+def test_tcp_battery(ws, tmp_path):
+    name = f"t_tcp{ws}_{os.getpid()}"
+    out = _spawn(ws, name, "battery", kw={"kind": "tcp", "store_dir": str(tmp_path),
+                                          "big": ws == 2})
+    _assert_battery([out[r] for r in range(ws)], ws)
+    assert not os.listdir(tmp_path), "rendezvous keys left behind"
+
+
+@pytest.mark.parametrize("nodes", [("a", "a", "b", "b"), ("a", "b", "a"), ("a", "a", "a")])
+def test_hierarchical_battery(nodes, tmp_path):
+    ws = len(nodes)
+    name = f"t_hier{ws}_{os.getpid()}"
+    out = _spawn(ws, name, "battery", kw={"kind": "hier", "store_dir": str(tmp_path),
+                                          "nodes": nodes, "big": False})
+    _assert_battery([out[r] for r in range(ws)], ws)
+    assert not os.listdir(tmp_path), "rendezvous keys left behind"
+
+
+def test_tcp_timeout_names_missing_rank(tmp_path):
+    name = f"t_tcp_timeout_{os.getpid()}"
+    timeout_s = 3.0
+    out = _spawn(3, name, "timeout", kw={"kind": "tcp", "store_dir": str(tmp_path),
+                                         "timeout_s": timeout_s}, idle_rank=2)
+    for r in (0, 1):
+        msg, dt, missing = out[r]
+        assert missing == [2], msg      # rank 1 waits on rank 0 in the ring, yet names rank 2
+        assert "rank 2 did not arrive" in msg and name in msg, msg
+        assert dt < timeout_s + 5, dt
+
+
+def test_tcp_dead_peer(tmp_path):
+    name = f"t_tcp_die_{os.getpid()}"
+    out = _spawn(3, name, "die", kw={"kind": "tcp", "store_dir": str(tmp_path),
+                                     "timeout_s": 60})
+    for r in (0, 2):
+        msg, dt, missing = out[r]
+        assert missing == [1], msg
+        assert dt < 30, dt
+
+
+def test_tcp_threads_and_mismatch():
+    store = DictStore()
+
+    def fn(r):
+        with TcpCommunicator(r, 2, store, "t_tcp_threads", timeout_s=10) as c:
+            x = np.full(300_000, r + 1.0)
+            c.allreduce(x)
+            assert (x == 3.0).all()
+            with pytest.raises(CollectiveMismatchError):
+                c.allreduce(np.ones(10 + r))
+        return True
+
+    res, excs = _run_threads(2, fn)
+    assert not any(excs), excs
