@@ -31,7 +31,9 @@ def _number_format(a):
     if a.dtype == np.bool_:
         return "{:>5}"
     if np.issubdtype(a.dtype, np.integer):
-        width = max(len(str(v)) for v in (a.min(), a.max()))
+        # Digits of the largest magnitude plus one column (a minus sign or a space), as
+        # for integer-valued floats.
+        width = len(str(max(abs(int(a.min())), abs(int(a.max())))))
         return "{:" + str(width + 1) + "d}"
     finite = np.abs(a[np.isfinite(a)].astype(np.float64))
     if finite.size == 0:

@@ -464,8 +464,8 @@ class Tensor:
     def to(self, *args, dtype=None, device=None):
         """Move to a device and/or cast: ``t.to('cuda')``, ``t.to(dg.float64)``."""
         for a in args:
-            if isinstance(a, str) and (a == "cpu" or a.startswith("cuda")):
-                device = a
+            if isinstance(a, str) and not _is_dtype_name(a):
+                device = a                     # 'cpu', 'cuda:1'; anything else fails clearly
             elif isinstance(a, Tensor):
                 device, dtype = a.device, a.dtype
             else:
@@ -839,6 +839,14 @@ class Variable(Tensor):
     def __init__(self, data=None, requires_grad=False, volatile=False, dtype=None, device=None):
         super().__init__(data, requires_grad=requires_grad, dtype=dtype, device=device)
         self.volatile = bool(volatile)
+
+
+def _is_dtype_name(s):
+    try:
+        np.dtype(s)
+        return True
+    except TypeError:
+        return False
 
 
 def _dim_attr(dim):
