@@ -319,6 +319,18 @@ CASES["pow"] += [Case(lambda m, a: a.norm(p=3), (2, 3))]
 # ---- TESTED_ELSEWHERE["allreduce"] = "tests/test_collective.py::test_allreduce_gradient"
 TESTED_ELSEWHERE = {}
 
+# Collectives (distgrad/collective_ops.py): outside a worker the world has one rank, so each is
+# the identity and its VJP (its transpose collective) must be too. Multi-rank behaviour is
+# tested in tests/test_collective.py and the distributed tests.
+CASES["allreduce"] = [Case(lambda m, x: x.apply("allreduce") * x, (2, 3),
+                           torch_fn=lambda m, x: x * x)]
+CASES["allgather"] = [Case(lambda m, x: x.apply("allgather", dim=0, sizes=(2,)).exp(), (2, 3),
+                           torch_fn=lambda m, x: x.exp()),
+                      Case(lambda m, x: x.apply("allgather", dim=-1, sizes=(3,)) * x, (2, 3),
+                           torch_fn=lambda m, x: x * x)]
+CASES["reduce_scatter"] = [Case(lambda m, x: x.apply("reduce_scatter", dim=1, sizes=(3,)).sin(),
+                                (2, 3), torch_fn=lambda m, x: x.sin())]
+
 
 # nn ops (distgrad/ops_nn.py). The *_grad / *_pick ops are what a create_graph backward of
 # conv and pooling runs, so their cases differentiate through a first gradient.
@@ -408,6 +420,11 @@ FORWARD_CASES = {
                lambda m, a, b: a.argmax(dim=-1, keepdim=True), lambda m, a, b: a.max(0)[1]],
     "argmin": [lambda m, a, b: a.argmin(), lambda m, a, b: b.argmin(0),
                lambda m, a, b: a.argmin(-2, keepdim=True), lambda m, a, b: a.min(dim=1).indices],
+    # dg.full_like runs the op only for distributed values: call it directly here.
+    "full_like": [lambda m, a, b: m.full_like(a, 2.5) if m is not dg
+                  else dg.apply_op("full_like", a, value=2.5),
+                  lambda m, a, b: m.full_like(b, 3, dtype=m.int64) if m is not dg
+                  else dg.apply_op("full_like", b, value=3, dtype="int64")],
 }
 FORWARD_SHAPES = [(3, 4), (4,)]
 
