@@ -50,7 +50,9 @@ class RayGang:
         self.timeout_s = timeout_s
         self.device, self.bucket_cap_mb = device, bucket_cap_mb
         self.requested_collective, self.strategy = collective, strategy
-        self.place_timeout_s = place_timeout_s or timeout_s
+        # Starting actors can take seconds on a loaded machine: a short step timeout (for
+        # quick hang detection) must not make worker start-up fail.
+        self.place_timeout_s = place_timeout_s or max(timeout_s, 60.0)
         self.bundle = {"CPU": num_cpus_per_worker, **({"GPU": 1} if device != "cpu" else {})}
         self._owns_ray = ensure_ray(address, num_cpus=max(n * num_cpus_per_worker, os.cpu_count() or 1))
         self.actors, self.slots, self.nodes, self.pgs = [], [], [], []
@@ -98,12 +100,14 @@ class RayGang:
     def _form_group(self):
         """(Re)build the collective group over the current actors: shm inside one node,
         hierarchical (shm + tcp ring) across nodes."""
-        self.nodes = self._get([a.node_id.remote() for a in self.actors], "start")
+        self.nodes = self._get([a.node_id.remote() for a in self.actors], "start",
+                               time.time() + self.place_timeout_s)
         name = f"distgrad_{uuid.uuid4().hex[:12]}"
         kind = self.requested_collective or ("shm" if len(set(self.nodes)) == 1 else "hierarchical")
         options = {"name": name} if kind == "shm" else {"group_name": name}
         self._get([a.reset_comm.remote(kind, options, r, self.n)
-                   for r, a in enumerate(self.actors)], "collective setup")
+                   for r, a in enumerate(self.actors)], "collective setup",
+                  time.time() + self.place_timeout_s)
         self.collective = kind
 
     def replace(self, ranks):
