@@ -289,7 +289,10 @@ class Tensor:
         return str(self.device).startswith("cuda")
 
     def _is_float(self):
-        return np.issubdtype(np.dtype(self.dtype), np.floating) if self._store.array is not None else True
+        store = self._store
+        if not store.lazy and store.array is None:     # being constructed
+            return True
+        return np.issubdtype(np.dtype(store.dtype), np.floating)   # no fetch for distributed values
 
     def type(self):
         from ._printing import type_name

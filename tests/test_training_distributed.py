@@ -72,6 +72,16 @@ def test_training_loop_matches_single_process(opt_name, workers, sizes):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
 
 
+def test_a_training_step_is_one_message_per_worker():
+    with dg.init(workers=2, backend="local") as cluster:
+        model = cluster.replicate(mlp(batchnorm=True))
+        opt = OPTIMIZERS["adam"](model.parameters())
+        train(model, opt, batches(2), cluster)
+        before = cluster.messages_sent
+        train(model, opt, batches(3), cluster)
+        assert cluster.messages_sent - before == 3
+
+
 def test_batchnorm_over_a_sharded_batch_uses_global_statistics():
     ref, _ = reference(OPTIMIZERS["sgd-momentum"], batchnorm=True)
     with dg.init(workers=3, backend="local") as cluster:
