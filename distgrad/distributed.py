@@ -137,7 +137,9 @@ class Cluster:
         self._rec = _Recording(world_size)
         self._live = weakref.WeakValueDictionary()      # vid -> LazyStorage
         self._free = []
-        self._sent_keys = set()
+        # Mirrors the workers' LRU program caches (same size, same order of use), so the
+        # driver knows when a key alone is enough.
+        self._sent_keys = collections.OrderedDict()
         self._replicas = {}        # (id(storage), requires_grad) -> [weakref(store), vid, version]
         self._leaf_objects = {}    # vid -> weakref(driver tensor whose .grad receives gradients)
         self._infer_cache = {}
@@ -589,6 +591,10 @@ class Cluster:
         free, self._free = self._free, []
         header = {"v": prog.PROTOCOL, "key": key, "bind": bind, "free": free,
                   "prog": None if key in self._sent_keys else structure}
+        self._sent_keys[key] = True
+        self._sent_keys.move_to_end(key)
+        while len(self._sent_keys) > prog.PROGRAM_CACHE_SIZE:
+            self._sent_keys.popitem(last=False)
         for attempt in range(self.max_retries + 1):
             payloads = [self._encode(dict(header, inputs=rec.inputs[r])) for r in range(self.world_size)]
             start = time.time()
@@ -604,12 +610,16 @@ class Cluster:
             finally:
                 self._driver_spans.append((start, time.time()))
         self.messages_sent += 1
-        self._sent_keys.add(key)
         errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
+        if errors and all(prog.NOT_CACHED in e for _, e in errors) and header["prog"] is None:
+            # A worker lost its cache (it was replaced): nothing ran; send the program in full.
+            header["prog"] = structure
+            payloads = [self._encode(dict(header, inputs=rec.inputs[r])) for r in range(self.world_size)]
+            results = self.gang.run(payloads)
+            errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
         if errors:
+            self._sent_keys.pop(key, None)
             rank, err = errors[0]
-            if "not cached" in err:
-                self._sent_keys.discard(key)
             raise RemoteError(f"worker {rank}: {err}")
         return results
 

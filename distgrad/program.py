@@ -29,6 +29,8 @@ EXT_ARRAY, EXT_ARRAY_REF, EXT_SLICE, EXT_ELLIPSIS, EXT_TUPLE, EXT_DTYPE = 1, 2, 
 MAX_MESSAGE_BYTES = 1 << 30           # inline limit; bigger arrays go by reference
 INLINE_ARRAY_BYTES = 1 << 20          # arrays above this travel in the side list
 MAX_INSTRUCTIONS = 1_000_000
+PROGRAM_CACHE_SIZE = 256              # programs a worker keeps; the driver mirrors its LRU
+NOT_CACHED = "is not cached on this worker"
 
 
 class ProgramError(ValueError):

@@ -27,7 +27,8 @@ class Worker:
     """
 
     def __init__(self, rank, world_size, device="cpu", communicator=None, bucket_cap_mb=25.0,
-                 timeout_s=60.0, cache_size=256, max_message_bytes=prog.MAX_MESSAGE_BYTES):
+                 timeout_s=60.0, cache_size=prog.PROGRAM_CACHE_SIZE,
+                 max_message_bytes=prog.MAX_MESSAGE_BYTES):
         self.rank, self.world_size = rank, world_size
         self.device = _backend.normalize_device(device)
         self.xp = _backend.xp_for_device(self.device)
@@ -88,7 +89,7 @@ class Worker:
         else:
             structure = self.cache.get(key)
             if structure is None:
-                raise prog.ProgramError(f"program {key} is not cached on this worker")
+                raise prog.ProgramError(f"program {key} {prog.NOT_CACHED}")
             self.cache.move_to_end(key)
             self.stats["cache_hits"] += 1
         bind = msg["bind"]

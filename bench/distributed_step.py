@@ -1,0 +1,88 @@
+"""A data-parallel training step (MLP 784-512-512-10, SGD momentum) on 1 process vs
+2 workers (threads in-process, and Ray actors), reported as ratios to the single-process
+step measured in the same run, plus the driver-side recording overhead.
+
+    python bench/distributed_step.py [--quick]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distgrad as dg  # noqa: E402
+import distgrad.nn as nn  # noqa: E402
+import distgrad.nn.functional as F  # noqa: E402
+
+
+def model():
+    dg.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def timed_steps(step, n):
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, default=2048)
+    args = ap.parse_args()
+    n = 5 if args.quick else 15
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((args.batch, 784)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch)
+    rows = []
+
+    m = model()
+    opt = dg.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+    def local_step():
+        loss = F.cross_entropy(m(dg.tensor(X)), dg.tensor(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+    base = timed_steps(local_step, n)
+    rows.append(("single process", base, None))
+
+    for backend in ("local", "ray"):
+        with dg.init(workers=2, backend=backend) as cluster:
+            dm = cluster.replicate(model())
+            dopt = dg.optim.SGD(dm.parameters(), lr=0.01, momentum=0.9)
+            record = []
+
+            def dist_step():
+                t = time.perf_counter()
+                loss = F.cross_entropy(dm(cluster.shard(X)), cluster.shard(y))
+                dopt.zero_grad()
+                loss.backward()
+                dopt.step()
+                record.append(time.perf_counter() - t)
+                return loss.item()
+            t = timed_steps(dist_step, n)
+            rows.append((f"2 workers, backend={backend}", t, statistics.median(record)))
+    lines = [f"| MLP 784-512-512-10 step, batch {args.batch} | median s | ratio to single process | driver recording s |",
+             "|---|---|---|---|"]
+    for name, t, rec in rows:
+        lines.append(f"| {name} | {t:.4f} | {t / base:.2f}x | {'' if rec is None else f'{rec:.4f}'} |")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "distributed_step.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
