@@ -100,7 +100,7 @@ def _to_array(data, dtype=None, device=None):
             arr = data
         else:
             arr = np.asarray(data, dtype=None if dtype is None else np.dtype(dtype))
-            if dtype is None and arr.dtype == np.float64 and not isinstance(data, np.ndarray):
+            if dtype is None and arr.dtype == np.float64 and not isinstance(data, (np.ndarray, np.generic)):
                 arr = arr.astype(DEFAULT_DTYPE)      # Python floats -> default float32
         if dtype is not None:
             arr = arr.astype(np.dtype(dtype), copy=False)

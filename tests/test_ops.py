@@ -763,3 +763,88 @@ def test_cuda_forward_only(name, i):
     out_gpu = fn(dg, a.cuda(), b.cuda())
     assert out_gpu.is_cuda
     np.testing.assert_array_equal(_np(out_gpu), _np(out))
+
+
+# ---------------------------------------------------------------- random shapes (hypothesis)
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_BINARY = {
+    "add": (lambda m, a, b: a + b, "randn"), "sub": (lambda m, a, b: a - b, "randn"),
+    "mul": (lambda m, a, b: a * b, "randn"), "div": (lambda m, a, b: a / b, "pos_b"),
+    "pow": (lambda m, a, b: a ** b, "pos_a"), "maximum": (lambda m, a, b: m.maximum(a, b), "randn"),
+    "minimum": (lambda m, a, b: m.minimum(a, b), "randn"),
+    "where": (lambda m, a, b: m.where(a > b, a * 2, b), "randn"),
+}
+_REDUCE = {
+    "sum": lambda m, x, d, k: x.sum(d, keepdim=k), "mean": lambda m, x, d, k: x.mean(d, keepdim=k),
+    "amax": lambda m, x, d, k: x.amax(d, keepdim=k), "amin": lambda m, x, d, k: x.amin(d, keepdim=k),
+    "prod": lambda m, x, d, k: x.prod(d[0], keepdim=k),
+    "norm": lambda m, x, d, k: x.norm(dim=d, keepdim=k) if m is dg
+    else m.linalg.vector_norm(x, dim=d, keepdim=k),
+    "logsumexp": lambda m, x, d, k: x.logsumexp(d, keepdim=k),
+    "var": lambda m, x, d, k: x.var(d, keepdim=k, unbiased=False),
+    "softmax": lambda m, x, d, k: x.softmax(d[0]),
+    "log_softmax": lambda m, x, d, k: x.log_softmax(d[0]),
+}
+_HSET = settings(max_examples=12, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow])
+
+
+def _check_both(fn, arrays):
+    """gradcheck in float64 and (if installed) PyTorch values and gradients."""
+    xs = [Variable(dg.tensor(a), requires_grad=True) for a in arrays]
+    assert gradcheck(lambda *v: fn(dg, *v), xs)
+    try:
+        import torch
+    except ImportError:
+        return
+    out = fn(dg, *xs)
+    ts = [torch.tensor(a, requires_grad=True) for a in arrays]
+    tout = fn(torch, *ts)
+    np.testing.assert_allclose(_np(out), tout.detach().numpy(), rtol=1e-10, atol=1e-12)
+    ct = np.random.default_rng(0).standard_normal(tuple(out.shape))
+    grads = dg.autograd.grad((out * dg.tensor(ct)).sum(), xs)
+    tgrads = torch.autograd.grad((tout * torch.tensor(ct)).sum(), ts)
+    for g, tg in zip(grads, tgrads):
+        np.testing.assert_allclose(_np(g), tg.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(_BINARY))
+@_HSET
+@given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=3),
+       seed=st.integers(0, 2 ** 16))
+def test_binary_ops_random_broadcast_shapes(name, shapes, seed):
+    fn, kind = _BINARY[name]
+    rng = np.random.default_rng(seed)
+    a, b = (np.asarray(rng.standard_normal(s)) for s in shapes.input_shapes)
+    if kind == "pos_a":
+        a = np.abs(a) + 0.5
+    if kind == "pos_b":
+        b = np.abs(b) + 0.5
+    _check_both(fn, [a, b])
+
+
+@_HSET
+@given(shapes=hnp.mutually_broadcastable_shapes(signature="(m?,n),(n,p?)->(m?,p?)", max_dims=4,
+                                                 max_side=3),
+       seed=st.integers(0, 2 ** 16))
+def test_matmul_random_shapes(shapes, seed):
+    """1-D, 2-D, batched and broadcast batched operands, numpy's matmul signature."""
+    rng = np.random.default_rng(seed)
+    a, b = (rng.standard_normal(s) for s in shapes.input_shapes)
+    _check_both(lambda m, x, y: x @ y, [a, b])
+
+
+@pytest.mark.parametrize("name", sorted(_REDUCE))
+@_HSET
+@given(shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4), data=st.data())
+def test_reductions_random_shapes_and_dims(name, shape, data):
+    nd = len(shape)
+    dims = data.draw(st.lists(st.integers(-nd, nd - 1), min_size=1, max_size=nd,
+                              unique_by=lambda d: d % nd), label="dims")
+    keep = data.draw(st.booleans(), label="keepdim")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16), label="seed"))
+    x = rng.permutation(int(np.prod(shape))).reshape(shape) * 0.25 + rng.uniform(0.1, 0.2)
+    _check_both(lambda m, v: _REDUCE[name](m, v, tuple(dims), keep), [x])

@@ -60,6 +60,8 @@ def test_tensor_factory_dtypes_and_copy():
     assert dg.tensor([1, 2]).dtype == np.int64
     assert dg.tensor([True, False]).dtype == np.bool_
     assert dg.tensor([1, 2], dtype=dg.float64).dtype == np.float64
+    assert dg.tensor(np.float64(1.5)).dtype == np.float64        # numpy scalars keep theirs
+    assert dg.tensor(np.float32(1.5)).dtype == np.float32
     src = np.arange(3.0)
     t = dg.tensor(src)
     assert t.dtype == np.float64               # numpy arrays keep their dtype
