@@ -370,6 +370,8 @@ CASES["linear"] = [
     Case(lambda m, x, w, b: m.nn.functional.linear(x, w, b), (4, 3), (5, 3), (5,)),
     Case(lambda m, x, w: m.nn.functional.linear(x, w), (2, 4, 3), (5, 3)),
     Case(lambda m, x, w, b: m.nn.functional.linear(x, w, b), (3,), (2, 3), (2,))]
+CASES["linear_weight_grad"] = [Case(_grad_of(lambda m, x, w: m.nn.functional.linear(x, w), 1),
+                                    (4, 3), C(5, 3), (4, 5))]
 CASES["conv2d"] = [
     Case(lambda m, x, w, b: m.nn.functional.conv2d(x, w, b), (2, 2, 5, 5), (3, 2, 3, 3), (3,)),
     Case(_conv, (2, 4, 6, 5), (4, 2, 3, 3)),
