@@ -7,6 +7,7 @@ as ``Variable containing:``, as in the classic tutorial; ``.data`` is a plain
 """
 import collections
 import numbers
+import weakref
 
 import numpy as np
 
@@ -163,6 +164,10 @@ def apply_op(name, *inputs, **attrs):
         # update the base's history (``_rebase``).
         result._store.counter = inputs[0]._store.counter
         result._view_of = (inputs[0], name, attrs)
+        views = inputs[0].__dict__.get("_views")
+        if views is None:
+            views = inputs[0]._views = weakref.WeakSet()
+        views.add(result)          # refreshed if the base's history changes in place
     if node is not None and op.uses_output:
         # The VJP reads the output: an in-place write to it must fail backward, not corrupt it.
         node.out_store, node.out_version = result._store, result._store.version
@@ -181,8 +186,10 @@ def _rebase(view):
 
     The base's values already changed (shared memory); its ``grad_fn`` becomes a node
     that puts the view's gradient back into place: index_put for an indexed view, the
-    inverse reshape/transpose/permute otherwise. Repeats up a chain of views.
+    inverse reshape/transpose/permute otherwise. Repeats up a chain of views; then every
+    other live view of a changed tensor takes its history from it again.
     """
+    changed = [view]
     while getattr(view, "_view_of", None) is not None:
         base, name, attrs = view._view_of
         if name == "getitem":
@@ -196,9 +203,28 @@ def _rebase(view):
             op, inputs, at = get_op("reshape"), (view,), {"shape": tuple(base.shape)}
         node = engine.make_node(op, inputs, at, None)   # these VJPs read no values
         if node is None:
-            return
+            break
         base.grad_fn, base.requires_grad = node, True
         view = base
+        changed.append(base)
+    _refresh_views(changed)
+
+
+def _refresh_views(changed):
+    """Views of tensors whose history changed in place get a node from the new history."""
+    done = set(id(t) for t in changed)
+    todo = list(changed)
+    while todo:
+        t = todo.pop()
+        for v in list(t.__dict__.get("_views", ())):
+            info = getattr(v, "_view_of", None)
+            if id(v) in done or info is None or info[0] is not t:
+                continue
+            done.add(id(v))
+            node = engine.make_node(get_op(info[1]), (t,), info[2], None)
+            if node is not None:
+                v.grad_fn, v.requires_grad = node, True
+            todo.append(v)
 
 
 def _dims(args):
@@ -760,7 +786,7 @@ class Tensor:
             src._accum_ref = self._accum_ref
         result = apply_op(name, src, *args, **attrs)
         self._write(result, name)
-        if view is not None and result.grad_fn is not None:
+        if result.grad_fn is not None and (view is not None or self.__dict__.get("_views")):
             _rebase(self)
         return self
 

@@ -176,6 +176,16 @@ def _inplace_programs():
         r[0].add_(w[:2])
         return (a * a).sum()
 
+    def sibling_views(m, x, w):
+        a = x * 1
+        v1 = a[0:2]
+        v2 = a[1:]
+        r = a.view(2, 2)
+        c = r.t()
+        v1.mul_(w[:2])                         # v2, r and c now depend on w too
+        a.add_(w)                              # and v1, v2, r, c on this
+        return (v2 * v2).sum() + (r * 3).sum() + (v1 ** 2).sum() + (c[0] * w[:2]).sum()
+
     def relu_sqrt(m, x, w):
         y = x * w
         y.relu_()
@@ -185,7 +195,7 @@ def _inplace_programs():
         u.exp_()
         return (u + z).sum()
 
-    return [mul_pow, buffer, setitem, through_view, relu_sqrt]
+    return [mul_pow, buffer, setitem, through_view, sibling_views, relu_sqrt]
 
 
 @pytest.mark.parametrize("program", _inplace_programs(), ids=lambda f: f.__name__)
