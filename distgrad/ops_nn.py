@@ -461,7 +461,20 @@ defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
 
 # a*x + b*y in one op: optimizers update parameters and state with it (one dispatch per
 # update instead of three), and the distributed recorder sees an ordinary elementwise op.
-defop("axpby", lambda xp, x, y, a=1.0, b=1.0: (a * x + b * y).astype(x.dtype, copy=False),
+def _axpby(xp, x, y, a=1.0, b=1.0):
+    if np.broadcast_shapes(np.shape(x), np.shape(y)) != np.shape(x):
+        return (a * x + b * y).astype(np.result_type(x, y), copy=False)
+    # Two passes and no temporary when either coefficient is 1 (SGD's two updates).
+    if b == 1.0 or a != 1.0:
+        out = xp.multiply(x, a, dtype=x.dtype)
+        out += y if b == 1.0 else xp.multiply(y, b, dtype=x.dtype)
+    else:
+        out = xp.multiply(y, b, dtype=x.dtype)
+        out += x
+    return out
+
+
+defop("axpby", _axpby,
       lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * a, shape_of(x)),
       lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * b, shape_of(y)))
 
