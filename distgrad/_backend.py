@@ -79,3 +79,12 @@ def to_device(array, device):
 
 def to_numpy(array):
     return array.get() if is_cupy_array(array) else np.asarray(array)
+
+
+def add_at(out, index, values):
+    """Unbuffered ``out[index] += values`` (repeated indices accumulate) on CPU or GPU."""
+    if is_cupy_array(out):
+        import cupyx  # noqa: PLC0415  (cupy's companion package; present whenever cupy is)
+        cupyx.scatter_add(out, index, values)
+    else:
+        np.add.at(out, index, values)

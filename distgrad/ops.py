@@ -370,11 +370,8 @@ def _scatter_add(xp, g, shape, index):
     out = xp.zeros(shape, dtype=g.dtype)
     if is_basic_index(index):
         out[index] = g
-    elif xp is np:
-        np.add.at(out, index, g)
     else:
-        import cupyx  # noqa: PLC0415  (cupy's companion; xp is cupy here, so it is installed)
-        cupyx.scatter_add(out, index, g)   # add.at on the GPU
+        _backend.add_at(out, index, g)
     return out
 
 
