@@ -371,7 +371,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             target = target * (1 - label_smoothing) + label_smoothing / C
         lp = logp if weight is None else logp * weight.reshape((1, C) + (1,) * (input.ndim - 2))
         loss = -(lp * target).sum(dim=1)
-        return _reduce(loss, reduction) if reduction != "mean" else loss.sum() / input.shape[0]
+        return _reduce(loss, reduction)
     nll = nll_loss(logp, target, weight, ignore_index, reduction)
     if not label_smoothing:
         return nll

@@ -336,12 +336,18 @@ class Module:
 
             model.to("cuda"); model.to(dg.float64)
         """
+        device, dtype = kwargs.get("device"), kwargs.get("dtype")
+        for a in args:
+            if isinstance(a, str):
+                device = a
+            elif isinstance(a, Tensor):
+                device, dtype = a.device, a.dtype
+            else:
+                dtype = a
+
         def move(t):
-            if not t._is_float():
-                kw = {k: v for k, v in kwargs.items() if k == "device"}
-                args_ = [a for a in args if isinstance(a, str)]
-                return t.to(*args_, **kw)
-            return t.to(*args, **kwargs)
+            # Casts apply to floating tensors only (integer buffers keep their dtype).
+            return t.to(device=device, dtype=dtype if t._is_float() else None)
         return self._apply(move)
 
     def cpu(self):
