@@ -66,10 +66,12 @@ def constant_(tensor, val):
 
 
 def zeros_(tensor):
+    """Fill with 0. Example: ``nn.init.zeros_(layer.bias)``."""
     return constant_(tensor, 0.0)
 
 
 def ones_(tensor):
+    """Fill with 1. Example: ``nn.init.ones_(norm.weight)``."""
     return constant_(tensor, 1.0)
 
 

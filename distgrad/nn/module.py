@@ -66,6 +66,7 @@ class RemovableHandle:
         self.hooks, self.id = hooks, next(self._ids)
 
     def remove(self):
+        """Unregister the hook. Example: ``h = m.register_forward_hook(f); h.remove()``."""
         self.hooks.pop(self.id, None)
 
 
@@ -213,6 +214,7 @@ class Module:
             self._non_persistent.add(name)
 
     def add_module(self, name, module):
+        """Register a child module. Example: ``self.add_module("fc", nn.Linear(2, 2))``."""
         if module is not None and not isinstance(module, Module):
             raise TypeError(f"{type(module).__name__} is not a Module subclass")
         self._drop(name)
@@ -221,6 +223,7 @@ class Module:
     register_module = add_module
 
     def get_submodule(self, target):
+        """The submodule at a dotted path. Example: ``net.get_submodule("features.0")``."""
         mod = self
         for part in target.split(".") if target else []:
             if part not in mod._modules:
@@ -230,6 +233,7 @@ class Module:
 
     # ------------------------------------------------------------ traversal
     def named_modules(self, memo=None, prefix=""):
+        """(path, module) for self and every descendant, each once. Example: ``dict(net.named_modules())``."""
         memo = set() if memo is None else memo
         if id(self) in memo:
             return
@@ -240,10 +244,12 @@ class Module:
                 yield from m.named_modules(memo, f"{prefix}.{name}" if prefix else name)
 
     def modules(self):
+        """Self and every descendant module. Example: ``[type(m) for m in net.modules()]``."""
         for _, m in self.named_modules():
             yield m
 
     def named_children(self):
+        """(name, module) for the direct children. Example: ``dict(net.named_children())``."""
         seen = set()
         for name, m in self._modules.items():
             if m is not None and id(m) not in seen:
@@ -251,6 +257,7 @@ class Module:
                 yield name, m
 
     def children(self):
+        """The direct child modules. Example: ``list(net.children())``."""
         for _, m in self.named_children():
             yield m
 
@@ -274,9 +281,11 @@ class Module:
             yield p
 
     def named_buffers(self, prefix="", recurse=True):
+        """(name, buffer) pairs, e.g. BatchNorm running stats. Example: ``dict(bn.named_buffers())``."""
         return self._named_members("_buffers", prefix, recurse)
 
     def buffers(self, recurse=True):
+        """Every buffer tensor. Example: ``list(bn.buffers())``."""
         for _, b in self.named_buffers(recurse=recurse):
             yield b
 
@@ -299,6 +308,7 @@ class Module:
         return self.train(False)
 
     def requires_grad_(self, requires_grad=True):
+        """Turn gradients on/off for every parameter (freezing). Example: ``backbone.requires_grad_(False)``."""
         for p in self.parameters():
             p.requires_grad_(requires_grad)
         return self
@@ -351,21 +361,26 @@ class Module:
         return self._apply(move)
 
     def cpu(self):
+        """Move parameters and buffers to the CPU. Example: ``model.cpu()``."""
         return self.to("cpu")
 
     def cuda(self, device=None):
+        """Move parameters and buffers to a GPU. Example: ``model.cuda()``."""
         return self.to("cuda" if device is None else f"cuda:{device}")
 
     def _cast(self, dtype):
         return self._apply(lambda t: t.astype(dtype) if t._is_float() else t)
 
     def float(self):
+        """Cast floating parameters and buffers to float32. Example: ``model.float()``."""
         return self._cast(np.float32)
 
     def double(self):
+        """Cast floating parameters and buffers to float64. Example: ``model.double()``."""
         return self._cast(np.float64)
 
     def half(self):
+        """Cast floating parameters and buffers to float16. Example: ``model.half()``."""
         return self._cast(np.float16)
 
     # ------------------------------------------------------------ state
@@ -483,6 +498,7 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def append(self, module):
+        """Add a module at the end. Example: ``layers.append(nn.ReLU())``."""
         self.add_module(str(len(self)), module)
         return self
 
@@ -496,10 +512,12 @@ class ModuleList(Module):
             self.append(m)
 
     def append(self, module):
+        """Add a module at the end. Example: ``layers.append(nn.ReLU())``."""
         self.add_module(str(len(self._modules)), module)
         return self
 
     def extend(self, modules):
+        """Append several modules. Example: ``layers.extend([nn.Linear(2, 2), nn.ReLU()])``."""
         for m in modules:
             self.append(m)
         return self

@@ -28,6 +28,7 @@ class LRScheduler:
         raise NotImplementedError
 
     def get_lr(self):
+        """The rates for the current epoch, one per group. Example: ``sched.get_lr()``."""
         return [self.lr_at(b, self.last_epoch) for b in self.base_lrs]
 
     def get_last_lr(self):
@@ -35,15 +36,18 @@ class LRScheduler:
         return list(self._last_lr)
 
     def step(self):
+        """Advance one epoch and set each group's lr. Example: ``opt.step(); sched.step()``."""
         self.last_epoch += 1
         for g, lr in zip(self.optimizer.param_groups, self.get_lr()):
             g["lr"] = lr
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self):
+        """Everything but the optimizer, for checkpoints. Example: ``dg.save(sched.state_dict(), p)``."""
         return {k: v for k, v in self.__dict__.items() if k != "optimizer" and not callable(v)}
 
     def load_state_dict(self, state_dict):
+        """Restore from ``state_dict()``. Example: ``sched.load_state_dict(dg.load(p))``."""
         self.__dict__.update(state_dict)
 
 

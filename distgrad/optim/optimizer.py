@@ -45,6 +45,10 @@ class Optimizer:
         """Add a group of parameters (with its own hyper-parameters) to optimise.
 
         Raises for a non-leaf tensor, or a parameter given twice (within or across groups).
+
+        Example::
+
+            opt.add_param_group({"params": head.parameters(), "lr": 0.1})
         """
         group = dict(group)
         params = group["params"]
