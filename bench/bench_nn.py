@@ -28,6 +28,9 @@ def _parse():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seconds", type=float, default=5.0, help="time budget per case")
     ap.add_argument("--rounds", type=int, default=10, help="at least this many alternating blocks")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time, robust to other load on a shared machine "
+                         "(meaningful with --threads 1 only)")
     return ap.parse_args()
 
 
@@ -102,19 +105,22 @@ def measure(name, torch, build, x, y, seconds, rounds):
     for fn in (t_step, d_step):
         fn(), fn()                              # warm-up (allocations, caches)
     best = {t_step: float("inf"), d_step: float("inf")}
+    clock = time.process_time if ARGS.clock == "cpu" else time.perf_counter
     deadline = time.perf_counter() + seconds
     blocks = 0
     while blocks < rounds or time.perf_counter() < deadline:
         for fn in (t_step, d_step):
-            start = time.perf_counter()
+            start = clock()
             for _ in range(5):
                 fn()
-            best[fn] = min(best[fn], (time.perf_counter() - start) / 5)
+            best[fn] = min(best[fn], (clock() - start) / 5)
         blocks += 1
     return name, best[d_step], best[t_step]
 
 
 def main():
+    if ARGS.clock == "cpu" and ARGS.threads != 1:
+        raise SystemExit("--clock cpu sums the CPU time of all threads: use it with --threads 1")
     import torch
     torch.set_num_threads(ARGS.threads)
     try:
@@ -131,7 +137,7 @@ def main():
     ]
     targets = [1.0, 1.5]
     print(f"training step (forward + backward + SGD momentum), {ARGS.threads} thread(s), "
-          f"numpy {np.__version__}, torch {torch.__version__}")
+          f"{ARGS.clock} clock, numpy {np.__version__}, torch {torch.__version__}")
     print(f"{'case':34s} {'distgrad ms':>12s} {'torch ms':>10s} {'ratio':>7s} {'target':>7s}")
     for (name, build, x, y), target in zip(cases, targets):
         name, d, t = measure(name, torch, build, x, y, ARGS.seconds, ARGS.rounds)
