@@ -42,7 +42,6 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
-import distgrad.nn as nn  # noqa: E402
 import distgrad.nn.functional as F  # noqa: E402
 import distgrad.optim as optim  # noqa: E402
 

@@ -269,7 +269,7 @@ def embedding(input, weight, padding_idx=None):
 
 
 def one_hot(tensor, num_classes=-1):
-    """Integer class indices to a 0/1 int64 tensor with a trailing class dim. Example: ``F.one_hot(t, 10)``."""
+    """Class indices to 0/1 int64 with a trailing class dim. Example: ``F.one_hot(t, 10)``."""
     a = _backend.to_numpy(tensor._store.array)
     n = int(a.max()) + 1 if num_classes < 0 else num_classes
     return Tensor._from_array(np.eye(n, dtype=np.int64)[a]).to(tensor.device)
@@ -389,7 +389,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 
 def binary_cross_entropy(input, target, weight=None, reduction="mean"):
-    """BCE on probabilities; log is clamped at -100 as in PyTorch. Example: ``F.binary_cross_entropy(p, y)``."""
+    """BCE on probabilities, log clamped at -100 as in PyTorch. Example: ``F.binary_cross_entropy(p, y)``."""
     _check_same_shape(input, target, "binary_cross_entropy")
     loss = -(target * input.log().clamp(min=-100) + (1 - target) * (1 - input).log().clamp(min=-100))
     if weight is not None:

@@ -89,7 +89,7 @@ def xavier_normal_(tensor, gain=1.0):
 
 
 def kaiming_uniform_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu"):
-    """He uniform; ``a=sqrt(5)`` is Linear/Conv's default. Example: ``kaiming_uniform_(w, a=math.sqrt(5))``."""
+    """He uniform (``a=sqrt(5)``: Linear/Conv's default). Example: ``kaiming_uniform_(w, a=2.24)``."""
     std = calculate_gain(nonlinearity, a) / math.sqrt(_fan(tensor, mode))
     bound = math.sqrt(3.0) * std
     return uniform_(tensor, -bound, bound)

@@ -308,7 +308,7 @@ class Module:
         return self.train(False)
 
     def requires_grad_(self, requires_grad=True):
-        """Turn gradients on/off for every parameter (freezing). Example: ``backbone.requires_grad_(False)``."""
+        """Turn gradients on/off for every parameter. Example: ``backbone.requires_grad_(False)``."""
         for p in self.parameters():
             p.requires_grad_(requires_grad)
         return self
