@@ -448,3 +448,13 @@ def test_cnn_training_on_a_local_cluster_matches_single_process():
         for (name, p), q in zip(model.named_parameters(), local.parameters()):
             np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), atol=1e-5,
                                        err_msg=name)
+
+
+def test_dropout_on_sharded_input_drops_what_a_single_process_drops():
+    x = RNG.standard_normal((5, 4)).astype(np.float32)
+    dg.manual_seed(7)
+    local = F.dropout(dg.from_numpy(x), 0.5).numpy()
+    dg.manual_seed(7)
+    with dg.init(workers=2, backend="local") as cluster:
+        out = F.dropout(cluster.shard(x), 0.5)
+        np.testing.assert_array_equal(out.detach().numpy(), local)

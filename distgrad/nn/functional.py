@@ -189,11 +189,25 @@ def dropout(input, p=0.5, training=True, inplace=False):
     if not training or p == 0.0:
         return input
     from ..random import uniform
-    keep = _backend.to_device(uniform(input.shape)._store.array >= p, str(input.device))
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    # One mask multiply: mask values are 0 or 1/(1-p).
-    mask = Tensor._from_array((keep * scale).astype(input.dtype))
-    return input * mask
+    # One mask multiply: mask values are 0 or 1/(1-p), drawn from the global generator.
+    mask = ((uniform(input.shape)._store.array >= p) * scale).astype(input.dtype)
+    if input._store.lazy:
+        return input * _placed_like(input._store, mask)
+    return input * Tensor._from_array(_backend.to_device(mask, str(input.device)))
+
+
+def _placed_like(store, array):
+    """``array`` (global shape) split across a distributed value's workers the same way.
+
+    The mask is the one a single process would draw with the same seed, so a sharded
+    run drops exactly the same elements.
+    """
+    from ..placement import Shard
+    p = store.placement
+    if isinstance(p, Shard):
+        return store.cluster.shard(array, dim=p.dim, sizes=p.sizes)
+    return store.cluster.replicate(Tensor(array))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
