@@ -335,6 +335,7 @@ def _make(rank, ws, name, kw):
     """Build the communicator named by kw["kind"] (default shm) in a child process."""
     kind = kw.pop("kind", "shm")
     timeout_s = kw.pop("timeout_s", 30)
+    kw.setdefault("init_timeout_s", 60)     # spawned processes start at different times
     if kind == "shm":
         return ShmCommunicator(rank, ws, name, timeout_s=timeout_s, **kw), RankOrder()
     store = FileStore(kw.pop("store_dir"))

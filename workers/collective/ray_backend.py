@@ -13,7 +13,8 @@ at actor start, or let Ray call it in every worker with
 The group is a :class:`~.tcp.HierarchicalCommunicator`: ranks on the same Ray
 node talk through shared memory, nodes through a TCP ring, rendezvous through
 Ray's internal KV store (no fixed ports). Collective timeout:
-``DISTGRAD_COLLECTIVE_TIMEOUT_S`` (default 30 s) or :func:`set_default_timeout`.
+``DISTGRAD_COLLECTIVE_TIMEOUT_S`` (default 30 s) or :func:`set_default_timeout`;
+group creation waits up to ``DISTGRAD_COLLECTIVE_INIT_TIMEOUT_S`` (default 60 s).
 """
 from __future__ import annotations
 
@@ -114,7 +115,10 @@ class DistgradGroup(BaseGroup):
         ctx = ray.get_runtime_context()
         self._comm = HierarchicalCommunicator(
             rank, world_size, RayKVStore(), node_id=ctx.get_node_id(), group_name=group_name,
-            timeout_s=_timeout(), host=ray.util.get_node_ip_address())
+            timeout_s=_timeout(), host=ray.util.get_node_ip_address(),
+            # actors reach init_collective_group at different times: wait longer here
+            init_timeout_s=float(os.environ.get("DISTGRAD_COLLECTIVE_INIT_TIMEOUT_S",
+                                                max(60.0, _timeout()))))
 
     @property
     def communicator(self) -> Communicator:

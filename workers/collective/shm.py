@@ -4,17 +4,19 @@ All ranks map one segment (``/dev/shm/distgrad_*``). It holds a control block
 (one barrier counter per rank, op headers, an abort word, point-to-point
 channel counters) and a data area of two buffer *sets*, each with one slot of
 ``slot_bytes`` per rank. Synchronisation is by monotonically increasing
-counters in the segment that the ranks spin on (short spin, then
-``sched_yield``, then sleeps with backoff); no Ray or socket call per
+counters in the segment: a waiter spins briefly, then blocks on its own POSIX
+named semaphore (a "doorbell") that the writer of the counter rings when it
+sees the waiter's sleeping flag, so ranks never burn a core another rank
+needs (more ranks than cores, or a busy machine). No Ray or socket call per
 collective.
 
 All-reduce is reduce-scatter + all-gather, chunked through the slots so the
-working set stays in the shared L3 cache: per chunk, rank ``r`` copies the
-pieces the other ranks own into its slot, barrier, reduces its own piece from
-every rank's slot in rank order ``((x0 op x1) op x2)...`` and publishes it,
-barrier, then copies the others' results out. Consecutive chunks use
-alternate buffer sets, so one chunk's writes never race a slow rank's reads of
-the previous chunk. Small arrays take a one-barrier path (each rank reduces the
+working set stays in cache: per chunk, rank ``r`` copies the pieces the other
+ranks own into its slot, reduces its own piece from every rank's slot in rank
+order ``((x0 op x1) op x2)...`` and publishes it, and copies the others'
+results out; software-pipelined with one barrier per chunk. Consecutive chunks
+use alternate buffer sets, so one chunk's writes never race a slow rank's
+reads of the previous chunk. Small arrays take a one-barrier path (each rank reduces the
 whole array itself, same order, same bits).
 
 Lifecycle: the creator (rank 0 by default) builds the segment under a
@@ -33,10 +35,12 @@ relies on x86-64's store ordering (TSO), like most shared-memory Python code.
 """
 from __future__ import annotations
 
+import _multiprocessing
 import math
 import mmap
 import os
 import secrets
+import threading
 import time
 import weakref
 from typing import List, Optional
@@ -56,9 +60,31 @@ _LINE = 16                       # int64 words per 128-byte line (no false shari
 _HDR = 32                        # int64 words per op header (256 bytes)
 _MAX_NDIM = _HDR - 8
 # control block, in words
-_W_MAGIC, _W_WORLD, _W_SLOT, _W_P2P, _W_PID, _W_READY, _W_SIZE = range(7)
+_W_MAGIC, _W_WORLD, _W_SLOT, _W_P2P, _W_PID, _W_READY, _W_SIZE, _W_TOKEN = range(8)
 _ABORT = _LINE                   # [rank+1 of who aborted, missing-rank bitmask, op code]
-_RANKS = 2 * _LINE               # per rank line: [barrier counter, pid, attached]
+_RANKS = 2 * _LINE               # per rank line: [barrier counter, pid, attached, sleeping]
+_SEM_MAX = _multiprocessing.SemLock.SEM_VALUE_MAX
+_FENCE_LOCK = threading.Lock()
+
+
+def _fence():
+    """Full memory barrier (a lock round trip is a locked instruction): orders our
+    store of a flag/counter before our load of the other side's (Dekker-style
+    sleep/wake handshake)."""
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
+
+
+def _sem_name(pid: int, token: int, k: int) -> str:
+    # POSIX named semaphore; Linux keeps it as /dev/shm/sem.distgrad_<pid>_<token>_<k>
+    return f"/{PREFIX}{pid}_{token:x}_{k}"
+
+
+def _sem_unlink_quiet(name: str) -> None:
+    try:
+        _multiprocessing.sem_unlink(name)
+    except (FileNotFoundError, OSError):
+        pass
 
 _OPS = {"allreduce": 1, "allreduce_small": 2, "reducescatter": 3, "reduce": 4,
         "broadcast": 5, "allgather": 6, "barrier": 7}
@@ -108,7 +134,8 @@ def list_segments() -> List[str]:
     []
     """
     try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
+        return sorted(n for n in os.listdir(SHM_DIR)
+                      if n.startswith(PREFIX) or n.startswith("sem." + PREFIX))
     except FileNotFoundError:
         return []
 
@@ -126,6 +153,15 @@ def cleanup_stale_segments() -> List[str]:
     for name in list_segments():
         path = os.path.join(SHM_DIR, name)
         pid = 0
+        if name.startswith("sem."):
+            try:
+                pid = int(name[len("sem." + PREFIX):].split("_")[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                _sem_unlink_quiet("/" + name[len("sem."):])
+                removed.append(name)
+            continue
         if name.startswith(PREFIX + "tmp_"):
             try:
                 pid = int(name.split("_")[2])
@@ -147,6 +183,12 @@ def cleanup_stale_segments() -> List[str]:
             _unlink_quiet(path)
             removed.append(name)
     return removed
+
+
+def _drop_names(path, sem_names):
+    _unlink_quiet(path)
+    for nm in sem_names:
+        _sem_unlink_quiet(nm)
 
 
 def _default_slot_bytes(world_size: int) -> int:
@@ -176,6 +218,7 @@ class ShmCommunicator(Communicator):
         slot_bytes: per-rank chunk size (creator's value wins).
         small_bytes: all-reduce of arrays up to this size uses the one-barrier path.
         p2p_bytes: size of each send/recv channel.
+        init_timeout_s: bound on the rendezvous (default: ``timeout_s``).
 
     Example (in each of 2 processes)::
 
@@ -188,12 +231,15 @@ class ShmCommunicator(Communicator):
     def __init__(self, rank: int, world_size: int, name: str,
                  timeout_s: float = DEFAULT_TIMEOUT_S, group_name: Optional[str] = None,
                  slot_bytes: Optional[int] = None, small_bytes: int = 64 << 10,
-                 p2p_bytes: int = 256 << 10, creator_rank: int = 0):
+                 p2p_bytes: int = 256 << 10, creator_rank: int = 0,
+                 init_timeout_s: Optional[float] = None):
         if not name.startswith(PREFIX):
             name = PREFIX + name
         if "/" in name or len(name) > 200:
             raise ValueError(f"bad shared-memory segment name {name!r}")
         super().__init__(rank, world_size, group_name or name, timeout_s)
+        # rendezvous may wait for slow process start-up: its own bound
+        self._init_timeout_s = float(init_timeout_s or timeout_s)
         self.name = name
         self._path = os.path.join(SHM_DIR, name)
         self._small_bytes = int(small_bytes)
@@ -206,10 +252,13 @@ class ShmCommunicator(Communicator):
         self._nsync = 0          # barriers entered
         self._chunk = 0          # chunks processed (selects the buffer set)
         self._opseq = 0
-        ncpu = os.cpu_count() or 1
-        # More ranks than cores: spinning would steal the CPU the late rank needs.
-        self._spin = 0 if world_size > ncpu else 4000
-        self._yields = 200 if world_size > ncpu else 2000
+        self._bells = []         # one doorbell semaphore per rank: sleeping waiters block on it
+        self._sem_names = []
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        # Spin briefly (a peer usually arrives within microseconds), then block on the
+        # doorbell. More ranks than cores: no spinning, it would steal the late rank's CPU.
+        self._spin = 0 if world_size > ncpu else 1000
         if self._is_creator:
             sb = int(slot_bytes or _default_slot_bytes(world_size))
             self._create(sb, int(p2p_bytes))
@@ -255,22 +304,35 @@ class ShmCommunicator(Communicator):
         q[_W_P2P] = p2p_bytes
         q[_W_PID] = os.getpid()
         q[_W_SIZE] = lay["size"]
+        token = secrets.randbits(62)
+        q[_W_TOKEN] = token
+        self._mm, self._q = mm, q
+        try:
+            self._sem_names = [_sem_name(os.getpid(), token, k) for k in range(self._world_size)]
+            self._bells = [_multiprocessing.SemLock(1, 0, _SEM_MAX, nm, False)
+                           for nm in self._sem_names]
+        except BaseException:
+            self._drop_sem_names()
+            self._release()
+            _unlink_quiet(tmp)
+            raise
         r = _RANKS + self._rank * _LINE
         q[r + 1] = os.getpid()
         q[r + 2] = 1
         q[_W_MAGIC] = _MAGIC
-        self._mm, self._q = mm, q
         try:
             for attempt in range(2):
                 try:
                     os.link(tmp, self._path)
                     # covers a crash before all ranks attach (then the name is dropped anyway)
                     self._linked = True
-                    self._finalizer = weakref.finalize(self, _unlink_quiet, self._path)
+                    self._finalizer = weakref.finalize(self, _drop_names, self._path,
+                                                       list(self._sem_names))
                     break
                 except FileExistsError:
                     if attempt == 0 and self.name in cleanup_stale_segments():
                         continue
+                    self._drop_sem_names()
                     self._release()
                     raise CollectiveError(
                         f"shared-memory segment {self._path} already exists and its creator is "
@@ -280,12 +342,19 @@ class ShmCommunicator(Communicator):
         try:
             self._wait_attached(q)
         finally:
-            _unlink_quiet(self._path)   # every rank has it mapped (or we failed): drop the name
+            # every rank has it mapped (or we failed): drop the names
+            _unlink_quiet(self._path)
             self._linked = False
+            self._drop_sem_names()
         q[_W_READY] = 1
 
+    def _drop_sem_names(self):
+        for nm in self._sem_names:
+            _sem_unlink_quiet(nm)
+        self._sem_names = []
+
     def _wait_attached(self, q):
-        deadline = time.monotonic() + self._timeout_s
+        deadline = time.monotonic() + self._init_timeout_s
         sleep = 1e-4
         while True:
             missing = [k for k in range(self._world_size) if q[_RANKS + k * _LINE + 2] != 1]
@@ -294,12 +363,12 @@ class ShmCommunicator(Communicator):
             if time.monotonic() > deadline:
                 self._release()
                 raise CollectiveTimeoutError(self._group_name, "init (attach to shared memory)",
-                                             self._rank, missing, self._timeout_s)
+                                             self._rank, missing, self._init_timeout_s)
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.01)
 
     def _attach(self):
-        deadline = time.monotonic() + self._timeout_s
+        deadline = time.monotonic() + self._init_timeout_s
         sleep = 1e-4
         while True:
             mm = self._try_open()
@@ -307,7 +376,7 @@ class ShmCommunicator(Communicator):
                 break
             if time.monotonic() > deadline:
                 raise CollectiveTimeoutError(self._group_name, "init (attach to shared memory)",
-                                             self._rank, [0], self._timeout_s,
+                                             self._rank, [0], self._init_timeout_s,
                                              f"segment {self._path} never appeared")
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.01)
@@ -325,6 +394,14 @@ class ShmCommunicator(Communicator):
             self._release()
             raise CollectiveError(f"collective group {self._group_name!r}: rank {self._rank} "
                                   f"is already taken (by pid {pid})")
+        try:
+            self._bells = [_multiprocessing.SemLock._rebuild(
+                0, 1, _SEM_MAX, _sem_name(q[_W_PID], q[_W_TOKEN], k))
+                for k in range(self._world_size)]
+        except OSError as e:
+            self._release()
+            raise CollectiveError(f"collective group {self._group_name!r}: cannot open the "
+                                  f"group's semaphores ({e})") from None
         q[r + 1] = os.getpid()
         q[r + 2] = 1
         sleep = 1e-4
@@ -333,7 +410,7 @@ class ShmCommunicator(Communicator):
                 missing = [k for k in range(self._world_size) if q[_RANKS + k * _LINE + 2] != 1]
                 self._release()
                 raise CollectiveTimeoutError(self._group_name, "init (attach to shared memory)",
-                                             self._rank, missing or [0], self._timeout_s)
+                                             self._rank, missing or [0], self._init_timeout_s)
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.01)
 
@@ -367,6 +444,7 @@ class ShmCommunicator(Communicator):
                        for s in range(2)]
         self._sub = lay["sub"]
         self._ctr = _RANKS + self._rank * _LINE
+        self._sleep_idx = self._ctr + 3
         self._peers = [k for k in range(n) if k != self._rank]
         self._peer_ctr = [(k, _RANKS + k * _LINE) for k in self._peers]
         self._pids = [q[_RANKS + k * _LINE + 1] for k in range(n)]
@@ -374,6 +452,7 @@ class ShmCommunicator(Communicator):
         self._p2p_recv = [0] * n
 
     def _release(self):
+        self._bells = []
         if self._q is not None:
             self._q.release()
             self._q = None
@@ -394,6 +473,7 @@ class ShmCommunicator(Communicator):
         if self._linked:
             _unlink_quiet(self._path)
             self._linked = False
+        self._drop_sem_names()
         if self._finalizer is not None:
             self._finalizer.detach()
         self._release()
@@ -414,6 +494,9 @@ class ShmCommunicator(Communicator):
                     mask |= 1 << k
             q[_ABORT + 1] = mask
             q[_ABORT] = self._rank + 1
+            _fence()
+            for k in self._peers:
+                self._ring(k)
         self._broken = (op, list(missing), detail)
         raise CollectiveTimeoutError(self._group_name, op, self._rank, missing,
                                      self._timeout_s, detail)
@@ -433,30 +516,49 @@ class ShmCommunicator(Communicator):
         for _ in range(self._spin):
             if q[idx] >= target:
                 return
-        for _ in range(self._yields):
-            if q[idx] >= target:
-                return
-            os.sched_yield()
+        # Sleep on our doorbell. Handshake: we set our sleeping flag, fence, re-check;
+        # the writer stores the word, fences, and rings the bell if our flag is set.
+        # A short acquire timeout backs up the handshake and drives the checks below.
+        flag = self._sleep_idx
+        bell = self._bells[self._rank]
         deadline = time.monotonic() + self._timeout_s
-        next_check = 0.0
-        sleep = 2e-5
-        while q[idx] < target:
-            now = time.monotonic()
-            if now >= next_check:
-                self._check_abort(op)
-                if not _pid_alive(self._pids[who]):
-                    self._fail(op, missing_fn(), f"rank {who} (pid {self._pids[who]}) died")
-                if now > deadline:
-                    self._fail(op, missing_fn())
-                next_check = now + 0.05
-            time.sleep(sleep)
-            sleep = min(sleep * 1.5, 1e-3)
+        next_check = time.monotonic() + 0.05
+        q[flag] = 1
+        try:
+            while True:
+                _fence()
+                while bell.acquire(False):      # drop stale rings
+                    pass
+                if q[idx] >= target:
+                    return
+                bell.acquire(True, 0.01)
+                if q[idx] >= target:
+                    return
+                now = time.monotonic()
+                if now >= next_check:
+                    self._check_abort(op)
+                    if not _pid_alive(self._pids[who]):
+                        self._fail(op, missing_fn(), f"rank {who} (pid {self._pids[who]}) died")
+                    if now > deadline:
+                        self._fail(op, missing_fn())
+                    next_check = now + 0.05
+        finally:
+            q[flag] = 0
+
+    def _ring(self, k):
+        """Wake rank ``k`` if it sleeps (call after storing what it may wait for)."""
+        if self._q[_RANKS + k * _LINE + 3]:
+            self._bells[k].release()
 
     def _barrier(self, op):
         self._nsync += 1
         my = self._nsync
         q = self._q
         q[self._ctr] = my
+        _fence()
+        for k, idx in self._peer_ctr:
+            if q[idx + 3]:
+                self._bells[k].release()
         for k, idx in self._peer_ctr:
             if q[idx] < my:
                 self._wait_ge(idx, my, op, k, lambda: [
@@ -533,6 +635,13 @@ class ShmCommunicator(Communicator):
 
         mode "all": every rank gets the full result in ``flat``; "root": only
         ``root`` does; "scatter": each rank gets its own range in ``out``.
+
+        Software-pipelined, one barrier per chunk: before barrier c+1 a rank has
+        published its result piece of chunk c and its inputs of chunk c+1 (in the
+        other buffer set); after it, it copies out chunk c's results and reduces
+        chunk c+1. Inputs (sub-slots j != k of rank k's slot) and results (sub-slot
+        k) are disjoint, so chunk c+1's inputs never overwrite chunk c-1's
+        results that a slow rank may still be copying.
         """
         n, r, sub = self._world_size, self._rank, self._sub
         dt = flat.dtype
@@ -541,24 +650,30 @@ class ShmCommunicator(Communicator):
         nchunks = max(1, -(-max(e - s for s, e in ranges) // cs))
         gather = mode != "scatter"
         copy_out = mode == "all" or r == root
-        my_s, my_e = ranges[r]
-        for c in range(nchunks):
-            st = self._next_set()
-            slots = self._slots[st]
-            mine = slots[r]
+        my_s = ranges[r][0]
+
+        def lens_of(c):
             base = c * cs
-            lens = [max(0, min(e - s - base, cs)) for s, e in ranges]
+            return [max(0, min(e - s - base, cs)) for s, e in ranges]
+
+        def write_inputs(c, st, lens):
+            mine = self._slots[st][r]
+            base = c * cs
             for j in self._peers:
                 if lens[j]:
                     s0 = ranges[j][0] + base
                     np.copyto(mine[j * sub: j * sub + lens[j] * item].view(dt),
                               flat[s0: s0 + lens[j]])
-            if c == 0:
-                self._write_hdr(st, (_OPS[opname], flat.size, _dtype_code(dt),
-                                     OP_CODES[op], root))
-            self._barrier(opname)
-            if c == 0:
-                self._check_hdrs(st, 5, opname)
+
+        st = self._next_set()
+        lens = lens_of(0)
+        write_inputs(0, st, lens)
+        self._write_hdr(st, (_OPS[opname], flat.size, _dtype_code(dt), OP_CODES[op], root))
+        self._barrier(opname)
+        self._check_hdrs(st, 5, opname)
+        for c in range(nchunks):
+            slots = self._slots[st]
+            base = c * cs
             L = lens[r]
             if L:
                 s0 = my_s + base
@@ -566,20 +681,27 @@ class ShmCommunicator(Communicator):
                 terms = [flat[s0: s0 + L] if k == r else slots[k][lo: lo + L * item].view(dt)
                          for k in range(n)]
                 if gather:
-                    res = mine[lo: lo + L * item].view(dt)
+                    res = slots[r][lo: lo + L * item].view(dt)
                     reduce_in_order(terms, op, res)
                     if copy_out:
                         np.copyto(flat[s0: s0 + L], res)
                 else:
                     reduce_in_order(terms, op, out[base: base + L])
-            if gather:
+            last = c + 1 == nchunks
+            if not last:
+                nst = self._next_set()
+                nlens = lens_of(c + 1)
+                write_inputs(c + 1, nst, nlens)
+            if gather or not last:
                 self._barrier(opname)
-                if copy_out:
-                    for j in self._peers:
-                        if lens[j]:
-                            s0 = ranges[j][0] + base
-                            np.copyto(flat[s0: s0 + lens[j]],
-                                      slots[j][j * sub: j * sub + lens[j] * item].view(dt))
+            if gather and copy_out:
+                for j in self._peers:
+                    if lens[j]:
+                        s0 = ranges[j][0] + base
+                        np.copyto(flat[s0: s0 + lens[j]],
+                                  slots[j][j * sub: j * sub + lens[j] * item].view(dt))
+            if not last:
+                st, lens = nst, nlens
 
     def reducescatter(self, array, op="sum"):
         op = normalize_op(op)
@@ -723,6 +845,8 @@ class ShmCommunicator(Communicator):
                     q[ctl + 4 + i] = d
             self._p2p_sent[dst] = sent + 1
             q[ctl] = sent + 1
+            _fence()
+            self._ring(dst)
 
     def recv(self, array_or_shape, src, dtype=None):
         self._check_peer(src, "src")
@@ -758,6 +882,8 @@ class ShmCommunicator(Communicator):
             got += 1
             self._p2p_recv[src] = got
             q[ctl + _LINE] = got
+            _fence()
+            self._ring(src)
         if err is not None:
             raise err
         writeback()

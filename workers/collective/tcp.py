@@ -131,6 +131,7 @@ class TcpCommunicator(Communicator):
         host: address to listen on and advertise (this node's IP; loopback in tests).
         ring: set False for a send/recv-only mesh.
         chunk_bytes: receive/reduce granularity.
+        init_timeout_s: bound on the rendezvous (default: ``timeout_s``).
 
     Example (each of 2 processes)::
 
@@ -141,8 +142,10 @@ class TcpCommunicator(Communicator):
 
     def __init__(self, rank: int, world_size: int, store: Store, group_name: str = "tcp",
                  timeout_s: float = DEFAULT_TIMEOUT_S, host: str = "127.0.0.1",
-                 ring: bool = True, chunk_bytes: int = 512 << 10, key_prefix: str = "distgrad"):
+                 ring: bool = True, chunk_bytes: int = 512 << 10, key_prefix: str = "distgrad",
+                 init_timeout_s: Optional[float] = None):
         super().__init__(rank, world_size, group_name, timeout_s)
+        self._init_timeout_s = float(init_timeout_s or timeout_s)
         self._store = store
         self._host = host
         self._chunk = max(4096, int(chunk_bytes))
@@ -175,7 +178,7 @@ class TcpCommunicator(Communicator):
         return need
 
     def _connect_all(self):
-        deadline = time.monotonic() + self._timeout_s
+        deadline = time.monotonic() + self._init_timeout_s
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             lst.bind((self._host, 0))
@@ -196,7 +199,7 @@ class TcpCommunicator(Communicator):
                 if time.monotonic() > deadline:
                     raise CollectiveTimeoutError(
                         self._group_name, "init (tcp connect)", self._rank,
-                        sorted({p for p, _ in missing}), self._timeout_s)
+                        sorted({p for p, _ in missing}), self._init_timeout_s)
                 try:
                     sock, _ = lst.accept()
                 except socket.timeout:
@@ -225,7 +228,7 @@ class TcpCommunicator(Communicator):
             addr = self._store.wait(f"{self._key}/{peer}", max(0.0, left))
             if addr is None:
                 raise CollectiveTimeoutError(self._group_name, "init (tcp rendezvous)",
-                                             self._rank, [peer], self._timeout_s,
+                                             self._rank, [peer], self._init_timeout_s,
                                              "no address published")
             host, port = addr.decode().rsplit(":", 1)
             try:
@@ -234,7 +237,7 @@ class TcpCommunicator(Communicator):
                 # stale address of an earlier group, or not listening yet: retry
                 if time.monotonic() > deadline:
                     raise CollectiveTimeoutError(self._group_name, "init (tcp connect)",
-                                                 self._rank, [peer], self._timeout_s,
+                                                 self._rank, [peer], self._init_timeout_s,
                                                  f"cannot connect to {host}:{port}") from None
                 time.sleep(sleep)
                 sleep = min(sleep * 2, 0.2)
@@ -253,7 +256,7 @@ class TcpCommunicator(Communicator):
                 sock.close()
                 if time.monotonic() > deadline:
                     raise CollectiveTimeoutError(self._group_name, "init (tcp handshake)",
-                                                 self._rank, [peer], self._timeout_s)
+                                                 self._rank, [peer], self._init_timeout_s)
                 time.sleep(sleep)
                 sleep = min(sleep * 2, 0.2)
                 continue
@@ -641,13 +644,15 @@ class HierarchicalCommunicator(Communicator):
     def __init__(self, rank: int, world_size: int, store: Store, node_id: Optional[str] = None,
                  group_name: str = "hier", timeout_s: float = DEFAULT_TIMEOUT_S,
                  host: str = "127.0.0.1", shm_kw: Optional[dict] = None,
-                 tcp_kw: Optional[dict] = None, key_prefix: str = "distgrad"):
+                 tcp_kw: Optional[dict] = None, key_prefix: str = "distgrad",
+                 init_timeout_s: Optional[float] = None):
         super().__init__(rank, world_size, group_name, timeout_s)
+        init_timeout_s = float(init_timeout_s or timeout_s)
         node_id = str(node_id if node_id is not None else socket.gethostname())
         self._store = store
         key = f"{key_prefix}/{group_name}/hier"
         self._shm = self._cross = self._mesh = None
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + init_timeout_s
         store.set(f"{key}/node/{rank}", node_id.encode())
         nodes = []
         for k in range(world_size):
@@ -655,7 +660,7 @@ class HierarchicalCommunicator(Communicator):
             if v is None:
                 missing = [j for j in range(world_size) if store.get(f"{key}/node/{j}") is None]
                 raise CollectiveTimeoutError(group_name, "init (topology exchange)", rank,
-                                             missing, timeout_s)
+                                             missing, init_timeout_s)
             nodes.append(v.decode())
         order = []                               # node ids ordered by their lowest rank
         for nd in nodes:
@@ -680,12 +685,13 @@ class HierarchicalCommunicator(Communicator):
                     v = store.wait(skey, max(0.0, deadline - time.monotonic()))
                     if v is None:
                         raise CollectiveTimeoutError(group_name, "init (shm rendezvous)", rank,
-                                                     [self.local_ranks[0]], timeout_s)
+                                                     [self.local_ranks[0]], init_timeout_s)
                     name = v.decode()
                 try:
                     self._shm = self._sub_call(lambda: ShmCommunicator(
                         self.local_rank, len(self.local_ranks), name, timeout_s=timeout_s,
-                        group_name=f"{group_name}/node{self.node_index}", **(shm_kw or {})),
+                        group_name=f"{group_name}/node{self.node_index}",
+                        init_timeout_s=max(0.1, deadline - time.monotonic()), **(shm_kw or {})),
                         self.local_ranks)
                 finally:
                     if self.is_leader:
@@ -694,11 +700,14 @@ class HierarchicalCommunicator(Communicator):
                 if self.is_leader:
                     self._cross = self._sub_call(lambda: TcpCommunicator(
                         self.node_index, self.num_nodes, store, f"{group_name}/leaders",
-                        timeout_s, host, key_prefix=key_prefix, **(tcp_kw or {})), self.leaders)
+                        timeout_s, host, key_prefix=key_prefix,
+                        init_timeout_s=max(0.1, deadline - time.monotonic()), **(tcp_kw or {})),
+                        self.leaders)
                 # cross-node send/recv go over a direct mesh (no ring sockets)
                 self._mesh = self._sub_call(lambda: TcpCommunicator(
                     rank, world_size, store, f"{group_name}/mesh", timeout_s, host, ring=False,
-                    key_prefix=key_prefix), list(range(world_size)))
+                    key_prefix=key_prefix, init_timeout_s=max(0.1, deadline - time.monotonic())),
+                    list(range(world_size)))
             self.barrier()               # everyone is connected: the keys can go
         except BaseException:
             self.close()

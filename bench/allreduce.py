@@ -1,0 +1,264 @@
+"""All-reduce bandwidth: distgrad's shm and TCP backends against torch gloo, in one run.
+
+Definitions as in nccl-tests: for S bytes per rank and time t,
+algbw = S / t and busbw = algbw * 2(n-1)/n (the per-link traffic of an optimal
+all-reduce, comparable across world sizes).
+
+Each configuration runs in fresh processes (multiprocessing 'spawn', no Ray):
+after warm-up, every rank times ``reps`` back-to-back all-reduces of a float32
+array and the slowest rank's mean is reported. Writes a markdown table to
+stdout and ``bench/results/allreduce.md`` and a plot to
+``bench/results/allreduce.png``.
+
+    python bench/allreduce.py            # 1 KB .. 256 MB, 2 and 4 workers
+    python bench/allreduce.py --quick    # a few sizes
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+FULL_SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20,
+              16 << 20, 64 << 20, 128 << 20, 256 << 20]
+QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20, 128 << 20]
+
+
+def _reps(nbytes, quick):
+    budget = (128 << 20) if quick else (512 << 20)     # bytes reduced per size, roughly
+    return int(max(3, min(200 if not quick else 50, budget // max(nbytes, 1))))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(backend, rank, ws, sizes, quick, q, rdv, slot_bytes):
+    try:
+        np.seterr(all="ignore")
+        if backend == "gloo":
+            import torch
+            import torch.distributed as dist
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{rdv}",
+                                    rank=rank, world_size=ws)
+
+            def make(n):
+                return torch.zeros(n, dtype=torch.float32)
+
+            def allreduce(t):
+                dist.all_reduce(t)
+
+            barrier, close = dist.barrier, dist.destroy_process_group
+        else:
+            if backend == "shm":
+                from distgrad.workers.collective.shm import ShmCommunicator
+                kw = {"slot_bytes": slot_bytes} if slot_bytes else {}
+                comm = ShmCommunicator(rank, ws, rdv, timeout_s=120, **kw)
+            else:
+                from distgrad.workers.collective.rendezvous import FileStore
+                from distgrad.workers.collective.tcp import TcpCommunicator
+                comm = TcpCommunicator(rank, ws, FileStore(rdv), "bench", timeout_s=120)
+
+            def make(n):
+                return np.zeros(n, np.float32)
+
+            allreduce, barrier, close = comm.allreduce, comm.barrier, comm.close
+        out = []
+        for nbytes in sizes:
+            x = make(nbytes // 4)
+            reps = _reps(nbytes, quick)
+            for _ in range(2):
+                allreduce(x)
+            barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                allreduce(x)
+            out.append((nbytes, (time.perf_counter() - t0) / reps))
+            del x
+        barrier()
+        close()
+        q.put((rank, out))
+    except BaseException as e:  # noqa: BLE001  (reported by the parent)
+        import traceback
+        q.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run(backend, ws, sizes, quick, slot_bytes=None):
+    """Time ``backend`` with ``ws`` processes; return {nbytes: seconds} (slowest rank)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    tmp = None
+    if backend == "gloo":
+        rdv = _free_port()
+    elif backend == "shm":
+        rdv = f"distgrad_bench_{os.getpid()}_{ws}"
+    else:
+        tmp = tempfile.TemporaryDirectory()
+        rdv = tmp.name
+    procs = [ctx.Process(target=_worker, args=(backend, r, ws, sizes, quick, q, rdv, slot_bytes))
+             for r in range(ws)]
+    for p in procs:
+        p.start()
+    try:
+        res = {}
+        for _ in procs:
+            rank, out = q.get(timeout=1800)
+            if isinstance(out, str):
+                raise RuntimeError(f"{backend} rank {rank} failed: {out}")
+            res[rank] = out
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+        if tmp is not None:
+            tmp.cleanup()
+    return {nb: max(dict(res[r])[nb] for r in res) for nb in sizes}
+
+
+def memcpy_seconds(nbytes=128 << 20):
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        np.copyto(b, a)
+    return (time.perf_counter() - t0) / 5
+
+
+def fmt_size(n):
+    for unit, k in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= k:
+            return f"{n // k} {unit}"
+    return f"{n} B"
+
+
+def fmt_time(t):
+    return f"{t * 1e6:.0f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
+
+
+def busbw(nbytes, t, ws):
+    return nbytes / t * 2 * (ws - 1) / ws / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 sizes, fewer repetitions")
+    ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--slot-bytes", type=int, default=None, help="shm chunk per rank (tuning)")
+    ap.add_argument("--no-tcp", action="store_true")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    try:
+        import distgrad.workers.collective  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"distgrad is not importable ({e}): pip install -e . first")
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    backends = ["shm"] + ([] if args.no_tcp else ["tcp"]) + (["gloo"] if have_torch else [])
+    results = {}
+    for ws in args.workers:
+        for b in backends:
+            print(f"# running {b} with {ws} workers ...", file=sys.stderr, flush=True)
+            results[(b, ws)] = run(b, ws, sizes, args.quick, args.slot_bytes)
+    mc = memcpy_seconds()
+
+    lines = ["# All-reduce bandwidth (float32, sum)", "",
+             f"Machine: {os.cpu_count()} CPUs. One run of `python bench/allreduce.py"
+             f"{' --quick' if args.quick else ''}`; every figure below comes from that run. "
+             f"Reference: one numpy copy of 128 MB took {fmt_time(mc)} "
+             f"({(128 << 20) / mc / 1e9:.1f} GB/s).", "",
+             "algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests). "
+             "`shm`: distgrad shared memory; `tcp`: distgrad TCP ring over loopback "
+             "(what two nodes would use); `gloo`: torch.distributed gloo over loopback "
+             "TCP. Ratios are bandwidth ratios (time of gloo / time of distgrad).", ""]
+    for ws in args.workers:
+        cols = [b for b in backends]
+        head = "| size | " + " | ".join(f"{b} time | {b} algbw GB/s | {b} busbw GB/s"
+                                       for b in cols)
+        if have_torch:
+            head += " | " + " | ".join(f"{b}/gloo" for b in cols if b != "gloo")
+        lines += [f"## {ws} workers", "", head + " |",
+                  "|" + "---|" * (1 + 3 * len(cols) + (len(cols) - 1 if have_torch else 0))]
+        for nb in sizes:
+            row = [fmt_size(nb)]
+            for b in cols:
+                t = results[(b, ws)][nb]
+                row += [fmt_time(t), f"{nb / t / 1e9:.2f}", f"{busbw(nb, t, ws):.2f}"]
+            if have_torch:
+                tg = results[("gloo", ws)][nb]
+                row += [f"{tg / results[(b, ws)][nb]:.2f}x" for b in cols if b != "gloo"]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+
+    if have_torch:
+        def ratio(b, ws, nb):
+            r = results.get((b, ws))
+            g = results.get(("gloo", ws))
+            if r is None or g is None or nb not in r:
+                return None
+            return g[nb] / r[nb]
+
+        targets = [("2 workers, 128 MB, shm vs gloo bandwidth", "shm", 2, 128 << 20, 4.0),
+                   ("2 workers, 4 KB, shm vs gloo (latency: ratio >= 1 means not slower)",
+                    "shm", 2, 4 << 10, 1.0),
+                   ("4 workers, 16 MB, shm vs gloo bandwidth", "shm", 4, 16 << 20, 2.0),
+                   ("2 ranks over TCP loopback, 128 MB, tcp ring vs gloo", "tcp", 2,
+                    128 << 20, 1.0)]
+        lines += ["## Targets (issue 5)", "", "| target | measured | goal | |", "|---|---|---|---|"]
+        for label, b, ws, nb, goal in targets:
+            r = ratio(b, ws, nb)
+            if r is None:
+                lines.append(f"| {label} | not run | >= {goal:g}x | |")
+            else:
+                lines.append(f"| {label} | {r:.2f}x | >= {goal:g}x | "
+                             f"{'met' if r >= goal else 'MISSED'} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "allreduce.md"), "w") as f:
+        f.write(text + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"shm": "-o", "tcp": "-s", "gloo": "--^"}
+    for (b, ws), res in results.items():
+        ax.plot(sizes, [busbw(nb, res[nb], ws) for nb in sizes], styles[b],
+                label=f"{'distgrad ' if b != 'gloo' else 'torch '}{b}, {ws} workers")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([fmt_size(s).replace(" ", "") for s in sizes], rotation=45)
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_xlabel("bytes per rank")
+    ax.set_title("all-reduce, float32 sum")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "allreduce.png"), dpi=120)
+    print(f"wrote {os.path.join(args.out, 'allreduce.md')} and allreduce.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
