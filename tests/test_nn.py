@@ -458,3 +458,18 @@ def test_dropout_on_sharded_input_drops_what_a_single_process_drops():
     with dg.init(workers=2, backend="local") as cluster:
         out = F.dropout(cluster.shard(x), 0.5)
         np.testing.assert_array_equal(out.detach().numpy(), local)
+
+
+def test_mnist_like_example_learns(capsys):
+    """The example script, shrunk: both models end well above chance (10%)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "train_mnist_like.py")
+    spec = importlib.util.spec_from_file_location("train_mnist_like", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    acc = example.main(["--epochs", "2", "--train-size", "2000", "--test-size", "500",
+                        "--lr", "3e-3"])
+    assert acc["cnn"] > 0.5 and acc["mlp"] > 0.5
+    assert "test accuracy" in capsys.readouterr().out
