@@ -30,6 +30,12 @@ class WorkerActor:
         if self.comm is not None:
             self.comm.close()
         self.rank, self.world_size = rank, world_size
+        if kind in ("tcp", "hierarchical"):
+            # Ranks on different nodes meet through Ray's KV store and talk over TCP.
+            from .collective.rendezvous import RayKVStore
+            options = dict(options, store=RayKVStore(), host=self.host_address())
+            if kind == "hierarchical":
+                options["node_id"] = self.node_id()
         self.comm = (create_communicator(kind, rank=rank, world_size=world_size,
                                          timeout_s=self.timeout_s, **options)
                      if world_size > 1 else None)
