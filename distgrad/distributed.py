@@ -735,7 +735,7 @@ class Cluster:
         self._rehydrate(list(range(old, n)), True, 0)
 
     # ---------------------------------------------------------------- checkpoints
-    def gather(self, obj):
+    def gather(self, obj, copy=True):
         """Replace every distributed tensor inside ``obj`` (nested dicts/lists) by a local
         copy, fetching all replicated ones in one message. Example: ``cluster.gather(model.state_dict())``."""
         self._flush()
@@ -758,8 +758,10 @@ class Cluster:
             if isinstance(o, Tensor) and o._store.lazy:
                 vid = o._store.vid
                 a = arrays[vid][0] if vid in arrays else o._store.array
-                return type(o)._from_array(np.array(a, copy=True)) if not isinstance(o, Variable) \
-                    else Variable._from_array(np.array(a, copy=True))
+                # Arrays from the object store are read-only views; copy=False is for
+                # callers that only read them (checkpoints).
+                a = np.array(a, copy=True) if copy else a
+                return (Variable if isinstance(o, Variable) else Tensor)._from_array(a)
             if isinstance(o, dict):
                 return {k: convert(v) for k, v in o.items()}
             if isinstance(o, (list, tuple)):
@@ -779,7 +781,7 @@ class Cluster:
             state["model"] = model.state_dict()
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
-        save(self.gather(state), path)
+        save(self.gather(state, copy=False), path)
         return path
 
     def load_checkpoint(self, path, model=None, optimizer=None):
