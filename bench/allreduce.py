@@ -4,9 +4,11 @@ Definitions as in nccl-tests: for S bytes per rank and time t,
 algbw = S / t and busbw = algbw * 2(n-1)/n (the per-link traffic of an optimal
 all-reduce, comparable across world sizes).
 
-Each configuration runs in fresh processes (multiprocessing 'spawn', no Ray):
-after warm-up, every rank times ``reps`` back-to-back all-reduces of a float32
-array and the slowest rank's mean is reported. Writes a markdown table to
+For each world size one set of processes (multiprocessing 'spawn', no Ray)
+hosts every backend. Per size, after warm-up, the backends are timed in
+interleaved blocks (A B C D A B C D ...) of ``reps`` back-to-back all-reduces of
+a float32 array, so they see the same machine load; per block the slowest
+rank's mean counts, and the median block is reported. Writes a markdown table to
 stdout and ``bench/results/allreduce.md`` and a plot to
 ``bench/results/allreduce.png``.
 
@@ -34,8 +36,8 @@ QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20, 128 << 20]
 
 
 def _reps(nbytes, quick):
-    budget = (128 << 20) if quick else (512 << 20)     # bytes reduced per size, roughly
-    return int(max(3, min(200 if not quick else 50, budget // max(nbytes, 1))))
+    budget = (64 << 20) if quick else (256 << 20)     # bytes reduced per block, roughly
+    return int(max(2, min(50 if quick else 100, budget // max(nbytes, 1))))
 
 
 def _free_port():
@@ -44,88 +46,115 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(backend, rank, ws, sizes, quick, q, rdv, slot_bytes):
-    try:
-        np.seterr(all="ignore")
-        if backend == "gloo":
+class _Backend:
+    """One backend inside a bench worker process: make(n) -> buffer, allreduce(buf), barrier()."""
+
+    def __init__(self, name, rank, ws, rdv, sizes, slot_bytes):
+        self.name = name
+        if name == "gloo":
             import torch
             import torch.distributed as dist
-            torch.set_num_threads(1)
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{rdv}",
                                     rank=rank, world_size=ws)
-
-            def make(n):
-                return torch.zeros(n, dtype=torch.float32)
-
-            def allreduce(t):
-                dist.all_reduce(t)
-
-            barrier, close = dist.barrier, dist.destroy_process_group
+            self.make = lambda n: torch.zeros(n, dtype=torch.float32)
+            self.allreduce = dist.all_reduce
+            self.barrier, self.close = dist.barrier, dist.destroy_process_group
+            return
+        if name in ("shm", "shm-zc"):
+            from distgrad.workers.collective.shm import ShmCommunicator
+            kw = {"slot_bytes": slot_bytes} if slot_bytes else {}
+            if name == "shm-zc":
+                kw["arena_bytes"] = max(sizes)
+            comm = ShmCommunicator(rank, ws, rdv, timeout_s=120, init_timeout_s=300, **kw)
         else:
-            if backend == "shm":
-                from distgrad.workers.collective.shm import ShmCommunicator
-                kw = {"slot_bytes": slot_bytes} if slot_bytes else {}
-                comm = ShmCommunicator(rank, ws, rdv, timeout_s=120, **kw)
-            else:
-                from distgrad.workers.collective.rendezvous import FileStore
-                from distgrad.workers.collective.tcp import TcpCommunicator
-                comm = TcpCommunicator(rank, ws, FileStore(rdv), "bench", timeout_s=120)
-
+            from distgrad.workers.collective.rendezvous import FileStore
+            from distgrad.workers.collective.tcp import TcpCommunicator
+            comm = TcpCommunicator(rank, ws, FileStore(rdv), "bench", timeout_s=120,
+                                   init_timeout_s=300)
+        if name == "shm-zc":
+            # zero copy: the bucket lives in the segment, the result in one shared region
             def make(n):
-                return np.zeros(n, np.float32)
+                comm.reset_buckets()
+                b = comm.bucket((n,), np.float32)
+                b.input[...] = 0
+                return b
+            self.make, self.allreduce = make, comm.allreduce_bucket
+        else:
+            self.make = lambda n: np.zeros(n, np.float32)
+            self.allreduce = comm.allreduce
+        self.barrier, self.close = comm.barrier, comm.close
 
-            allreduce, barrier, close = comm.allreduce, comm.barrier, comm.close
-        out = []
+
+def _worker(names, rank, ws, sizes, quick, blocks, q, rdvs, slot_bytes):
+    """Host every backend in one process; per size, time them in interleaved blocks so
+    that all see the same machine load."""
+    try:
+        np.seterr(all="ignore")
+        try:
+            import torch
+            torch.set_num_threads(1)
+        except ImportError:
+            pass
+        backends = [_Backend(n, rank, ws, rdvs[n], sizes, slot_bytes) for n in names]
+        out = {n: {} for n in names}
         for nbytes in sizes:
-            x = make(nbytes // 4)
             reps = _reps(nbytes, quick)
-            for _ in range(2):
-                allreduce(x)
-            barrier()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                allreduce(x)
-            out.append((nbytes, (time.perf_counter() - t0) / reps))
-            del x
-        barrier()
-        close()
+            bufs = {}
+            for b in backends:
+                bufs[b.name] = b.make(nbytes // 4)
+                for _ in range(2):
+                    b.allreduce(bufs[b.name])
+            for _ in range(blocks):
+                for b in backends:
+                    x = bufs[b.name]
+                    b.barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        b.allreduce(x)
+                    out[b.name].setdefault(nbytes, []).append((time.perf_counter() - t0) / reps)
+            del bufs
+        for b in backends:
+            b.barrier()
+            b.close()
         q.put((rank, out))
     except BaseException as e:  # noqa: BLE001  (reported by the parent)
         import traceback
         q.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def run(backend, ws, sizes, quick, slot_bytes=None):
-    """Time ``backend`` with ``ws`` processes; return {nbytes: seconds} (slowest rank)."""
+def run(names, ws, sizes, quick, blocks=3, slot_bytes=None):
+    """Time ``names`` backends with ``ws`` processes.
+
+    Returns {backend: {nbytes: seconds}}: per block the slowest rank's mean time,
+    then the median over blocks."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    tmp = None
-    if backend == "gloo":
-        rdv = _free_port()
-    elif backend == "shm":
-        rdv = f"distgrad_bench_{os.getpid()}_{ws}"
-    else:
-        tmp = tempfile.TemporaryDirectory()
-        rdv = tmp.name
-    procs = [ctx.Process(target=_worker, args=(backend, r, ws, sizes, quick, q, rdv, slot_bytes))
+    tmp = tempfile.TemporaryDirectory()
+    rdvs = {"gloo": _free_port(), "tcp": tmp.name}
+    for n in names:
+        if n.startswith("shm"):
+            rdvs[n] = f"distgrad_bench_{os.getpid()}_{ws}_{n}"
+    procs = [ctx.Process(target=_worker, args=(names, r, ws, sizes, quick, blocks, q, rdvs,
+                                               slot_bytes))
              for r in range(ws)]
     for p in procs:
         p.start()
     try:
         res = {}
         for _ in procs:
-            rank, out = q.get(timeout=1800)
+            rank, out = q.get(timeout=3600)
             if isinstance(out, str):
-                raise RuntimeError(f"{backend} rank {rank} failed: {out}")
+                raise RuntimeError(f"rank {rank} failed: {out}")
             res[rank] = out
     finally:
         for p in procs:
             p.join(60)
             if p.is_alive():
                 p.kill()
-        if tmp is not None:
-            tmp.cleanup()
-    return {nb: max(dict(res[r])[nb] for r in res) for nb in sizes}
+        tmp.cleanup()
+    return {n: {nb: float(np.median([max(res[r][n][nb][k] for r in res)
+                                     for k in range(blocks)]))
+                for nb in sizes} for n in names}
 
 
 def memcpy_seconds(nbytes=128 << 20):
@@ -159,6 +188,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--slot-bytes", type=int, default=None, help="shm chunk per rank (tuning)")
     ap.add_argument("--no-tcp", action="store_true")
+    ap.add_argument("--blocks", type=int, default=3,
+                    help="timing blocks per size and backend, interleaved; the median is kept")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     try:
@@ -171,21 +202,32 @@ def main(argv=None):
     except ImportError:
         have_torch = False
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    backends = ["shm"] + ([] if args.no_tcp else ["tcp"]) + (["gloo"] if have_torch else [])
+    backends = (["shm", "shm-zc"] + ([] if args.no_tcp else ["tcp"])
+                + (["gloo"] if have_torch else []))
+    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results = {}
     for ws in args.workers:
-        for b in backends:
-            print(f"# running {b} with {ws} workers ...", file=sys.stderr, flush=True)
-            results[(b, ws)] = run(b, ws, sizes, args.quick, args.slot_bytes)
+        print(f"# running {', '.join(backends)} with {ws} workers ...", file=sys.stderr,
+              flush=True)
+        for b, res in run(backends, ws, sizes, args.quick, args.blocks,
+                          args.slot_bytes).items():
+            results[(b, ws)] = res
     mc = memcpy_seconds()
 
     lines = ["# All-reduce bandwidth (float32, sum)", "",
              f"Machine: {os.cpu_count()} CPUs. One run of `python bench/allreduce.py"
-             f"{' --quick' if args.quick else ''}`; every figure below comes from that run. "
+             f"{' --quick' if args.quick else ''}`; every figure below comes from that run, "
+             "backends interleaved in the same processes (median of "
+             f"{args.blocks} blocks). "
              f"Reference: one numpy copy of 128 MB took {fmt_time(mc)} "
-             f"({(128 << 20) / mc / 1e9:.1f} GB/s).", "",
+             f"({(128 << 20) / mc / 1e9:.1f} GB/s). Load average at the start: "
+             f"{load0}; at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+             "(other processes on the machine slow the CPU-bound shm path most).", "",
              "algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests). "
-             "`shm`: distgrad shared memory; `tcp`: distgrad TCP ring over loopback "
+             "`shm`: distgrad shared memory, numpy array in and out (copies through the "
+             "segment); `shm-zc`: zero-copy buckets (the array lives in the segment, "
+             "`ShmCommunicator.bucket`, result in one shared region); "
+             "`tcp`: distgrad TCP ring over loopback "
              "(what two nodes would use); `gloo`: torch.distributed gloo over loopback "
              "TCP. Ratios are bandwidth ratios (time of gloo / time of distgrad).", ""]
     for ws in args.workers:
@@ -216,9 +258,13 @@ def main(argv=None):
             return g[nb] / r[nb]
 
         targets = [("2 workers, 128 MB, shm vs gloo bandwidth", "shm", 2, 128 << 20, 4.0),
+                   ("2 workers, 128 MB, shm zero-copy buckets vs gloo", "shm-zc", 2,
+                    128 << 20, 4.0),
                    ("2 workers, 4 KB, shm vs gloo (latency: ratio >= 1 means not slower)",
                     "shm", 2, 4 << 10, 1.0),
                    ("4 workers, 16 MB, shm vs gloo bandwidth", "shm", 4, 16 << 20, 2.0),
+                   ("4 workers, 16 MB, shm zero-copy buckets vs gloo", "shm-zc", 4, 16 << 20,
+                    2.0),
                    ("2 ranks over TCP loopback, 128 MB, tcp ring vs gloo", "tcp", 2,
                     128 << 20, 1.0)]
         lines += ["## Targets (issue 5)", "", "| target | measured | goal | |", "|---|---|---|---|"]
@@ -243,7 +289,7 @@ def main(argv=None):
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"shm": "-o", "tcp": "-s", "gloo": "--^"}
+    styles = {"shm": "-o", "shm-zc": "-D", "tcp": "-s", "gloo": "--^"}
     for (b, ws), res in results.items():
         ax.plot(sizes, [busbw(nb, res[nb], ws) for nb in sizes], styles[b],
                 label=f"{'distgrad ' if b != 'gloo' else 'torch '}{b}, {ws} workers")

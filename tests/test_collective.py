@@ -353,6 +353,23 @@ def _shm_child(rank, ws, name, q, mode, kw):
         comm, order = _make(rank, ws, name, kw)
         if mode == "battery":
             q.put((rank, run_battery(comm, big=big, order=order)))
+        elif mode == "bucket":
+            res = []
+            for rep in range(2):
+                comm.reset_buckets()
+                for i, (n, dt, op) in enumerate([(1, np.float32, "sum"), (1001, np.float64, "max"),
+                                                 (1_000_003, np.float32, "sum"),
+                                                 (70_001, np.float16, "prod")]):
+                    case = 1000 * rep + i
+                    b = comm.bucket((n,), dt)
+                    b.input[...] = _data(case, rank, (n,), dt)
+                    out = comm.allreduce_bucket(b, op)
+                    want = RankOrder().reduce([_data(case, k, (n,), dt) for k in range(ws)], op)
+                    res.append((n, bool(np.array_equal(out, want)) and out.dtype == want.dtype,
+                                _digest(out)))
+            with pytest.raises(ValueError, match="does not fit"):
+                comm.bucket((1 << 30,), np.float32)
+            q.put((rank, res))
         elif mode == "timeout":
             t0 = time.monotonic()
             try:
@@ -584,3 +601,13 @@ def test_tcp_threads_and_mismatch():
 
     res, excs = _run_threads(2, fn)
     assert not any(excs), excs
+
+
+@pytest.mark.parametrize("ws", [1, 2, 3])
+def test_shm_zero_copy_buckets(ws):
+    name = f"distgrad_t_bucket{ws}_{os.getpid()}"
+    out = _spawn(ws, name, "bucket", kw={"arena_bytes": 8 << 20})
+    for r in range(ws):
+        assert len(out[r]) == 8 and all(ok for _, ok, _ in out[r]), out[r]
+        assert [d for *_, d in out[r]] == [d for *_, d in out[0]]
+    assert not _our_segments(name)

@@ -16,7 +16,7 @@ from typing import List
 
 import numpy as np
 
-from .base import (DEFAULT_TIMEOUT_S, CollectiveError, CollectiveMismatchError,
+from .base import (DEFAULT_TIMEOUT_S, CollectiveMismatchError,
                    CollectiveTimeoutError, Communicator, flat_view, normalize_op,
                    reduce_in_order, resolve_recv_target, split_ranges)
 

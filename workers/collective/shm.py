@@ -51,7 +51,7 @@ from .base import (DEFAULT_TIMEOUT_S, OP_CODES, CollectiveError, CollectiveMisma
                    CollectiveTimeoutError, Communicator, flat_view, normalize_op,
                    reduce_in_order, resolve_recv_target, split_ranges)
 
-__all__ = ["ShmCommunicator", "cleanup_stale_segments", "list_segments", "SHM_DIR", "PREFIX"]
+__all__ = ["ShmCommunicator", "ShmBucket", "cleanup_stale_segments", "list_segments", "SHM_DIR", "PREFIX"]
 
 SHM_DIR = "/dev/shm"
 PREFIX = "distgrad_"
@@ -60,7 +60,7 @@ _LINE = 16                       # int64 words per 128-byte line (no false shari
 _HDR = 32                        # int64 words per op header (256 bytes)
 _MAX_NDIM = _HDR - 8
 # control block, in words
-_W_MAGIC, _W_WORLD, _W_SLOT, _W_P2P, _W_PID, _W_READY, _W_SIZE, _W_TOKEN = range(8)
+_W_MAGIC, _W_WORLD, _W_SLOT, _W_P2P, _W_PID, _W_READY, _W_SIZE, _W_TOKEN, _W_ARENA = range(9)
 _ABORT = _LINE                   # [rank+1 of who aborted, missing-rank bitmask, op code]
 _RANKS = 2 * _LINE               # per rank line: [barrier counter, pid, attached, sleeping]
 _SEM_MAX = _multiprocessing.SemLock.SEM_VALUE_MAX
@@ -87,7 +87,7 @@ def _sem_unlink_quiet(name: str) -> None:
         pass
 
 _OPS = {"allreduce": 1, "allreduce_small": 2, "reducescatter": 3, "reduce": 4,
-        "broadcast": 5, "allgather": 6, "barrier": 7}
+        "broadcast": 5, "allgather": 6, "barrier": 7, "allreduce_bucket": 8}
 _OP_NAMES = {v: k for k, v in _OPS.items()}
 
 
@@ -191,14 +191,29 @@ def _drop_names(path, sem_names):
         _sem_unlink_quiet(nm)
 
 
+class ShmBucket:
+    """A zero-copy all-reduce buffer in a shared segment (see ShmCommunicator.bucket).
+
+    ``input``: this rank's array to fill; ``output``: the result, shared by all
+    ranks; ``inputs``: every rank's input (read-only use); ``offset``: position
+    in the arena.
+    """
+
+    __slots__ = ("input", "output", "inputs", "offset")
+
+    def __init__(self, input, output, inputs, offset):
+        self.input, self.output, self.inputs, self.offset = input, output, inputs, offset
+
+
 def _default_slot_bytes(world_size: int) -> int:
-    # Small chunks keep the exchanged data in cache between writer and reader: on the
-    # 2-core dev box 256 KB per slot gave 7 GB/s for 2 ranks at 128 MB, 1 MB slots 2 GB/s
-    # (bench/allreduce.py --slot-bytes to re-tune). DISTGRAD_SHM_SLOT_BYTES overrides.
+    # Chunks small enough that the exchanged data stays in cache between writer and
+    # reader, large enough that barriers are rare. On the 2-core dev box (one barrier
+    # per chunk) 1 MB per slot was best or tied for 2 and 4 ranks (bench/allreduce.py
+    # --slot-bytes re-tunes). DISTGRAD_SHM_SLOT_BYTES overrides.
     env = os.environ.get("DISTGRAD_SHM_SLOT_BYTES")
     if env:
         return int(env)
-    return max(256 << 10, min(1 << 20, (128 << 10) * world_size))
+    return 1 << 20
 
 
 class ShmCommunicator(Communicator):
@@ -218,6 +233,7 @@ class ShmCommunicator(Communicator):
         slot_bytes: per-rank chunk size (creator's value wins).
         small_bytes: all-reduce of arrays up to this size uses the one-barrier path.
         p2p_bytes: size of each send/recv channel.
+        arena_bytes: per-rank space for zero-copy buckets (:meth:`bucket`); 0: none.
         init_timeout_s: bound on the rendezvous (default: ``timeout_s``).
 
     Example (in each of 2 processes)::
@@ -232,7 +248,7 @@ class ShmCommunicator(Communicator):
                  timeout_s: float = DEFAULT_TIMEOUT_S, group_name: Optional[str] = None,
                  slot_bytes: Optional[int] = None, small_bytes: int = 64 << 10,
                  p2p_bytes: int = 256 << 10, creator_rank: int = 0,
-                 init_timeout_s: Optional[float] = None):
+                 init_timeout_s: Optional[float] = None, arena_bytes: int = 0):
         if not name.startswith(PREFIX):
             name = PREFIX + name
         if "/" in name or len(name) > 200:
@@ -261,13 +277,13 @@ class ShmCommunicator(Communicator):
         self._spin = 0 if world_size > ncpu else 1000
         if self._is_creator:
             sb = int(slot_bytes or _default_slot_bytes(world_size))
-            self._create(sb, int(p2p_bytes))
+            self._create(sb, int(p2p_bytes), int(arena_bytes))
         else:
             self._attach()
         self._setup_views()
 
     # -- segment lifecycle -------------------------------------------------------
-    def _layout(self, world_size, slot_bytes, p2p_bytes):
+    def _layout(self, world_size, slot_bytes, p2p_bytes, arena_bytes=0):
         n = world_size
         sub = max(64, (slot_bytes // n) // 64 * 64)
         slot = sub * n
@@ -277,17 +293,21 @@ class ShmCommunicator(Communicator):
         ctl_words = p2p_ctl + n * n * _HDR
         data_off = -(-ctl_words * 8 // 4096) * 4096  # bytes, page aligned
         p2p_off = data_off + 2 * n * slot
-        size = p2p_off + (n * n * p2p if n > 1 else 0)
+        arena_off = p2p_off + (n * n * p2p if n > 1 else 0)
+        arena = -(-arena_bytes // 4096) * 4096
+        out_off = arena_off + n * arena              # one input arena per rank, one output
+        size = out_off + arena
         return dict(sub=sub, slot=slot, p2p=p2p, hdr_off=hdr_off, p2p_ctl=p2p_ctl,
-                    data_off=data_off, p2p_off=p2p_off, size=size)
+                    data_off=data_off, p2p_off=p2p_off, arena=arena, arena_off=arena_off,
+                    out_off=out_off, size=size)
 
     def _map(self, fd, size):
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # pre-fault: no page faults in the hot loop
         return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
-    def _create(self, slot_bytes, p2p_bytes):
+    def _create(self, slot_bytes, p2p_bytes, arena_bytes):
         cleanup_stale_segments()
-        lay = self._layout(self._world_size, slot_bytes, p2p_bytes)
+        lay = self._layout(self._world_size, slot_bytes, p2p_bytes, arena_bytes)
         tmp = os.path.join(SHM_DIR, f"{PREFIX}tmp_{os.getpid()}_{secrets.token_hex(6)}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -302,6 +322,7 @@ class ShmCommunicator(Communicator):
         q[_W_WORLD] = self._world_size
         q[_W_SLOT] = slot_bytes
         q[_W_P2P] = p2p_bytes
+        q[_W_ARENA] = arena_bytes
         q[_W_PID] = os.getpid()
         q[_W_SIZE] = lay["size"]
         token = secrets.randbits(62)
@@ -435,7 +456,8 @@ class ShmCommunicator(Communicator):
 
     def _setup_views(self):
         q = self._q
-        self._lay = lay = self._layout(q[_W_WORLD], q[_W_SLOT], q[_W_P2P])
+        self._lay = lay = self._layout(q[_W_WORLD], q[_W_SLOT], q[_W_P2P], q[_W_ARENA])
+        self._arena_used = 0
         n = self._world_size
         self._u8 = np.frombuffer(self._mm, np.uint8)
         off = lay["data_off"]
@@ -809,6 +831,65 @@ class ShmCommunicator(Communicator):
         self._write_hdr(st, (_OPS["barrier"],))
         self._barrier("barrier")
         self._check_hdrs(st, 1, "barrier")
+
+    # -- zero-copy buckets ---------------------------------------------------------------
+    def bucket(self, shape, dtype=np.float32) -> "ShmBucket":
+        """Allocate a zero-copy all-reduce bucket in the shared segment.
+
+        Every rank must allocate the same buckets in the same order (a bump
+        allocator over ``arena_bytes``). Write this rank's values into
+        ``b.input``, call :meth:`allreduce_bucket`, read the result from
+        ``b.output``: one region of the segment that all ranks share, so the
+        all-reduce copies nothing in or out. ``b.output`` stays valid until the
+        next ``allreduce_bucket(b)``.
+
+        >>> b = comm.bucket((1000,), np.float32)     # doctest: +SKIP
+        >>> b.input[:] = grads; comm.allreduce_bucket(b); use(b.output)
+        """
+        self._check_open()
+        dt = np.dtype(dtype)
+        shape = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
+        nbytes = math.prod(shape) * dt.itemsize
+        off = self._arena_used
+        if off + nbytes > self._lay["arena"]:
+            raise ValueError(f"bucket of {nbytes} bytes does not fit: arena_bytes is "
+                             f"{self._lay['arena']}, {off} used (pass a larger arena_bytes)")
+        self._arena_used = off + -(-nbytes // 64) * 64
+        lay = self._lay
+        ins = [self._u8[lay["arena_off"] + k * lay["arena"] + off:
+                        lay["arena_off"] + k * lay["arena"] + off + nbytes].view(dt).reshape(shape)
+               for k in range(self._world_size)]
+        out = self._u8[lay["out_off"] + off: lay["out_off"] + off + nbytes].view(dt).reshape(shape)
+        return ShmBucket(ins[self._rank], out, ins, off)
+
+    def reset_buckets(self) -> None:
+        """Forget every bucket (all ranks together); their arrays must no longer be used."""
+        self._arena_used = 0
+
+    def allreduce_bucket(self, bucket: "ShmBucket", op="sum") -> np.ndarray:
+        """All-reduce ``bucket.input`` of every rank into the shared ``bucket.output``.
+
+        Each rank reduces its 1/N slice straight from the ranks' input arenas into
+        the output, in rank order; two barriers, no copies. Returns ``bucket.output``.
+
+        >>> comm.allreduce_bucket(b)     # doctest: +SKIP
+        """
+        op = normalize_op(op)
+        if self._world_size == 1:
+            np.copyto(bucket.output, bucket.input)
+            return bucket.output
+        self._begin("allreduce_bucket")
+        st = self._next_set()
+        self._write_hdr(st, (_OPS["allreduce_bucket"], bucket.offset, bucket.output.size,
+                             _dtype_code(bucket.output.dtype), OP_CODES[op]))
+        self._barrier("allreduce_bucket")
+        self._check_hdrs(st, 5, "allreduce_bucket")
+        s, e = split_ranges(bucket.output.size, self._world_size)[self._rank]
+        if e > s:
+            flat_out = bucket.output.reshape(-1)
+            reduce_in_order([x.reshape(-1)[s:e] for x in bucket.inputs], op, flat_out[s:e])
+        self._barrier("allreduce_bucket")    # output complete; inputs free to refill
+        return bucket.output
 
     # -- point to point ---------------------------------------------------------------
     def _chan(self, src, dst):

@@ -33,9 +33,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .base import (DEFAULT_TIMEOUT_S, OP_CODES, CollectiveError, CollectiveMismatchError,
+from .base import (DEFAULT_TIMEOUT_S, REDUCE_OPS, CollectiveError, CollectiveMismatchError,
                    CollectiveTimeoutError, Communicator, flat_view, normalize_op,
-                   reduce_in_order, resolve_recv_target, split_ranges)
+                   resolve_recv_target, split_ranges)
 from .rendezvous import Store
 from .shm import ShmCommunicator
 
@@ -148,7 +148,8 @@ class TcpCommunicator(Communicator):
         self._init_timeout_s = float(init_timeout_s or timeout_s)
         self._store = store
         self._host = host
-        self._chunk = max(4096, int(chunk_bytes))
+        self._chunk = max(4096, int(chunk_bytes) // 64 * 64)
+        self._tmp = np.empty(self._chunk, np.uint8)   # receive buffer, reused (stays in cache)
         self._ring_enabled = ring
         self._key = f"{key_prefix}/{group_name}/tcp"
         # socket waits leave ~20% of the timeout to find out who is missing (_who_is_missing)
@@ -338,9 +339,11 @@ class TcpCommunicator(Communicator):
         return n
 
     def _step(self, opname, send_view, recv_view, on_chunk=None, aux=0):
-        """One ring step: send ``send_view`` to next while receiving ``recv_view`` from prev.
+        """One ring step: send ``send_view`` to next while receiving from prev.
 
-        ``on_chunk(lo, hi)`` runs after bytes [lo, hi) of ``recv_view`` arrived.
+        Without ``on_chunk`` the message lands in ``recv_view``. With it,
+        ``recv_view`` is just the expected length (an int): each chunk lands in a
+        small reused buffer and ``on_chunk(lo, hi, buf)`` consumes bytes [lo, hi).
         """
         nxt, prv = self._ring[self._next], self._ring[self._prev]
         hdr = _HDR.pack(_OPS[opname], self._seq, len(send_view), aux)
@@ -350,15 +353,16 @@ class TcpCommunicator(Communicator):
         else:
             self._send(nxt, self._next, [hdr, send_view])
         try:
-            self._recv_hdr(prv, self._prev, opname, len(recv_view), aux)
-            n = len(recv_view)
+            n = recv_view if on_chunk is not None else len(recv_view)
+            self._recv_hdr(prv, self._prev, opname, n, aux)
             if on_chunk is None:
                 self._recv_into(prv, self._prev, recv_view)
             else:
+                buf = self._tmp
                 for lo in range(0, n, self._chunk):
                     hi = min(n, lo + self._chunk)
-                    self._recv_into(prv, self._prev, recv_view[lo:hi])
-                    on_chunk(lo, hi)
+                    self._recv_into(prv, self._prev, memoryview(buf)[: hi - lo])
+                    on_chunk(lo, hi, buf)
         finally:
             if threaded:
                 err = self._sender.wait(self._timeout_s + 1)
@@ -418,24 +422,22 @@ class TcpCommunicator(Communicator):
         # every message carries a checksum of the call's arguments: a rank whose
         # neighbour called with another size/dtype/op sees it at the first message
         sig = zlib.crc32(f"{flat.nbytes}|{flat.dtype.str}|{op}".encode())
-        ufunc = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}[op]
+        ufunc = REDUCE_OPS[op]
         item = flat.dtype.itemsize
         b = flat.view(np.uint8)
         mv = memoryview(b)
-        tmp = np.empty(max(e - s for s, e in segs) * item, np.uint8)
-        tmv = memoryview(tmp)
         for step in range(n - 1):
             si, ri = (r - step) % n, (r - step - 1) % n
             s0, e0 = segs[ri]
             dst = flat[s0:e0]
 
-            def reduce_chunk(lo, hi, dst=dst):
-                part = tmp[lo:hi].view(flat.dtype)
+            def reduce_chunk(lo, hi, buf, dst=dst):
+                part = buf[: hi - lo].view(flat.dtype)
                 own = dst[lo // item: hi // item]
                 ufunc(part, own, out=own)      # (partial from earlier ranks) op mine
 
             self._step(opname, mv[segs[si][0] * item: segs[si][1] * item],
-                       tmv[: (e0 - s0) * item], reduce_chunk, sig)
+                       (e0 - s0) * item, reduce_chunk, sig)
         if gather:
             for step in range(n - 1):
                 si, ri = (r + 1 - step) % n, (r - step) % n
