@@ -20,10 +20,12 @@ OPS = {}
 
 class OpDef:
     __slots__ = ("name", "forward", "vjps", "variadic_vjp", "differentiable", "uses_output",
-                 "placement", "inplace_ok")
+                 "placement", "inplace")
 
-    def __init__(self, name, forward, vjps, variadic_vjp, differentiable, uses_output, placement):
+    def __init__(self, name, forward, vjps, variadic_vjp, differentiable, uses_output, placement,
+                 inplace=None):
         self.name = name
+        self.inplace = inplace
         self.forward = forward
         self.vjps = vjps
         self.variadic_vjp = variadic_vjp
@@ -44,14 +46,19 @@ class OpDef:
 
 
 def defop(name, forward, *vjps, variadic_vjp=None, differentiable=True, uses_output=False,
-          placement="elementwise"):
+          placement="elementwise", inplace=None):
     """Register an op. Example::
 
         defop("exp", lambda xp, x: xp.exp(x), lambda g, ans, x: g * ans, uses_output=True)
+
+    ``inplace(xp, x, *others, **attrs)``, when given, writes the result into ``x`` itself:
+    ``x.add_(y)`` uses it when no graph is recorded (optimizer steps), saving a temporary
+    and a copy.
     """
     if name in OPS:
         raise ValueError(f"op '{name}' is already registered")
-    OPS[name] = OpDef(name, forward, vjps, variadic_vjp, differentiable, uses_output, placement)
+    OPS[name] = OpDef(name, forward, vjps, variadic_vjp, differentiable, uses_output, placement,
+                      inplace)
     return OPS[name]
 
 
@@ -121,13 +128,16 @@ def is_basic_index(index):
 
 defop("add", lambda xp, a, b: xp.add(a, b),
       lambda g, ans, a, b: unbroadcast(g, shape_of(a)),
-      lambda g, ans, a, b: unbroadcast(g, shape_of(b)))
+      lambda g, ans, a, b: unbroadcast(g, shape_of(b)),
+      inplace=lambda xp, a, b: xp.add(a, b, out=a))
 defop("sub", lambda xp, a, b: xp.subtract(a, b),
       lambda g, ans, a, b: unbroadcast(g, shape_of(a)),
-      lambda g, ans, a, b: unbroadcast(-g, shape_of(b)))
+      lambda g, ans, a, b: unbroadcast(-g, shape_of(b)),
+      inplace=lambda xp, a, b: xp.subtract(a, b, out=a))
 defop("mul", lambda xp, a, b: xp.multiply(a, b),
       lambda g, ans, a, b: unbroadcast(g * b, shape_of(a)),
-      lambda g, ans, a, b: unbroadcast(g * a, shape_of(b)))
+      lambda g, ans, a, b: unbroadcast(g * a, shape_of(b)),
+      inplace=lambda xp, a, b: xp.multiply(a, b, out=a))
 defop("div", lambda xp, a, b: xp.true_divide(a, b),
       lambda g, ans, a, b: unbroadcast(g / b, shape_of(a)),
       lambda g, ans, a, b: unbroadcast(-g * a / (b * b), shape_of(b)))

@@ -474,9 +474,16 @@ def _axpby(xp, x, y, a=1.0, b=1.0):
     return out
 
 
+def _axpby_inplace(xp, x, y, a=1.0, b=1.0):
+    if a != 1.0:
+        xp.multiply(x, a, out=x)
+    xp.add(x, y if b == 1.0 else xp.multiply(y, b, dtype=x.dtype), out=x)
+
+
 defop("axpby", _axpby,
       lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * a, shape_of(x)),
-      lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * b, shape_of(y)))
+      lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * b, shape_of(y)),
+      inplace=_axpby_inplace)
 
 
 

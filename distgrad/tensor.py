@@ -360,13 +360,15 @@ class Tensor:
                                    f"but the tensor has shape {tuple(self.shape)}")
         self._grad = value
 
-    def _accumulate_grad(self, grad, create_graph):
-        """Add a gradient into ``.grad`` (the leaf's own copy: never an alias of another)."""
+    def _accumulate_grad(self, grad, create_graph, owned=False):
+        """Add a gradient into ``.grad``: the leaf's own array, never an alias of another
+        (``owned``: the engine vouches that ``grad``'s array is this leaf's to keep)."""
         if self._grad is None:
             if create_graph:
                 self._grad = grad if isinstance(grad, Variable) else Variable(grad)
             else:
-                self._grad = Variable._from_array(grad._store.array.copy())
+                arr = grad._store.array
+                self._grad = Variable._from_array(arr if owned else arr.copy())
         elif create_graph or self._grad.requires_grad:
             self._grad = self._grad + grad
         else:
@@ -402,7 +404,8 @@ class Tensor:
             return self
 
         def hook(g):
-            self._grad = g.detach() if self._grad is None else self._grad + g.detach()
+            # A copy: the same buffer may become a leaf's .grad, which later updates in place.
+            self._grad = g.detach().clone() if self._grad is None else self._grad + g.detach()
         self.grad_fn.register_prehook(hook)
         self._retains_grad = True
         return self
@@ -775,6 +778,8 @@ class Tensor:
             if root.requires_grad and root.is_leaf:
                 raise RuntimeError(f"a view of a leaf Variable that requires grad is being used in "
                                    f"an in-place operation ({name}); wrap it in dg.no_grad()")
+        if self._fast_inplace(name, recording, args, attrs):
+            return self
         src = self
         if (recording and name not in _INPLACE_NO_SNAPSHOT and not self._store.lazy
                 and (self.requires_grad or any(isinstance(a, Tensor) and a.requires_grad
@@ -789,6 +794,34 @@ class Tensor:
         if result.grad_fn is not None and (view is not None or self.__dict__.get("_views")):
             _rebase(self)
         return self
+
+    def _fast_inplace(self, name, recording, args, attrs):
+        """Run the op's own in-place kernel when there is no graph to record and every
+        operand is a local array on this device; False means take the general path."""
+        op = get_op(name)
+        store = self._store
+        if op.inplace is None or store.lazy:
+            return False
+        if recording and (self.requires_grad or any(isinstance(a, Tensor) and a.requires_grad
+                                                    for a in args)):
+            return False
+        arr = store.array
+        if getattr(arr, "flags", None) is not None and not arr.flags.writeable:
+            return False
+        others = []
+        for a in args:
+            if isinstance(a, Tensor):
+                if a._store.lazy or a.device != self.device:
+                    return False
+                a = a._store.array
+            others.append(a)
+        try:
+            # numpy checks casting and broadcasting before it writes anything.
+            op.inplace(_backend.array_module(arr), arr, *others, **attrs)
+        except (TypeError, ValueError):
+            return False        # the general path raises the error with a clear message
+        store.version += 1
+        return True
 
     def _write(self, result, name):
         """Copy ``result`` into this tensor's storage and take over its history."""

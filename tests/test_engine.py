@@ -668,3 +668,17 @@ def test_requires_grad_propagates():
     assert (x + c).requires_grad and not (c + c).requires_grad
     assert isinstance(x + c, Variable)
     assert not Variable(c).requires_grad and Variable(c).is_leaf
+
+
+def test_leaf_gradients_never_alias_each_other_or_the_graph():
+    # add's VJP hands the same buffer to both inputs: each leaf must get its own array.
+    x = dg.ones(3, requires_grad=True)
+    y = dg.ones(3, requires_grad=True)
+    z = x + y
+    z.retain_grad()
+    z.sum().backward()
+    x.grad.data.mul_(5)
+    assert y.grad.tolist() == [1.0, 1.0, 1.0]
+    assert z.grad.tolist() == [1.0, 1.0, 1.0]
+    (x + y).sum().backward()                   # in-place accumulation into x.grad only
+    assert x.grad.tolist() == [6.0, 6.0, 6.0] and y.grad.tolist() == [2.0, 2.0, 2.0]

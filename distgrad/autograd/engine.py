@@ -172,9 +172,25 @@ class AccumulateGrad(Node):
             raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match leaf of shape "
                                f"{tuple(leaf.shape)}")
 
-    def accumulate(self, grad, create_graph):
+    def accumulate(self, grad, create_graph, owned=False):
         self.check(grad)
-        self.variable._accumulate_grad(grad, create_graph)
+        self.variable._accumulate_grad(grad, create_graph, owned and not self.pre_hooks)
+
+
+class _Owners:
+    """Decides which gradient arrays a leaf may take without a copy: a fresh array (not a
+    view) that no other leaf took in this backward pass. Nothing in the engine writes a
+    gradient buffer in place, so the rest of the walk can still read it."""
+
+    def __init__(self):
+        self.taken = set()
+
+    def take(self, grad):
+        arr = grad._store.array
+        if getattr(arr, "base", None) is not None or id(arr) in self.taken:
+            return False
+        self.taken.add(id(arr))
+        return True
 
 
 def next_node_of(t):
@@ -228,6 +244,7 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     from ..tensor import Tensor
     root_nodes, buffers = [], {}
     capture, ready = {}, []
+    owners = _Owners()
     if inputs is not None:
         for t in inputs:
             capture[id(next_node_of(t) if t.requires_grad else None)] = None
@@ -259,7 +276,7 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
                 if on_leaf_ready is None:
                     ready.append((node, grad))   # written after the walk (see below)
                     continue
-                node.accumulate(grad, create_graph)
+                node.accumulate(grad, create_graph, owners.take(grad))
                 on_leaf_ready(node.variable)
                 continue
             grads = node.input_grads(grad)
@@ -277,7 +294,7 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
         for node, grad in ready:
             node.check(grad)
         for node, grad in ready:
-            node.accumulate(grad, create_graph)
+            node.accumulate(grad, create_graph, owners.take(grad))
     finally:
         set_grad_enabled(prev_mode)
     if inputs is not None:
