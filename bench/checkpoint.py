@@ -15,6 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
+from _results import publish  # noqa: E402
 import distgrad.nn as nn  # noqa: E402
 
 
@@ -59,10 +60,7 @@ def main():
         f"ratio checkpoint / numpy.save = {ratio:.2f}x (target <= 2x: {'met' if ratio <= 2 else 'NOT met'}); "
         f"file {size / 2**20:.0f} MiB",
     ])
-    print(text)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "checkpoint.md"), "w") as f:
-        f.write(text + "\n")
+    publish("checkpoint", text)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
+from _results import publish  # noqa: E402
 import distgrad.nn as nn  # noqa: E402
 import distgrad.nn.functional as F  # noqa: E402
 
@@ -78,10 +79,7 @@ def main():
     for name, t, rec in rows:
         lines.append(f"| {name} | {t:.4f} | {t / base:.2f}x | {'' if rec is None else f'{rec:.4f}'} |")
     text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "distributed_step.md"), "w") as f:
-        f.write(text + "\n")
+    publish("distributed_step", text)
 
 
 if __name__ == "__main__":

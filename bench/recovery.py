@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
+from _results import publish  # noqa: E402
 from distgrad.autograd import Variable  # noqa: E402
 
 
@@ -64,10 +65,7 @@ def main():
         f"target: recovery <= 10 s -> {'met' if worst <= 10 else 'NOT met'} ({args.workers} workers, local Ray)",
     ]
     text = "\n".join(lines)
-    print(text)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "recovery.md"), "w") as f:
-        f.write(text + "\n")
+    publish("recovery", text)
 
 
 if __name__ == "__main__":

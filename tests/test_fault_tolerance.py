@@ -14,34 +14,11 @@ import numpy as np
 import pytest
 
 import distgrad as dg
-from distgrad.autograd import Variable
 from distgrad.errors import ResizeError
 
 pytestmark = pytest.mark.ray
 
-rng = np.random.default_rng(0)
-XN, YN, W0 = rng.standard_normal((64, 5)), rng.standard_normal((64, 1)), rng.standard_normal((5, 1))
-
-
-def batch(i):
-    s = (i * 7) % 32
-    return XN[s:s + 32], YN[s:s + 32]
-
-
-def train(c, steps, on_step=None):
-    """float64 training of a one-layer net; parameters stay on the workers."""
-    W = c.replicate(Variable(dg.tensor(W0), requires_grad=True))
-    for i in range(steps):
-        if on_step is not None:
-            on_step(i)
-        xb, yb = batch(i)
-        loss = ((c.shard(xb) @ W).tanh() - c.shard(yb)).pow(2).mean()
-        W.grad = None
-        loss.backward()
-        with dg.no_grad():
-            W.data.sub_(W.grad.data * 0.1)
-        loss.item()
-    return W.data.numpy().copy()
+from training_loop import train  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 import distgrad as dg
-from distgrad.autograd import Variable
 
-rng = np.random.default_rng(0)
-XN, YN, W0 = rng.standard_normal((48, 5)), rng.standard_normal((48, 1)), rng.standard_normal((5, 1))
-
-
-def train(c, steps, on_step=None):
-    W = c.replicate(Variable(dg.tensor(W0), requires_grad=True)) if c else Variable(dg.tensor(W0), requires_grad=True)
-    shard = c.shard if c else dg.tensor
-    for i in range(steps):
-        if on_step:
-            on_step(i)
-        s = (i * 5) % 16
-        loss = ((shard(XN[s:s + 32]) @ W).tanh() - shard(YN[s:s + 32])).pow(2).mean()
-        W.grad = None
-        loss.backward()
-        with dg.no_grad():
-            W.data.sub_(W.grad.data * 0.1)
-        loss.item()
-    return W.data.numpy().copy()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training_loop import train  # noqa: E402
 
 
 def main():
