@@ -108,7 +108,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    from ._backend import DeviceError
+    from .errors import RecoveryError, ResizeError, WorkerError
+    try:
+        return args.fn(args)
+    except (DeviceError, WorkerError, RecoveryError, ResizeError) as e:
+        # Expected failures (no GPU, no resources, lost workers): one line, not a traceback.
+        print(f"distgrad {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
