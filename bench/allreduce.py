@@ -9,8 +9,8 @@ hosts every backend. Per size, after warm-up, the backends are timed in
 interleaved blocks (A B C D A B C D ...) of ``reps`` back-to-back all-reduces of
 a float32 array, so they see the same machine load; per block the slowest
 rank's mean counts, and the median block is reported. Writes a markdown table to
-stdout and ``bench/results/allreduce.md`` and a plot to
-``bench/results/allreduce.png``.
+stdout and ``bench/results/allreduce.md``, the raw times to
+``bench/results/allreduce.json`` and a plot to ``bench/results/allreduce.png``.
 
     python bench/allreduce.py            # 1 KB .. 256 MB, 2 and 4 workers
     python bench/allreduce.py --quick    # a few sizes
@@ -18,6 +18,7 @@ stdout and ``bench/results/allreduce.md`` and a plot to
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import socket
@@ -277,10 +278,14 @@ def main(argv=None):
                              f"{'met' if r >= goal else 'MISSED'} |")
         lines.append("")
     text = "\n".join(lines)
+    raw = {f"{b}/{ws}": {str(nb): t for nb, t in res.items()}
+           for (b, ws), res in results.items()}
     print(text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "allreduce.md"), "w") as f:
         f.write(text + "\n")
+    with open(os.path.join(args.out, "allreduce.json"), "w") as f:
+        json.dump({"seconds": raw, "memcpy_128MB_s": mc, "quick": args.quick}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -294,6 +299,7 @@ def main(argv=None):
         ax.plot(sizes, [busbw(nb, res[nb], ws) for nb in sizes], styles[b],
                 label=f"{'distgrad ' if b != 'gloo' else 'torch '}{b}, {ws} workers")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xticks(sizes)
     ax.set_xticklabels([fmt_size(s).replace(" ", "") for s in sizes], rotation=45)
     ax.set_ylabel("bus bandwidth (GB/s)")

@@ -150,7 +150,8 @@ class Communicator(abc.ABC):
     """One rank's handle on a collective group.
 
     Subclasses implement the collectives below; all are blocking and must be
-    called by every rank in the same order. ``op`` is one of "sum", "prod",
+    called by every rank in the same order. One communicator is used by one
+    thread at a time (calls may come from different threads if serialized). ``op`` is one of "sum", "prod",
     "min", "max" (or a Ray ``ReduceOp``).
 
     Example (in-process group, one thread per rank)::

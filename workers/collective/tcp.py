@@ -635,6 +635,18 @@ class HierarchicalCommunicator(Communicator):
     id share a node. All-reduce = node-local shm reduce to the node leader (its
     lowest rank), ring all-reduce among leaders, node-local broadcast. With one
     node this is the shm backend, with one rank per node the TCP ring.
+    Reduction order: rank order inside a node, then the ring order over the node
+    partials; bits are identical on every rank.
+
+    Timeout errors name global ranks. A rank waiting on its own node leader while
+    that leader waits on another node names its leader (its wait is local); the
+    leader names the missing node's leader.
+
+    Args:
+        rank, world_size, store: as for :class:`TcpCommunicator`.
+        node_id: ranks with equal ``node_id`` share memory (default: host name).
+        group_name, timeout_s, host, init_timeout_s: as for :class:`TcpCommunicator`.
+        shm_kw, tcp_kw: extra arguments for the node-local / leader communicators.
 
     Example (each rank)::
 
