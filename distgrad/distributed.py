@@ -830,12 +830,17 @@ def _dispatch(op, inputs, attrs):
 
 
 def init(workers=2, device="cpu", address=None, backend="ray", bucket_cap_mb=25.0,
-         timeout_s=60.0, num_cpus_per_worker=1, collective=None, **kwargs):
+         timeout_s=60.0, num_cpus_per_worker=1, collective=None, compress=None, **kwargs):
     """Start ``workers`` workers and return a :class:`Cluster`.
 
     ``backend="ray"`` starts Ray actors (a local Ray instance when ``address`` is None,
     the cluster this job runs on with ``"auto"``); ``backend="local"`` runs the same
     worker code in threads of this process. ``device="cuda"`` gives each worker a GPU.
+    ``bucket_cap_mb`` sizes the gradient all-reduce buckets; ``compress="fp16"`` sends
+    them as float16 (off by default: it gives up exactness); ``timeout_s`` bounds every
+    wait on a worker; ``collective`` forces "shm", "tcp" or "hierarchical" (default:
+    shm on one node, hierarchical across nodes); other keywords go to the Ray scheduler
+    (``strategy="SPREAD"``, ``place_timeout_s``).
 
     Example::
 
@@ -849,12 +854,13 @@ def init(workers=2, device="cpu", address=None, backend="ray", bucket_cap_mb=25.
         if device != "cpu":
             _backend.cupy_module()
         from .scheduler.local import LocalGang
-        gang = LocalGang(workers, device=device, bucket_cap_mb=bucket_cap_mb, timeout_s=timeout_s)
+        gang = LocalGang(workers, device=device, bucket_cap_mb=bucket_cap_mb, timeout_s=timeout_s,
+                         compress=compress)
     elif backend == "ray":
         from .scheduler.ray_gang import RayGang
         gang = RayGang(workers, device=device, address=address, bucket_cap_mb=bucket_cap_mb,
                        timeout_s=timeout_s, num_cpus_per_worker=num_cpus_per_worker,
-                       collective=collective, **kwargs)
+                       collective=collective, compress=compress, **kwargs)
     else:
         raise ValueError(f"init: unknown backend {backend!r}: expected 'ray' or 'local'")
     return Cluster(gang, workers, device)

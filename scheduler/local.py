@@ -12,11 +12,11 @@ from .errors import WorkerTimeoutError
 class LocalGang:
     """Runs one message per worker, each on its own thread, and waits (with a timeout)."""
 
-    def __init__(self, n, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0):
+    def __init__(self, n, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0, compress=None):
         self.n, self.timeout_s = n, timeout_s
         group = InProcessGroup(n, group_name="distgrad-local", timeout_s=timeout_s)
-        self.workers = [Worker(r, n, device, group.communicator(r), bucket_cap_mb, timeout_s)
-                        for r in range(n)]
+        self.workers = [Worker(r, n, device, group.communicator(r), bucket_cap_mb, timeout_s,
+                               compress=compress) for r in range(n)]
         # One thread per rank, kept for the gang's life: a rank always runs on its own thread.
         self._pools = [cf.ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-worker-{r}")
                        for r in range(n)]

@@ -46,8 +46,10 @@ class RayGang:
     """N worker actors; ``run`` sends one message to each and detects dead or hung ones."""
 
     def __init__(self, n, device="cpu", address=None, bucket_cap_mb=25.0, timeout_s=60.0,
-                 num_cpus_per_worker=1, collective=None, strategy="PACK", place_timeout_s=None):
+                 num_cpus_per_worker=1, collective=None, strategy="PACK", place_timeout_s=None,
+                 compress=None):
         self.timeout_s = timeout_s
+        self.compress = compress
         self.device, self.bucket_cap_mb = device, bucket_cap_mb
         self.requested_collective, self.strategy = collective, strategy
         # Starting actors can take seconds on a loaded machine: a short step timeout (for
@@ -93,7 +95,7 @@ class RayGang:
         actor = ray.remote(WorkerActor).options(
             num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(rank, self.n, self.device, self.bucket_cap_mb, self.timeout_s)
+        ).remote(rank, self.n, self.device, self.bucket_cap_mb, self.timeout_s, self.compress)
         self.actors[rank] = actor
         self.nodes[rank] = None
 

@@ -8,8 +8,10 @@ class WorkerActor:
     """One rank in a Ray actor. The scheduler calls ``setup`` on all ranks at once (the
     collective group forms only when every rank has joined), then ``execute`` per program."""
 
-    def __init__(self, rank, world_size, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0):
+    def __init__(self, rank, world_size, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0,
+                 compress=None):
         self.rank, self.world_size = rank, world_size
+        self.compress = compress
         self.device, self.bucket_cap_mb, self.timeout_s = device, bucket_cap_mb, timeout_s
         self.worker = None
         self.comm = None
@@ -36,12 +38,16 @@ class WorkerActor:
             options = dict(options, store=RayKVStore(), host=self.host_address())
             if kind == "hierarchical":
                 options["node_id"] = self.node_id()
+        if kind == "shm":
+            # Room for one gradient bucket (which may overshoot the cap by one gradient)
+            # in the shared segment, so buckets are all-reduced without copies.
+            options = dict(options, arena_bytes=int(2 * self.bucket_cap_mb * (1 << 20)))
         self.comm = (create_communicator(kind, rank=rank, world_size=world_size,
                                          timeout_s=self.timeout_s, **options)
                      if world_size > 1 else None)
         if self.worker is None:
             self.worker = Worker(rank, world_size, self.device, self.comm, self.bucket_cap_mb,
-                                 self.timeout_s)
+                                 self.timeout_s, compress=self.compress)
         else:
             if self.worker.comm is not None:
                 self.worker.comm.close()

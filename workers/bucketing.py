@@ -62,7 +62,7 @@ class Bucketer:
         self.on_span = on_span
         self.cap = max(1, int(cap_bytes))
         self.replicated = replicated          # ids of leaves whose gradient is summed
-        self.compress = compress              # None, "fp16" or "bf16"
+        self.compress = compress              # None or "fp16": buckets travel as float16
         self._bucket, self._bytes, self._launched = [], 0, []
 
     def add(self, leaf):
@@ -78,34 +78,48 @@ class Bucketer:
         if not self._bucket:
             return
         leaves, self._bucket, self._bytes = self._bucket, [], 0
+        fut = self.comm.submit(self._reduce, leaves, len(self._launched))
+        self._launched.append(fut)
+
+    def _reduce(self, leaves, index):
+        """On the communication thread: sum the leaves' gradients over all workers and
+        write the sums back into their (leaf-owned) arrays."""
+        start = time.time()
         arrays = [leaf._grad._store.array for leaf in leaves]
         dtype = np.result_type(*arrays)
-        xp = _backend.array_module(arrays[0])
-        flat = xp.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays])
-        self.comm.bytes += flat.nbytes
-        fut = self.comm.submit(self._reduce, flat, len(self._launched))
-        self._launched.append((fut, leaves))
-
-    def _reduce(self, flat, index):
-        start = time.time()
-        if self.compress:
-            wire = flat.astype(np.float16 if self.compress == "fp16" else flat.dtype)
-            out = _host_call(self.comm.comm.allreduce, wire, "sum").astype(flat.dtype)
+        n = sum(a.size for a in arrays)
+        comm = self.comm.comm
+        zero_copy = self._zero_copy(comm, arrays, n * dtype.itemsize)
+        if zero_copy:
+            # The bucket lives in the shared segment: copy in once, read the shared result.
+            comm.reset_buckets()          # the previous bucket finished on every rank
+            bucket = comm.bucket((n,), dtype)
+            np.concatenate([a.ravel() for a in arrays], out=bucket.input)
+            total = comm.allreduce_bucket(bucket, "sum")
         else:
-            out = _host_call(self.comm.comm.allreduce, flat, "sum")
+            xp = _backend.array_module(arrays[0])
+            flat = xp.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays])
+            if self.compress:
+                total = _host_call(comm.allreduce, flat.astype(np.float16), "sum").astype(dtype)
+            else:
+                total = _host_call(comm.allreduce, flat, "sum")
+        offset = 0
+        for a in arrays:
+            a[...] = total[offset:offset + a.size].reshape(a.shape)
+            offset += a.size
+        self.comm.bytes += n * dtype.itemsize
         if self.on_span is not None:
-            self.on_span(f"allreduce bucket {index} ({flat.nbytes >> 10} KiB)", start)
-        return out
+            how = ", shm zero-copy" if zero_copy else ""
+            self.on_span(f"allreduce bucket {index} ({n * dtype.itemsize >> 10} KiB{how})", start)
+
+    def _zero_copy(self, comm, arrays, nbytes):
+        return (not self.compress and hasattr(comm, "allreduce_bucket")
+                and not _backend.is_cupy_array(arrays[0])
+                and nbytes <= getattr(comm, "arena_bytes", 0))
 
     def finish(self):
-        """Launch the last bucket, wait for all, and write the sums back into ``.grad``."""
+        """Launch the last bucket and wait until every sum is written back into ``.grad``."""
         self._launch()
-        for fut, leaves in self._launched:
-            flat = self.comm.wait(fut)
-            offset = 0
-            for leaf in leaves:
-                arr = leaf._grad._store.array
-                n = arr.size
-                leaf._grad._store.array = flat[offset:offset + n].reshape(arr.shape).astype(arr.dtype, copy=False)
-                offset += n
+        for fut in self._launched:
+            self.comm.wait(fut)
         self._launched = []

@@ -28,12 +28,15 @@ class Worker:
 
     def __init__(self, rank, world_size, device="cpu", communicator=None, bucket_cap_mb=25.0,
                  timeout_s=60.0, cache_size=prog.PROGRAM_CACHE_SIZE,
-                 max_message_bytes=prog.MAX_MESSAGE_BYTES):
+                 max_message_bytes=prog.MAX_MESSAGE_BYTES, compress=None):
         self.rank, self.world_size = rank, world_size
         self.device = _backend.normalize_device(device)
         self.xp = _backend.xp_for_device(self.device)
         self.comm = OrderedComm(communicator, timeout_s) if communicator is not None else None
         self.bucket_cap = int(bucket_cap_mb * (1 << 20))
+        if compress not in (None, "fp16"):
+            raise ValueError(f"compress must be None or 'fp16', got {compress!r}")
+        self.compress = compress
         self.values = {}
         self.undo = UndoLog()          # the last program's writes, until the next message commits it
         self.fail_after = None         # test hook: (kind, seconds) -> crash or hang in the next program
@@ -223,7 +226,8 @@ class Worker:
             leaf._grad = None                 # this backward's gradient alone is all-reduced
             if is_rep:
                 replicated.add(id(leaf))
-        bucketer = Bucketer(self.comm, self.bucket_cap, replicated, on_span=self.span) if self.comm else None
+        bucketer = (Bucketer(self.comm, self.bucket_cap, replicated, self.compress, self.span)
+                    if self.comm else None)
         from distgrad.autograd.engine import run_backward
         run_backward([root], [seed], retain_graph=bool(retain),
                      on_leaf_ready=bucketer.add if bucketer else None)

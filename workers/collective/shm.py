@@ -862,6 +862,11 @@ class ShmCommunicator(Communicator):
         out = self._u8[lay["out_off"] + off: lay["out_off"] + off + nbytes].view(dt).reshape(shape)
         return ShmBucket(ins[self._rank], out, ins, off)
 
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes each rank has for zero-copy buckets (:meth:`bucket`); 0 without an arena."""
+        return self._lay["arena"]
+
     def reset_buckets(self) -> None:
         """Forget every bucket (all ranks together); their arrays must no longer be used."""
         self._arena_used = 0
