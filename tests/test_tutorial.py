@@ -18,7 +18,7 @@ import distgrad as dg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "autograd_tutorial.py")
-SEED = os.path.join(ROOT, "..", "shared", "seed", "autograd_tutorial.txt")
+SEED = os.path.join(ROOT, "tests", "data", "autograd_tutorial.txt")   # copy of the seed
 BLOCK = re.compile(r"((?:^[ \-\d.e+]+\n)+)\[distgrad\.FloatTensor of size ([\dx()]+)\]", re.M)
 
 
