@@ -148,6 +148,7 @@ class Cluster:
         self.fault_tolerant = True
         self.max_retries = 3
         self.recoveries = []       # one dict per recovery: ranks, seconds, resized
+        self._speed = {}           # rank -> rows per busy second (for sizes="auto")
         self.messages_sent = 0
         self._driver_spans = collections.deque(maxlen=100_000)
         _register(self)
@@ -156,7 +157,10 @@ class Cluster:
     def shard(self, data, dim=0, sizes=None):
         """Split ``data`` (array, tensor or Variable) along ``dim`` across the workers.
 
-        ``sizes`` gives each worker's extent (default: an even split; uneven allowed).
+        ``sizes`` gives each worker's extent (default: an even split; uneven allowed);
+        ``sizes="auto"`` splits in proportion to each worker's measured speed (rows per
+        second of busy time in recent steps), so a slower worker gets fewer rows and the
+        gang finishes each step together. The gradients stay exact for any split.
         A Variable that requires grad becomes a sharded leaf whose ``.grad`` is sharded.
         """
         src = data if isinstance(data, Tensor) else None
@@ -166,6 +170,10 @@ class Cluster:
         if arr.ndim == 0:
             raise PlacementError("shard: cannot shard a 0-d value")
         dim = dim % arr.ndim
+        if isinstance(sizes, str):
+            if sizes != "auto":
+                raise ValueError(f"shard: sizes must be a list of {self.world_size} numbers or 'auto'")
+            sizes = self._auto_sizes(arr.shape[dim])
         sizes = pl.split_sizes(arr.shape[dim], self.world_size, sizes)
         bounds = np.cumsum((0,) + sizes)
         pieces = [np.ascontiguousarray(np.take(arr, np.arange(bounds[r], bounds[r + 1]), axis=dim))
@@ -610,6 +618,7 @@ class Cluster:
             finally:
                 self._driver_spans.append((start, time.time()))
         self.messages_sent += 1
+        self._measure_speed(rec, results)
         errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
         if errors and all(prog.NOT_CACHED in e for _, e in errors) and header["prog"] is None:
             # A worker lost its cache (it was replaced): nothing ran; send the program in full.
@@ -622,6 +631,32 @@ class Cluster:
             rank, err = errors[0]
             raise RemoteError(f"worker {rank}: {err}")
         return results
+
+    def _measure_speed(self, rec, results):
+        """Rows per busy second of each worker, from programs with sharded inputs (EMA)."""
+        if not rec.shard_puts or len(results) != self.world_size:
+            return
+        sizes = rec.shard_puts[0][1].placement.sizes
+        if len(sizes) != self.world_size:
+            return
+        for r, (rows, res) in enumerate(zip(sizes, results)):
+            busy = res.get("busy_s")
+            if not rows or not busy:
+                continue                  # no rows, no information: keep the old estimate
+            speed = rows / max(busy, 1e-6)
+            old = self._speed.get(r)
+            self._speed[r] = speed if old is None else 0.5 * old + 0.5 * speed
+
+    def _auto_sizes(self, n):
+        """Split n rows in proportion to measured speeds (even until every worker is measured)."""
+        if len(self._speed) < self.world_size:
+            return None
+        speeds = np.array([self._speed[r] for r in range(self.world_size)])
+        exact = n * speeds / speeds.sum()
+        sizes = np.floor(exact).astype(int)
+        for r in np.argsort(-(exact - sizes))[:n - sizes.sum()]:   # largest remainders
+            sizes[r] += 1
+        return tuple(int(s) for s in sizes)
 
     @staticmethod
     def _encode(msg):
@@ -690,6 +725,7 @@ class Cluster:
             rec.inputs = inputs
         self._rec = _Recording(n)
         self._sent_keys.clear()
+        self._speed = {}
 
     def _rehydrate(self, new_ranks, resharded, source, exclude=()):
         """Give new workers the replicated values (from worker ``source``) and every worker

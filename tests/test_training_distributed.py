@@ -149,3 +149,32 @@ def test_checkpoint_from_another_model_is_refused_with_the_differences(tmp_path)
         f.write(b"\x00" * 8)
     with pytest.raises(Exception, match="(?i)checksum|corrupt"):
         dg.load(path)
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_auto_shard_sizes_follow_worker_speed_and_stay_exact(backend, request):
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    ref, _ = reference(OPTIMIZERS["sgd-momentum"], steps=6)
+    with dg.init(workers=2, backend=backend) as cluster:
+        if backend == "local":
+            cluster.gang.workers[1].slowdown_s = 0.05
+        else:
+            import ray
+            ray.get(cluster.gang.actors[1].set_slowdown.remote(0.05))
+        model = cluster.replicate(mlp())
+        opt = OPTIMIZERS["sgd-momentum"](model.parameters())
+        seen = []
+        for xb, yb in batches(6):
+            X = cluster.shard(xb, sizes="auto")
+            seen.append(X.placement.sizes)
+            loss = F.cross_entropy(model(X), cluster.shard(yb, sizes=X.placement.sizes))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+        assert seen[0] == (15, 15)                       # no measurement yet: even
+        assert seen[-1][1] < seen[-1][0]                 # the slow worker gets fewer rows
+        assert_same(params(model), ref)                  # and the result does not change
+    with dg.init(workers=2, backend="local") as cluster, pytest.raises(ValueError, match="auto"):
+        cluster.shard(np.ones((4, 2)), sizes="fast")

@@ -59,6 +59,11 @@ class WorkerActor:
         import os
         return os.getpid()
 
+    def set_slowdown(self, seconds):
+        """Test hook: make this worker slower by ``seconds`` per program."""
+        self.worker.slowdown_s = seconds
+        return True
+
     def inject_failure(self, kind, seconds=0.0):
         self.worker.inject_failure(kind, seconds)
         return True

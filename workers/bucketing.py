@@ -22,6 +22,7 @@ class OrderedComm:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.timeout_s = timeout_s
         self.bytes = 0                    # payload bytes all-reduced (for cluster.stats())
+        self.wait_s = 0.0                 # time the worker's main thread spent blocked here
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-comm-{comm.rank}")
 
     def submit(self, fn, *args):
@@ -29,7 +30,11 @@ class OrderedComm:
 
     def wait(self, fut):
         # The communicator enforces its own timeout; this one only guards against a stuck thread.
-        return fut.result(timeout=self.timeout_s * 2 + 5)
+        start = time.perf_counter()
+        try:
+            return fut.result(timeout=self.timeout_s * 2 + 5)
+        finally:
+            self.wait_s += time.perf_counter() - start
 
     def allreduce(self, array, op="sum"):
         self.bytes += array.nbytes

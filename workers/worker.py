@@ -40,6 +40,7 @@ class Worker:
         self.values = {}
         self.undo = UndoLog()          # the last program's writes, until the next message commits it
         self.fail_after = None         # test hook: (kind, seconds) -> crash or hang in the next program
+        self.slowdown_s = 0.0          # test hook: extra compute time per program (a slow worker)
         self.cache = collections.OrderedDict()
         self.cache_size = cache_size
         self.max_message_bytes = max_message_bytes
@@ -57,11 +58,15 @@ class Worker:
         """Run one message; return ``(msgpack bytes, side arrays)`` of
         ``{"fetched": {slot: array}, "error": ...}`` (big arrays travel beside the bytes)."""
         t0, w0 = time.perf_counter(), time.time()
+        waited = self.comm.wait_s if self.comm is not None else 0.0
         try:
             msg = prog.decode(payload, side, self.max_message_bytes)
             self.span("decode", w0)
             fetched = self._run_message(msg)
-            reply = {"fetched": fetched, "error": None}
+            # Busy time: the program's time minus waits for the other workers. The driver
+            # sizes shards by it (cluster.shard(..., sizes="auto")).
+            busy = time.perf_counter() - t0 - ((self.comm.wait_s if self.comm else 0.0) - waited)
+            reply = {"fetched": fetched, "error": None, "busy_s": busy}
         except Exception as e:          # reported to the driver; the worker stays usable
             reply = {"fetched": {}, "error": f"{type(e).__name__}: {e}"}
         self.stats["programs"] += 1
@@ -80,6 +85,8 @@ class Worker:
         # A new program means the driver saw the previous one succeed everywhere: commit it.
         self.undo = UndoLog()
         self._maybe_fail()
+        if self.slowdown_s:
+            time.sleep(self.slowdown_s)
         key = msg.get("key")
         structure = msg.get("prog")
         if structure is not None:
