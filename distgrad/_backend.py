@@ -47,8 +47,14 @@ def xp_for_device(device):
     return np if normalize_device(device) == "cpu" else cupy_module()
 
 
+_NOT_CUPY = {np.ndarray, int, float, bool, type(None)}
+
+
 def is_cupy_array(a):
-    return type(a).__module__.split(".")[0] == "cupy"
+    t = type(a)
+    if t in _NOT_CUPY:          # the hot path: every op asks this of every operand
+        return False
+    return t.__module__.split(".")[0] == "cupy"
 
 
 def array_module(*arrays):
