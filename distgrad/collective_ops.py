@@ -65,10 +65,10 @@ def _reduce_scatter(xp, x, dim, sizes):
     return _own_rows(xp, _allreduce(xp, x), dim, sizes)
 
 
-defop("allreduce", _allreduce, lambda g, ans, x: g.apply("allreduce"), placement="collective")
+defop("allreduce", _allreduce, lambda g, ans, x: g.apply("allreduce"), placement="allreduce")
 defop("allgather", _allgather,
       lambda g, ans, x, dim, sizes: g.apply("reduce_scatter", dim=dim, sizes=sizes),
-      placement="collective")
+      placement="allgather")
 defop("reduce_scatter", _reduce_scatter,
       lambda g, ans, x, dim, sizes: g.apply("allgather", dim=dim, sizes=sizes),
-      placement="collective")
+      placement="reduce_scatter")

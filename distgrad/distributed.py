@@ -26,6 +26,7 @@ import numpy as np
 from . import _backend, placement as pl, program as prog
 from .autograd import engine
 from .errors import RecoveryError, RemoteError, ResizeError, WorkerError
+from .ops import get_op
 from .placement import PARTIAL, REPLICATE, Partial, PlacementError, Replicate, Shard
 from .tensor import Tensor, Variable, set_lazy_dispatch
 
@@ -90,7 +91,6 @@ class _Recording:
         self.ext = []                 # slots bound to values of earlier programs
         self.outputs = {}             # slot -> vid (values this program defines)
         self.inputs = [[] for _ in range(world)]
-        self.fetches = []             # (slot, LazyStorage)
         self.replayed = {}            # id(local node) -> (node, distributed result)
         self.shard_puts = []          # (input index, store) of sharded inputs
 
@@ -400,6 +400,8 @@ class Cluster:
         shape = list(local_shape)
         if isinstance(out_p, Shard):
             shape[out_p.dim] = sum(out_p.sizes)
+        elif op.placement == "allgather":
+            shape = list(shapes[0])      # inferred with a 1-rank communicator: the local shard
         requires_grad = requires_grad and op.differentiable and engine.is_grad_enabled()
         leaves = frozenset().union(*(s.leaves for s in stores if s is not None)) if requires_grad else frozenset()
         store = self._new_storage(shape, dtype, out_p, leaves)
@@ -447,20 +449,9 @@ class Cluster:
         return hit
 
     def _allreduce_partial(self, store, cls=Tensor, requires_grad=False):
-        op = engine_op("allreduce")
-        arg = ["s", self._rec.ref(store.vid)]
-        t = self._emit_collective(op, arg, store, REPLICATE, cls, requires_grad)
-        return t
-
-    def _emit_collective(self, op, arg, store, out_p, cls, requires_grad):
-        requires_grad = requires_grad and engine.is_grad_enabled()
-        new = self._new_storage(store.shape, store.dtype, out_p, store.leaves if requires_grad else frozenset())
-        slot = self._rec.new_slot(new.vid)
-        self._rec.instrs.append(["op", op.name, [arg], {}, slot, engine.is_grad_enabled()])
-        grad_fn = engine.node_class(op.name, LazyNode)(()) if requires_grad else None
-        t = cls._from_array(None, grad_fn=grad_fn, requires_grad=requires_grad)
-        t._store = new
-        return t
+        """Forward collective: the sum over workers of a Partial value, replicated."""
+        return self._emit(get_op("allreduce"), [["s", self._rec.ref(store.vid)]], [store.placement],
+                          [store.shape], [store], {}, cls, requires_grad)
 
     def record_op(self, op, inputs, attrs):
         """Record ``op(*inputs, **attrs)`` on distributed values (``tensor.lazy_dispatch``)."""
@@ -478,7 +469,7 @@ class Cluster:
         if op.name == "mean" and isinstance(placements[0], Shard) and \
                 placements[0].dim in pl._reduced_axes(attrs.get("dim"), len(shapes[0])):
             # Mean over the sharded dim: local sums divided by the GLOBAL count -> Partial.
-            total = self._emit(engine_op("sum"), args, placements, shapes, stores, attrs, cls, requires_grad)
+            total = self._emit(get_op("sum"), args, placements, shapes, stores, attrs, cls, requires_grad)
             return total / pl.global_count(shapes[0], attrs.get("dim"))
         return self._emit(op, args, placements, shapes, stores, attrs, cls, requires_grad)
 
@@ -558,7 +549,6 @@ class Cluster:
         rec = self._rec
         slot = rec.ref(store.vid)
         rec.instrs.append(["fetch", slot])
-        rec.fetches.append((slot, store))
         results = self._flush()
         locals_ = [r["fetched"][slot] for r in results]
         p = store.placement
@@ -838,11 +828,6 @@ def _resplit(pieces, dim, n):
     bounds = np.cumsum((0,) + sizes)
     return [np.ascontiguousarray(np.take(whole, np.arange(bounds[r], bounds[r + 1]), axis=dim))
             for r in range(n)]
-
-
-def engine_op(name):
-    from .ops import get_op
-    return get_op(name)
 
 
 # Live clusters (weak): lazy_dispatch finds the cluster through the value's storage.

@@ -98,7 +98,7 @@ _LINEAR_IN = {
     "add": "all", "sub": "all", "neg": "all", "sum": "all", "mean": "all", "clone": "all",
     "reshape": "all", "transpose": "all", "permute": "all", "squeeze": "all",
     "unsqueeze": "all", "expand": "all", "getitem": "all", "cat": "all", "stack": "all",
-    "astype": "all", "to_device": "all",
+    "astype": "all", "to_device": "all", "allreduce": "all", "reduce_scatter": "all",
     "mul": "one", "matmul": "one", "div": (0,),
 }
 
@@ -326,6 +326,25 @@ def rule_identity(op, placements, shapes, attrs, out_ndim):
     return Decision(placements[0], attrs)
 
 
+def rule_allreduce(op, placements, shapes, attrs, out_ndim):
+    if not isinstance(placements[0], Partial):
+        _fail(op, placements, "only a Partial value is all-reduced")
+    return Decision(REPLICATE, attrs)
+
+
+def rule_allgather(op, placements, shapes, attrs, out_ndim):
+    p = placements[0]
+    if not (isinstance(p, Shard) and p.dim == attrs["dim"] % len(shapes[0])):
+        _fail(op, placements, f"gathers a value sharded along dim {attrs['dim']}")
+    return Decision(REPLICATE, dict(attrs, sizes=list(p.sizes)))
+
+
+def rule_reduce_scatter(op, placements, shapes, attrs, out_ndim):
+    if not isinstance(placements[0], Partial):
+        _fail(op, placements, "scatters a Partial value")
+    return Decision(Shard(attrs["dim"] % len(shapes[0]), tuple(attrs["sizes"])), attrs)
+
+
 def rule_like(op, placements, shapes, attrs, out_ndim):
     p = placements[0]
     return Decision(p if isinstance(p, Shard) else REPLICATE, attrs)
@@ -343,7 +362,8 @@ RULES = {
     "reshape": rule_reshape, "permute": rule_permute, "expand": rule_expand,
     "getitem": rule_getitem, "cat": rule_cat, "stack": rule_cat, "identity": rule_identity,
     "scatter": rule_replicate_only, "index_put": rule_replicate_only,
-    "collective": rule_identity, "like": rule_like,
+    "allreduce": rule_allreduce, "allgather": rule_allgather,
+    "reduce_scatter": rule_reduce_scatter, "like": rule_like,
 }
 
 

@@ -289,3 +289,21 @@ def test_ray_gradient_buckets_use_the_shared_segment(ray_session):
         spans = [name for worker in c.gang.spans() for name, *_ in worker]
         assert sum("allreduce bucket" in s for s in spans) >= 2      # at least one per worker
         assert all("zero-copy" in s for s in spans if "allreduce bucket" in s)
+
+
+def test_collective_ops_on_distributed_values_and_their_transposes():
+    """allgather (Shard -> Replicate) and reduce_scatter (Partial -> Shard) as recorded ops,
+    differentiated through their transposes."""
+    Xn = np.random.default_rng(3).standard_normal((7, 3))
+    with dg.init(workers=3, backend="local") as c:
+        X = c.shard(Variable(dg.tensor(Xn), requires_grad=True), sizes=(2, 4, 1))
+        G = X.apply("allgather", dim=0, sizes=(2, 4, 1))
+        assert G.placement == Replicate() and G.shape == (7, 3)
+        np.testing.assert_allclose(G.detach().numpy(), Xn)
+        (G.sin() * 3).sum().backward()
+        np.testing.assert_allclose(X.grad.data.numpy(), 3 * np.cos(Xn), rtol=1e-12)
+        S = (X.sum(0, keepdim=True) * 1.0).expand(6, 3).apply("reduce_scatter", dim=0, sizes=(1, 2, 3))
+        assert S.placement == Shard(0) and S.shape == (6, 3)
+        np.testing.assert_allclose(S.detach().numpy(), np.repeat(Xn.sum(0, keepdims=True), 6, 0), rtol=1e-12)
+        with pytest.raises(PlacementError, match="allreduce"):
+            X.apply("allreduce")

@@ -6,6 +6,7 @@ msgpack (``distgrad.program``); a bad message gets an error back and the worker 
 usable. Replicated leaves' gradients are all-reduced in buckets during backward.
 """
 import collections
+import contextlib
 import threading
 import time
 
@@ -206,7 +207,7 @@ class Worker:
             _, target, src = ins
             t = env[target]
             self.undo.write(t)
-            with engine.no_grad() if not env[src].requires_grad else _null():
+            with engine.no_grad() if not env[src].requires_grad else contextlib.nullcontext():
                 t._write(env[src], "assign")
         elif kind == "fetch":
             v = env[ins[1]]
@@ -310,11 +311,3 @@ def _phase(ins):
     if kind == "assign":
         return "optimizer step"
     return {"backward": "backward", "fetch": "fetch"}.get(kind, "inputs")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
