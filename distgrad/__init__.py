@@ -20,15 +20,11 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "workers", "__init__.py")) and _root not in __path__:
     __path__.append(_root)
 
-from . import autograd
-from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
-from .factories import *  # noqa: F401,F403
-from .factories import (BoolTensor, ByteTensor, DoubleTensor, FloatTensor, IntTensor, LongTensor,
-                        arange, cat, empty, eye, from_numpy, full, linspace, ones, ones_like,
-                        rand, randint, randn, randn_like, randperm, stack, tensor, where, zeros,
-                        zeros_like, full_like)
-from .random import manual_seed
-from .tensor import Size, Tensor, Variable, apply_op
+from . import autograd  # noqa: F401  (dg.autograd)
+from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled  # noqa: F401
+from .factories import *  # noqa: F401,F403  (dg.ones, dg.randn, dg.tensor... see factories.__all__)
+from .random import manual_seed  # noqa: F401
+from .tensor import Size, Tensor, Variable, apply_op  # noqa: F401
 
 __version__ = "0.1.0"
 

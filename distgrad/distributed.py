@@ -27,7 +27,7 @@ from . import _backend, placement as pl, program as prog
 from .autograd import engine
 from .errors import RecoveryError, RemoteError, ResizeError, WorkerError
 from .ops import get_op
-from .placement import PARTIAL, REPLICATE, Partial, PlacementError, Replicate, Shard
+from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
 from .tensor import Tensor, Variable, set_lazy_dispatch
 
 log = logging.getLogger("distgrad")

@@ -186,8 +186,14 @@ def _unary(name):
     return fn
 
 
-for _n in ["exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "sum", "mean",
+_UNARY = ["exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "sum", "mean",
            "prod", "norm", "var", "std", "logsumexp", "softmax", "log_softmax", "max", "min",
            "amax", "amin", "argmax", "argmin", "clamp", "reshape", "transpose", "permute",
-           "squeeze", "unsqueeze", "flatten", "split", "chunk", "sign", "floor", "clone", "t"]:
+           "squeeze", "unsqueeze", "flatten", "split", "chunk", "sign", "floor", "clone", "t"]
+for _n in _UNARY:
     globals()[_n] = _unary(_n)
+
+__all__ = ["zeros", "ones", "empty", "full", "randn", "rand", "randint", "randperm", "arange",
+           "linspace", "eye", "tensor", "from_numpy", "FloatTensor", "DoubleTensor", "LongTensor",
+           "IntTensor", "BoolTensor", "ByteTensor", "full_like", "zeros_like", "ones_like",
+           "randn_like", "cat", "stack", "where", "maximum", "minimum", "matmul"] + _UNARY

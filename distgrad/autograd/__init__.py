@@ -1,6 +1,4 @@
 """``distgrad.autograd``: Variable, Function, backward, grad, gradcheck, no_grad."""
-import numpy as np
-
 from .engine import enable_grad, is_grad_enabled, no_grad, run_backward, set_grad_enabled
 
 

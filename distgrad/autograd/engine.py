@@ -241,7 +241,6 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     ``.grad`` (``autograd.grad``). ``on_leaf_ready(leaf)`` is called as soon as a leaf's
     gradient is final: the distributed worker launches its all-reduce buckets from it.
     """
-    from ..tensor import Tensor
     root_nodes, buffers = [], {}
     capture, ready = {}, []
     owners = _Owners()

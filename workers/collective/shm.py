@@ -790,7 +790,7 @@ class ShmCommunicator(Communicator):
         if self._world_size == 1:
             return [array.copy()]
         self._begin("allgather")
-        n, r = self._world_size, self._rank
+        r = self._rank
         st = self._next_set()
         self._write_hdr(st, (_OPS["allgather"], _dtype_code(array.dtype), array.ndim)
                         + tuple(array.shape))
