@@ -49,18 +49,15 @@ class LazyStorage:
 
     lazy = True
     __slots__ = ("cluster", "vid", "shape", "dtype", "placement", "version", "leaves",
-                 "_cache", "__weakref__")
+                 "device", "_cache", "__weakref__")
 
-    def __init__(self, cluster, vid, shape, dtype, placement, leaves=frozenset()):
+    def __init__(self, cluster, vid, shape, dtype, placement, leaves=frozenset(), device=None):
         self.cluster, self.vid = cluster, vid
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
         self.placement, self.leaves = placement, leaves
+        self.device = device or cluster.device       # where the workers hold it
         self.version = 0
         self._cache = None
-
-    @property
-    def device(self):
-        return self.cluster.device
 
     @property
     def array(self):
@@ -285,9 +282,9 @@ class Cluster:
         if self._closed:
             raise RuntimeError("this cluster was shut down; its distributed values are gone")
 
-    def _new_storage(self, shape, dtype, placement, leaves=frozenset()):
+    def _new_storage(self, shape, dtype, placement, leaves=frozenset(), device=None):
         vid = next(self._vids)
-        store = LazyStorage(self, vid, shape, dtype, placement, leaves)
+        store = LazyStorage(self, vid, shape, dtype, placement, leaves, device)
         self._live[vid] = store
         return store
 
@@ -404,7 +401,9 @@ class Cluster:
             shape = list(shapes[0])      # inferred with a 1-rank communicator: the local shard
         requires_grad = requires_grad and op.differentiable and engine.is_grad_enabled()
         leaves = frozenset().union(*(s.leaves for s in stores if s is not None)) if requires_grad else frozenset()
-        store = self._new_storage(shape, dtype, out_p, leaves)
+        device = decision.attrs["device"] if op.name == "to_device" else next(
+            (s.device for s in stores if s is not None), None)
+        store = self._new_storage(shape, dtype, out_p, leaves, device)
         slot = self._rec.new_slot(store.vid)
         self._rec.instrs.append(["op", op.name, args, decision.attrs, slot, engine.is_grad_enabled()])
         grad_fn = engine.node_class(op.name, LazyNode)(()) if requires_grad else None
@@ -561,7 +560,7 @@ class Cluster:
         else:
             out = locals_[0]
         out = out.reshape(store.shape).astype(store.dtype, copy=False)
-        return _backend.to_device(out, self.device) if self.device != "cpu" else out
+        return _backend.to_device(out, store.device) if store.device != "cpu" else out
 
     def _flush(self):
         """Send the pending program to every worker, wait, and return their results.

@@ -105,7 +105,12 @@ class RayGang:
         self.nodes = self._get([a.node_id.remote() for a in self.actors], "start",
                                time.time() + self.place_timeout_s)
         name = f"distgrad_{uuid.uuid4().hex[:12]}"
-        kind = self.requested_collective or ("shm" if len(set(self.nodes)) == 1 else "hierarchical")
+        if self.requested_collective:
+            kind = self.requested_collective
+        elif self.device != "cpu":
+            kind = "nccl"                 # gradients stay on the GPUs
+        else:
+            kind = "shm" if len(set(self.nodes)) == 1 else "hierarchical"
         options = {"name": name} if kind == "shm" else {"group_name": name}
         self._get([a.reset_comm.remote(kind, options, r, self.n)
                    for r, a in enumerate(self.actors)], "collective setup",

@@ -50,7 +50,7 @@ class OrderedComm:
 
 def _host_call(fn, array, *args):
     """Run a host (numpy) collective on a possibly-GPU array, copying through the host."""
-    if not _backend.is_cupy_array(array):
+    if not _backend.is_cupy_array(array) or getattr(getattr(fn, "__self__", None), "device_arrays", False):
         return fn(array, *args)
     device = _backend.device_of(array)
     out = fn(_backend.to_numpy(array), *args)

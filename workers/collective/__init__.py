@@ -20,7 +20,7 @@ __all__ = [
     "split_sizes", "KINDS",
 ]
 
-KINDS = ("inprocess", "shm", "tcp", "hierarchical")
+KINDS = ("inprocess", "shm", "tcp", "hierarchical", "nccl")
 
 
 def create_communicator(kind: str, **kw) -> Communicator:
@@ -32,6 +32,7 @@ def create_communicator(kind: str, **kw) -> Communicator:
     - ``"shm"``: see :class:`~.shm.ShmCommunicator` (``rank, world_size, name, ...``).
     - ``"tcp"``: see :class:`~.tcp.TcpCommunicator` (``rank, world_size, store, ...``).
     - ``"hierarchical"``: see :class:`~.tcp.HierarchicalCommunicator`.
+    - ``"nccl"``: see :class:`~.nccl.NcclCommunicator` (GPU actors, cupy arrays).
 
     Example::
 
@@ -59,7 +60,6 @@ def create_communicator(kind: str, **kw) -> Communicator:
         from .tcp import HierarchicalCommunicator
         return HierarchicalCommunicator(**kw)
     if kind == "nccl":
-        raise NotImplementedError(
-            "kind='nccl': use ray.util.collective with backend='nccl' for cupy arrays "
-            "(distgrad does not wrap it yet)")
+        from .nccl import NcclCommunicator
+        return NcclCommunicator(**kw)
     raise ValueError(f"unknown collective kind {kind!r}; expected one of {KINDS}")
