@@ -140,20 +140,22 @@ def apply_op(name, *inputs, **attrs):
     if lazy_dispatch is not None and any(t._store.lazy for t in tensors):
         return lazy_dispatch(op, inputs, attrs)
     arrays = [x._store.array if isinstance(x, Tensor) else x for x in inputs]
-    if len(tensors) > 1:
+    xp = np
+    if any(_backend.is_cupy_array(a) for a in arrays):     # the CPU-only case skips this
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             raise RuntimeError(f"{name}: expected all tensors on one device, got {sorted(devices)}")
-    xp = _backend.array_module(*arrays)
+        xp = _backend.array_module(*arrays)
     try:
         out = op.forward(xp, *arrays, **attrs)
     except (ValueError, IndexError, TypeError) as e:
         shapes = " and ".join(str(tuple(t.shape)) for t in tensors)
         raise RuntimeError(f"{name}: cannot apply to tensors of shapes {shapes}: {e}") from None
-    if not hasattr(out, "dtype") or not hasattr(out, "shape"):
-        out = xp.asarray(out)
-    elif not hasattr(out, "flags") and not _backend.is_cupy_array(out):
-        out = np.asarray(out)          # numpy scalar -> 0-d array
+    if type(out) is not np.ndarray:
+        if not hasattr(out, "dtype") or not hasattr(out, "shape"):
+            out = xp.asarray(out)
+        elif not hasattr(out, "flags") and not _backend.is_cupy_array(out):
+            out = np.asarray(out)          # numpy scalar -> 0-d array
     node = engine.make_node(op, inputs, attrs, out)
     cls = Variable if any(isinstance(t, Variable) for t in tensors) else Tensor
     result = cls._from_array(out, grad_fn=node, requires_grad=node is not None)

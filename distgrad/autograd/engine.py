@@ -15,7 +15,11 @@ _seq = itertools.count()            # creation order = a valid topological order
 
 
 def is_grad_enabled():
-    return getattr(_state, "grad_enabled", True)
+    try:
+        return _state.grad_enabled
+    except AttributeError:          # a new thread: recording is on by default
+        _state.grad_enabled = True
+        return True
 
 
 def set_grad_enabled(mode):
@@ -117,7 +121,7 @@ class OpNode(Node):
         super().__init__(next_nodes)
         self.op = op
         self.inputs = inputs
-        self.versions = tuple(getattr(x, "_store", None) and x._store.version for x in inputs)
+        self.versions = tuple([x._store.version if isinstance(x, _Tensor) else None for x in inputs])
         self.attrs = attrs
         self.out_array = out_array
         self.out_store = None         # the output's storage (set by apply_op) for its version check
@@ -301,13 +305,18 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     return None
 
 
+_Tensor = None      # distgrad.tensor.Tensor, bound on first use (it imports this module)
+
+
 def make_node(op, inputs, attrs, out_array):
     """Record a node for an op application, or None if no input needs a gradient."""
-    from ..tensor import Tensor
-    if not is_grad_enabled() or not op.differentiable:
+    global _Tensor
+    if not op.differentiable or not is_grad_enabled():
         return None
-    next_nodes = tuple(next_node_of(x) if isinstance(x, Tensor) else None for x in inputs)
-    if all(n is None for n in next_nodes):
+    if _Tensor is None:
+        from ..tensor import Tensor
+        _Tensor = Tensor
+    next_nodes = tuple([next_node_of(x) if isinstance(x, _Tensor) else None for x in inputs])
+    if not any(next_nodes):
         return None
-    cls = node_class(op.name, OpNode)
-    return cls(op, inputs, attrs, out_array, next_nodes)
+    return node_class(op.name, OpNode)(op, inputs, attrs, out_array, next_nodes)
