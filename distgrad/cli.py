@@ -49,15 +49,10 @@ def _info(args):
         except ImportError:
             print(f"{mod} not installed")
     if args.address:
-        import ray
-        ray.init(address=args.address, log_to_driver=False)
-        try:
-            for node in ray.nodes():
-                res = node.get("Resources", {})
-                print(f"node {node['NodeManagerAddress']} alive={node['Alive']} "
-                      f"CPUs={res.get('CPU', 0):g} GPUs={res.get('GPU', 0):g}")
-        finally:
-            ray.shutdown()
+        from .scheduler.ray_gang import describe_nodes     # Ray lives in the scheduler
+        for node in describe_nodes(args.address):
+            print(f"node {node['address']} alive={node['alive']} CPUs={node['cpus']:g} "
+                  f"GPUs={node['gpus']:g}")
     else:
         print("not connected to a Ray cluster (pass --address auto to list its nodes)")
     return 0

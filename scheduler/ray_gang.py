@@ -42,6 +42,21 @@ def ensure_ray(address=None, num_cpus=None):
     return True
 
 
+def describe_nodes(address):
+    """The nodes of the Ray cluster at ``address``: address, alive, CPUs and GPUs of each.
+
+    Example: ``describe_nodes("auto")``.
+    """
+    started = ensure_ray(address)
+    try:
+        return [{"address": n["NodeManagerAddress"], "alive": n["Alive"],
+                 "cpus": n.get("Resources", {}).get("CPU", 0),
+                 "gpus": n.get("Resources", {}).get("GPU", 0)} for n in ray.nodes()]
+    finally:
+        if started:
+            ray.shutdown()
+
+
 class RayGang:
     """N worker actors; ``run`` sends one message to each and detects dead or hung ones."""
 

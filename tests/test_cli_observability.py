@@ -77,3 +77,11 @@ def test_timeline_has_a_track_per_worker_and_every_phase(ray_session, tmp_path):
     assert all(e["dur"] >= 0 for e in spans)
     assert len(stats) == 2 and all(len(s["step_times"]) >= 3 and s["bytes_communicated"] > 0
                                    for s in stats)
+
+
+@pytest.mark.ray
+def test_describe_nodes_lists_the_connected_cluster(ray_session):
+    from distgrad.scheduler.ray_gang import describe_nodes
+    nodes = describe_nodes("auto")          # already connected: reuses the session's Ray
+    assert nodes and all(n["alive"] for n in nodes) and sum(n["cpus"] for n in nodes) >= 1
+    assert ray_session.is_initialized()
