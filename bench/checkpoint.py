@@ -9,22 +9,17 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
-from _results import publish  # noqa: E402
+from _results import publish, timings  # noqa: E402
 import distgrad.nn as nn  # noqa: E402
 
 
 def best(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+    times = timings(fn, repeat)
     return min(times), statistics.median(times)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
-from _results import publish  # noqa: E402
+from _results import publish, timings  # noqa: E402
 import distgrad.nn as nn  # noqa: E402
 import distgrad.nn.functional as F  # noqa: E402
 
@@ -22,17 +22,6 @@ import distgrad.nn.functional as F  # noqa: E402
 def model():
     dg.manual_seed(0)
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-
-
-def timed_steps(step, n):
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():
@@ -55,7 +44,7 @@ def main():
         loss.backward()
         opt.step()
         return loss.item()
-    base = timed_steps(local_step, n)
+    base = statistics.median(timings(local_step, n, warmup=3))
     rows.append(("single process", base, None))
 
     for backend in ("local", "ray"):
@@ -72,7 +61,7 @@ def main():
                 dopt.step()
                 record.append(time.perf_counter() - t)
                 return loss.item()
-            t = timed_steps(dist_step, n)
+            t = statistics.median(timings(dist_step, n, warmup=3))
             rows.append((f"2 workers, backend={backend}", t, statistics.median(record)))
     lines = [f"| MLP 784-512-512-10 step, batch {args.batch} | median s | ratio to single process | driver recording s |",
              "|---|---|---|---|"]

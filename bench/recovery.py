@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
-from _results import publish  # noqa: E402
+from _results import publish, timings  # noqa: E402
 from distgrad.autograd import Variable  # noqa: E402
 
 
@@ -39,14 +39,7 @@ def main():
     X, Y = rng.standard_normal((4096, 256)).astype(np.float32), rng.standard_normal((4096, 1)).astype(np.float32)
     with dg.init(workers=args.workers, backend="ray", timeout_s=5) as c:
         W = c.replicate(Variable(dg.randn(256, 1) * 0.1, requires_grad=True))
-        for _ in range(3):
-            step(c, W, X, Y)
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            step(c, W, X, Y)
-            times.append(time.perf_counter() - t)
-        normal = statistics.median(times)
+        normal = statistics.median(timings(lambda: step(c, W, X, Y), 10, warmup=3))
         recov = []
         for i in range(trials):
             os.kill(c.gang.pid(1), signal.SIGKILL)

@@ -593,7 +593,7 @@ class Cluster:
         while len(self._sent_keys) > prog.PROGRAM_CACHE_SIZE:
             self._sent_keys.popitem(last=False)
         for attempt in range(self.max_retries + 1):
-            payloads = [self._encode(dict(header, inputs=rec.inputs[r])) for r in range(self.world_size)]
+            payloads = self._payloads(header, rec)
             start = time.time()
             try:
                 results = self.gang.run(payloads)
@@ -612,7 +612,7 @@ class Cluster:
         if errors and all(prog.NOT_CACHED in e for _, e in errors) and header["prog"] is None:
             # A worker lost its cache (it was replaced): nothing ran; send the program in full.
             header["prog"] = structure
-            payloads = [self._encode(dict(header, inputs=rec.inputs[r])) for r in range(self.world_size)]
+            payloads = self._payloads(header, rec)
             results = self.gang.run(payloads)
             errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
         if errors:
@@ -646,6 +646,10 @@ class Cluster:
         for r in np.argsort(-(exact - sizes))[:n - sizes.sum()]:   # largest remainders
             sizes[r] += 1
         return tuple(int(s) for s in sizes)
+
+    def _payloads(self, header, rec):
+        """One message per worker: the shared header plus that worker's own inputs."""
+        return [self._encode(dict(header, inputs=rec.inputs[r])) for r in range(self.world_size)]
 
     @staticmethod
     def _encode(msg):

@@ -17,6 +17,14 @@ def _loss(X, Y, W):
     return ((X @ W).tanh() - Y).pow(2).mean() + 0.1 * (W * W).sum()
 
 
+def _check_against_cpu(cluster, sizes=None):
+    """The weight gradient on sharded GPU data equals the CPU single-process one."""
+    Xn, Yn, W0 = _case()
+    W = Variable(dg.tensor(W0), requires_grad=True)
+    _loss(cluster.shard(Xn, sizes=sizes), cluster.shard(Yn, sizes=sizes), W).backward()
+    np.testing.assert_allclose(W.grad.data.cpu().numpy(), _cpu_grad(), rtol=1e-10)
+
+
 def _cpu_grad():
     Xn, Yn, W0 = _case()
     W = Variable(dg.tensor(W0), requires_grad=True)
@@ -25,11 +33,8 @@ def _cpu_grad():
 
 
 def test_local_backend_on_cuda_gives_the_cpu_gradient():
-    Xn, Yn, W0 = _case()
     with dg.init(workers=2, backend="local", device="cuda") as c:
-        W = Variable(dg.tensor(W0), requires_grad=True)
-        _loss(c.shard(Xn, sizes=(5, 7)), c.shard(Yn, sizes=(5, 7)), W).backward()
-        np.testing.assert_allclose(W.grad.data.cpu().numpy(), _cpu_grad(), rtol=1e-10)
+        _check_against_cpu(c, (5, 7))
 
 
 @pytest.mark.ray
@@ -37,11 +42,8 @@ def test_ray_gpu_worker_gives_the_cpu_gradient(ray_session):
     import ray
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the Ray instance has no GPU")
-    Xn, Yn, W0 = _case()
     with dg.init(workers=1, backend="ray", device="cuda") as c:
-        W = Variable(dg.tensor(W0), requires_grad=True)
-        _loss(c.shard(Xn), c.shard(Yn), W).backward()
-        np.testing.assert_allclose(W.grad.data.cpu().numpy(), _cpu_grad(), rtol=1e-10)
+        _check_against_cpu(c)
 
 
 @pytest.mark.ray
@@ -49,9 +51,6 @@ def test_nccl_all_reduce_between_two_gpu_workers(ray_session):
     import ray
     if ray.cluster_resources().get("GPU", 0) < 2:
         pytest.skip("NCCL between two ranks needs two GPUs")
-    Xn, Yn, W0 = _case()
     with dg.init(workers=2, backend="ray", device="cuda") as c:
         assert c.gang.collective == "nccl"
-        W = Variable(dg.tensor(W0), requires_grad=True)
-        _loss(c.shard(Xn, sizes=(3, 9)), c.shard(Yn, sizes=(3, 9)), W).backward()
-        np.testing.assert_allclose(W.grad.data.cpu().numpy(), _cpu_grad(), rtol=1e-10)
+        _check_against_cpu(c, (3, 9))

@@ -236,8 +236,7 @@ class Worker:
                 replicated.add(id(leaf))
         bucketer = (Bucketer(self.comm, self.bucket_cap, replicated, self.compress, self.span)
                     if self.comm else None)
-        from distgrad.autograd.engine import run_backward
-        run_backward([root], [seed], retain_graph=bool(retain),
+        engine.run_backward([root], [seed], retain_graph=bool(retain),
                      on_leaf_ready=bucketer.add if bucketer else None)
         if bucketer:
             bucketer.finish()
