@@ -99,7 +99,7 @@ _LINEAR_IN = {
     "reshape": "all", "transpose": "all", "permute": "all", "squeeze": "all",
     "unsqueeze": "all", "expand": "all", "getitem": "all", "cat": "all", "stack": "all",
     "astype": "all", "to_device": "all", "allreduce": "all", "reduce_scatter": "all",
-    "mul": "one", "matmul": "one", "div": (0,),
+    "mul": "one", "matmul": "one", "div": (0,), "relu_grad": (0,), "log_softmax_grad": (0,),
 }
 
 

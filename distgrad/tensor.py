@@ -136,12 +136,20 @@ def apply_op(name, *inputs, **attrs):
         y = apply_op("mul", x, 3)      # same as x * 3
     """
     op = get_op(name)
-    tensors = [x for x in inputs if isinstance(x, Tensor)]
-    if lazy_dispatch is not None and any(t._store.lazy for t in tensors):
-        return lazy_dispatch(op, inputs, attrs)
-    arrays = [x._store.array if isinstance(x, Tensor) else x for x in inputs]
+    # One pass over the inputs: this runs for every op, so it is kept plain.
+    tensors, arrays, on_host = [], [], True
+    for x in inputs:
+        if isinstance(x, Tensor):
+            tensors.append(x)
+            store = x._store
+            if store.lazy:
+                return lazy_dispatch(op, inputs, attrs)
+            x = store.array
+        if on_host and type(x) is not np.ndarray and _backend.is_cupy_array(x):
+            on_host = False
+        arrays.append(x)
     xp = np
-    if any(_backend.is_cupy_array(a) for a in arrays):     # the CPU-only case skips this
+    if not on_host:                     # the CPU-only case skips this
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             raise RuntimeError(f"{name}: expected all tensors on one device, got {sorted(devices)}")
@@ -157,7 +165,11 @@ def apply_op(name, *inputs, **attrs):
         elif not hasattr(out, "flags") and not _backend.is_cupy_array(out):
             out = np.asarray(out)          # numpy scalar -> 0-d array
     node = engine.make_node(op, inputs, attrs, out)
-    cls = Variable if any(isinstance(t, Variable) for t in tensors) else Tensor
+    cls = Tensor
+    for t in tensors:
+        if isinstance(t, Variable):
+            cls = Variable
+            break
     result = cls._from_array(out, grad_fn=node, requires_grad=node is not None)
     if name in _VIEW_OPS and getattr(out, "base", None) is not None \
             and xp.may_share_memory(out, arrays[0]):
@@ -279,7 +291,13 @@ class Tensor:
     def _from_array(cls, array, grad_fn=None, requires_grad=False):
         t = cls.__new__(cls)
         t._store = Storage(array)
-        t._init_autograd(grad_fn, requires_grad)
+        if requires_grad and grad_fn is None:
+            t._init_autograd(grad_fn, requires_grad)      # checks the dtype
+        else:                   # every op result comes here: the same fields, set inline
+            t.grad_fn = grad_fn
+            t.requires_grad = bool(requires_grad)
+            t._grad = t._accum_ref = None
+            t._retains_grad = t.volatile = False
         return t
 
     # ------------------------------------------------------------ metadata
@@ -370,7 +388,8 @@ class Tensor:
                 self._grad = grad if isinstance(grad, Variable) else Variable(grad)
             else:
                 arr = grad._store.array
-                self._grad = Variable._from_array(arr if owned else arr.copy())
+                # A copy keeps the gradient's layout (PyTorch matches it to the leaf's).
+                self._grad = Variable._from_array(arr if owned else arr.copy(order="K"))
         elif create_graph or self._grad.requires_grad:
             self._grad = self._grad + grad
         else:

@@ -473,3 +473,40 @@ def test_mnist_like_example_learns(capsys):
                         "--lr", "3e-3"])
     assert acc["cnn"] > 0.5 and acc["mlp"] > 0.5
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_linear_weight_gradient_and_optimizer_state_share_the_weight_layout():
+    """Linear keeps its weight column-major (x @ weight.T is then a plain GEMM); the weight
+    gradient and the optimizer state come in that layout, with PyTorch's values."""
+    fc = nn.Linear(5, 3)
+    opt = dg.optim.SGD(fc.parameters(), lr=0.1, momentum=0.9)
+    x = dg.randn(4, 5)
+    for _ in range(2):
+        opt.zero_grad()
+        fc(x).sum().backward()
+        opt.step()
+    w = fc.weight
+    assert tuple(w.shape) == (3, 5)
+    for arr in (w.data.numpy(), w.grad.numpy(), opt.state[w]["momentum_buffer"].numpy()):
+        assert arr.flags.f_contiguous and not arr.flags.c_contiguous
+    np.testing.assert_allclose(w.grad.numpy(), np.ones((3, 4)) @ x.numpy(), rtol=1e-6)
+    # A checkpoint of it reads back with the same values (dg.save writes row-major bytes).
+    state = fc.state_dict()
+    other = nn.Linear(5, 3)
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.weight.data.numpy(), w.data.numpy())
+
+
+def test_cross_entropy_is_one_fused_op_each_way():
+    """Class-index cross_entropy records one node (log_softmax + nll_loss fused) whose
+    gradient is softmax minus the one-hot, divided by the batch."""
+    logits = Variable(dg.randn(4, 3).double(), requires_grad=True)
+    target = dg.tensor([0, 2, 1, 2])
+    loss = F.cross_entropy(logits, target)
+    assert type(loss.grad_fn).__name__ == "CrossEntropyBackward"
+    loss.backward()
+    z = logits.data.numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(4), target.numpy()] -= 1
+    np.testing.assert_allclose(logits.grad.numpy(), p / 4, rtol=1e-12)

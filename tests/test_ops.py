@@ -344,6 +344,14 @@ def _grad_of(fn, wrt):
     return run
 
 
+def _second_order(fn):
+    """d(fn)/dx as a differentiable function of both x and the cotangent g: a case built
+    from it checks the VJP op's own VJPs (second derivatives) against PyTorch."""
+    def run(m, x, g):
+        return m.autograd.grad(fn(m, x), x, g, create_graph=True)[0]
+    return run
+
+
 def _conv(m, x, w):
     return m.nn.functional.conv2d(x, w, stride=2, padding=1, groups=2)
 
@@ -392,11 +400,38 @@ CASES["avg_pool2d"] = [Case(_avgpool, (2, 3, 7, 6)),
 CASES["avg_pool2d_grad"] = [Case(_grad_of(_avgpool, 0), C(2, 3, 7, 6), (2, 3, 4, 3))]
 CASES["nll_loss"] = [
     Case(lambda m, x: m.nn.functional.nll_loss(x.log_softmax(1), m.tensor([1, 0, 3])), (3, 4)),
-    Case(lambda m, x: m.nn.functional.cross_entropy(x, m.tensor([1, -100, 3]), reduction="none"),
+    Case(lambda m, x: m.nn.functional.nll_loss(x, m.tensor([1, -100, 3]), reduction="none"),
          (3, 4)),
-    Case(lambda m, x, w: m.nn.functional.cross_entropy(x, m.tensor([[1, 2], [0, 2]]),
-                                                       weight=w.detach() + 2), (2, 3, 2), C(3,))]
+    Case(lambda m, x, w: m.nn.functional.nll_loss(x, m.tensor([[1, 2], [0, 2]]),
+                                                  weight=w.detach() + 2), (2, 3, 2), C(3,))]
 CASES["nll_loss_grad"] = [Case(_grad_of(_nll_sum, 0), C(3, 4), ())]
+
+
+def _ce_none(m, x):
+    return m.nn.functional.cross_entropy(x, m.tensor([1, -100, 3]), reduction="none")
+
+
+def _ce_weighted(m, x, w):
+    return m.nn.functional.cross_entropy(x, m.tensor([[1, 2], [0, 2]]), weight=w.detach() + 2)
+
+
+CASES["cross_entropy"] = [
+    Case(lambda m, x: m.nn.functional.cross_entropy(x, m.tensor([1, 0, 3])), (3, 4)),
+    Case(_ce_none, (3, 4)),
+    Case(_ce_weighted, (2, 3, 2), C(3,)),
+    Case(lambda m, x: m.nn.functional.cross_entropy(x * 1e4, m.tensor([1, 0]), reduction="sum"),
+         (2, 3))]
+CASES["cross_entropy_grad"] = [
+    Case(_second_order(lambda m, x: m.nn.functional.cross_entropy(x, m.tensor([1, 0, 3]))),
+         (3, 4), ()),
+    Case(_second_order(_ce_none), (3, 4), (3,)),
+    Case(_second_order(lambda m, x: _ce_weighted(m, x, m.tensor([0.5, 1.0, 2.0],
+                                                                dtype=x.dtype))),
+         (2, 3, 2), ())]
+CASES["relu_grad"] = [Case(_second_order(lambda m, x: m.relu(x * x - 0.5)), D(3, 4), (3, 4))]
+CASES["log_softmax_grad"] = [
+    Case(_second_order(lambda m, x: x.log_softmax(1)), (3, 4), (3, 4)),
+    Case(_second_order(lambda m, x: (x * x).log_softmax(0)), (2, 3, 2), (2, 3, 2))]
 CASES["axpby"] = [Case(lambda m, x, y: x.axpby(y, 0.9, -0.1), (2, 3), (2, 3),
                        torch_fn=lambda m, x, y: 0.9 * x - 0.1 * y),
                   Case(lambda m, x, y: x.axpby(y, 2.0, 0.5), (2, 3), (3,),

@@ -333,3 +333,11 @@ def test_gradient_flows_across_devices():
 def test_mixing_devices_is_an_error():
     with pytest.raises(RuntimeError, match="one device"):
         dg.ones(2) + dg.ones(2, device="cuda")
+
+
+def test_clone_keeps_the_memory_layout():
+    """As PyTorch's clone (preserve_format): a column-major tensor clones column-major."""
+    t = dg.from_numpy(np.asfortranarray(np.arange(6.0).reshape(2, 3)))
+    c = t.clone()
+    assert c.numpy().flags.f_contiguous
+    np.testing.assert_array_equal(c.numpy(), t.numpy())

@@ -5,6 +5,7 @@ the op (``MulBackward``) so ``y.grad_fn`` reads like PyTorch. Nodes hold their
 inputs and the version each had when the op ran; a VJP that reads an input modified
 in place since then gets a clear error instead of a wrong gradient.
 """
+import heapq
 import itertools
 import threading
 import weakref
@@ -128,13 +129,13 @@ class OpNode(Node):
         self.out_version = 0
 
     def input_grads(self, grad):
-        from ..tensor import Tensor, SavedTensor
         if self.released:
             raise RuntimeError(
                 f"Trying to backward through the graph a second time ({self.name()}), but its "
                 "saved values were already freed. Specify retain_graph=True on the first backward.")
-        saved = tuple(SavedTensor(x, v, self) if isinstance(x, Tensor) else x
-                      for x, v in zip(self.inputs, self.versions))
+        Tensor = _Tensor            # bound by make_node, which ran before any backward
+        saved = tuple([x if v is None or x._store.version == v else _saved_tensor(x, v, self)
+                       for x, v in zip(self.inputs, self.versions)])
         ans = None
         if self.op.uses_output:
             store = self.out_store
@@ -172,7 +173,7 @@ class AccumulateGrad(Node):
 
     def check(self, grad):
         leaf = self.variable
-        if grad.shape != leaf.shape:
+        if grad._store.shape != leaf._store.shape:
             raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match leaf of shape "
                                f"{tuple(leaf.shape)}")
 
@@ -245,26 +246,41 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     ``.grad`` (``autograd.grad``). ``on_leaf_ready(leaf)`` is called as soon as a leaf's
     gradient is final: the distributed worker launches its all-reduce buckets from it.
     """
-    root_nodes, buffers = [], {}
+    buffers, heap = {}, []          # gradients waiting, keyed by node id; nodes by -seq
     capture, ready = {}, []
     owners = _Owners()
+
+    def receive(node, g):
+        key = id(node)
+        prev = buffers.get(key)
+        if prev is None:
+            buffers[key] = g
+            # A node is created after the nodes of its inputs: popping the highest seq
+            # first visits every consumer before its producers (seq is unique: the
+            # tuples never compare nodes).
+            heapq.heappush(heap, (-node.seq, node))
+        else:
+            buffers[key] = prev + g
+
     if inputs is not None:
         for t in inputs:
             capture[id(next_node_of(t) if t.requires_grad else None)] = None
+    root_nodes = []
     for t, g in zip(roots, root_grads):
         node = next_node_of(t)
         if node is None:
             raise RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn")
         root_nodes.append(node)
-        buffers[id(node)] = g if id(node) not in buffers else buffers[id(node)] + g
-    order = _topo_order(root_nodes)
-    need = _needed(order, [next_node_of(t) for t in inputs]) if inputs is not None else None
+        receive(node, g)
+    need = (_needed(_topo_order(root_nodes), [next_node_of(t) for t in inputs])
+            if inputs is not None else None)
     prev_mode = is_grad_enabled()
     set_grad_enabled(create_graph)
     try:
-        for node in order:
-            grad = buffers.pop(id(node), None)
-            if grad is None or (need is not None and id(node) not in need):
+        while heap:
+            node = heapq.heappop(heap)[1]
+            grad = buffers.pop(id(node))
+            if need is not None and id(node) not in need:
                 continue
             if node.pre_hooks:
                 for hook in node.pre_hooks:
@@ -286,12 +302,8 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
             if not retain_graph:
                 node.release()
             for nxt, g in zip(node.next_nodes, grads):
-                if nxt is None or g is None:
-                    continue
-                if need is not None and id(nxt) not in need:
-                    continue
-                prev = buffers.get(id(nxt))
-                buffers[id(nxt)] = g if prev is None else prev + g
+                if nxt is not None and g is not None and (need is None or id(nxt) in need):
+                    receive(nxt, g)
         # Leaves are written only once the whole walk succeeded: an error anywhere in the
         # backward pass (a freed graph, a modified saved tensor) leaves no partial .grad.
         for node, grad in ready:
@@ -306,6 +318,11 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
 
 
 _Tensor = None      # distgrad.tensor.Tensor, bound on first use (it imports this module)
+
+
+def _saved_tensor(x, version, node):
+    from ..tensor import SavedTensor
+    return SavedTensor(x, version, node)
 
 
 def make_node(op, inputs, attrs, out_array):

@@ -71,7 +71,8 @@ def _default_dim(input, dim):
 
 def linear(input, weight, bias=None):
     """x @ weight.T + bias in one op. Example: ``F.linear(x, w, b)`` with w of shape (out, in)."""
-    if input.ndim == 0 or input.shape[-1] != weight.shape[1]:
+    in_shape = input._store.shape
+    if not in_shape or in_shape[-1] != weight._store.shape[1]:
         raise InputShapeError(f"expected input of shape (*, {weight.shape[1]}), got {_shape(input)}")
     return apply_op("linear", input, weight, bias)
 
@@ -344,17 +345,22 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
         target = target if isinstance(target, Tensor) else Tensor(np.asarray(target))
         out = nll_loss(input.unsqueeze(0), target.reshape(1), weight, ignore_index, reduction)
         return out.reshape(()) if reduction == "none" else out
-    target = _check_class_target(input, target, "nll_loss")
+    return _class_index_loss("nll_loss", input, target, weight, ignore_index, reduction)
+
+
+def _class_index_loss(op, input, target, weight, ignore_index, reduction):
+    """Apply ``nll_loss`` or ``cross_entropy`` (the fused op) to class-index targets."""
+    target = _check_class_target(input, target, op)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     attrs = dict(ignore_index=int(ignore_index))
     if reduction == "mean" and input._store.lazy:
         # Distributed: the divisor (weight of the targets not ignored) is a global sum.
-        total = apply_op("nll_loss", input, target, weight, reduction="sum", **attrs)
+        total = apply_op(op, input, target, weight, reduction="sum", **attrs)
         valid = (target != ignore_index)
         denom = valid.sum() if weight is None else where(valid, weight[target * valid], 0).sum()
         return total / denom.astype(input.dtype)
-    return apply_op("nll_loss", input, target, weight, reduction=reduction, **attrs)
+    return apply_op(op, input, target, weight, reduction=reduction, **attrs)
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
@@ -374,6 +380,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             target = target.unsqueeze(0)
         out = cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         return out.reshape(()) if reduction == "none" else out
+    if not label_smoothing and not (isinstance(target, Tensor) and target._is_float()):
+        # The common case, one fused op each way (PyTorch fuses the backward the same way).
+        return _class_index_loss("cross_entropy", input, target, weight, ignore_index, reduction)
     logp = input.log_softmax(1)
     C = input.shape[1]
     if isinstance(target, Tensor) and target._is_float():
