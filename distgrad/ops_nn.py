@@ -441,12 +441,13 @@ def _nll_loss(xp, logp, target, weight=None, ignore_index=-100, reduction="mean"
         picked = logp[xp.arange(logp.shape[0]), safe_t]
     else:
         picked = xp.take_along_axis(logp, xp.expand_dims(safe_t, 1), axis=1).squeeze(1)
-    losses = -(picked if w is None else (picked * w).astype(logp.dtype, copy=False))
+    if w is not None:
+        picked = (picked * w).astype(logp.dtype, copy=False)
     if reduction == "none":
-        return losses
+        return -picked
     # PyTorch: a mean over zero non-ignored targets is nan (0/0).
     with np.errstate(invalid="ignore", divide="ignore"):
-        return xp.asarray(losses.sum() / denom).astype(logp.dtype)
+        return xp.asarray(-picked.sum() / denom, dtype=logp.dtype)
 
 
 def _nll_loss_grad(xp, g, target, weight=None, shape=None, ignore_index=-100, reduction="mean"):
