@@ -205,15 +205,18 @@ class ShmBucket:
         self.input, self.output, self.inputs, self.offset = input, output, inputs, offset
 
 
-def _default_slot_bytes(world_size: int) -> int:
+def _default_slot_bytes(world_size: int, ncpu: int) -> int:
     # Chunks small enough that the exchanged data stays in cache between writer and
-    # reader, large enough that barriers are rare. On the 2-core dev box (one barrier
-    # per chunk) 1 MB per slot was best or tied for 2 and 4 ranks (bench/allreduce.py
-    # --slot-bytes re-tunes). DISTGRAD_SHM_SLOT_BYTES overrides.
+    # reader, large enough that barriers are rare (one per chunk). With a core per rank
+    # a barrier costs microseconds and 1 MB per slot was best on the 2-core dev box.
+    # With more ranks than cores every barrier waits for a rank to be scheduled again
+    # (a context switch or a time slice): 4 MB per slot, 4x fewer barriers, took the 4-rank
+    # 16 MB all-reduce from 1.5x to 2.9x gloo there (bench/allreduce.py --slot-bytes
+    # re-tunes). DISTGRAD_SHM_SLOT_BYTES overrides.
     env = os.environ.get("DISTGRAD_SHM_SLOT_BYTES")
     if env:
         return int(env)
-    return 1 << 20
+    return 1 << 20 if world_size <= ncpu else 4 << 20
 
 
 class ShmCommunicator(Communicator):
@@ -276,7 +279,7 @@ class ShmCommunicator(Communicator):
         # doorbell. More ranks than cores: no spinning, it would steal the late rank's CPU.
         self._spin = 0 if world_size > ncpu else 1000
         if self._is_creator:
-            sb = int(slot_bytes or _default_slot_bytes(world_size))
+            sb = int(slot_bytes or _default_slot_bytes(world_size, ncpu))
             self._create(sb, int(p2p_bytes), int(arena_bytes))
         else:
             self._attach()
