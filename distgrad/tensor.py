@@ -291,13 +291,7 @@ class Tensor:
     def _from_array(cls, array, grad_fn=None, requires_grad=False):
         t = cls.__new__(cls)
         t._store = Storage(array)
-        if requires_grad and grad_fn is None:
-            t._init_autograd(grad_fn, requires_grad)      # checks the dtype
-        else:                   # every op result comes here: the same fields, set inline
-            t.grad_fn = grad_fn
-            t.requires_grad = bool(requires_grad)
-            t._grad = t._accum_ref = None
-            t._retains_grad = t.volatile = False
+        t._init_autograd(grad_fn, requires_grad)
         return t
 
     # ------------------------------------------------------------ metadata
