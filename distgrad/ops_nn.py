@@ -31,7 +31,7 @@ def _linear(xp, x, w, b=None):
 
 def _flat2(t, n):
     """``t`` as a matrix with ``n`` columns (no op when it already is one)."""
-    return t if t.ndim == 2 else t.reshape(-1, n)
+    return t if len(t._store.shape) == 2 else t.reshape(-1, n)
 
 
 def _column_major(t):
@@ -45,12 +45,13 @@ def _linear_vjp_w(g, ans, x, w, b=None):
     from .tensor import apply_op
     # The gradient in the weight's own layout: the optimizer's in-place updates then run
     # over two arrays of one layout (mixed layouts make numpy stride across rows).
-    return apply_op("linear_weight_grad", _flat2(g, w.shape[0]), _flat2(x, w.shape[1]),
+    out_features, in_features = w._store.shape
+    return apply_op("linear_weight_grad", _flat2(g, out_features), _flat2(x, in_features),
                     f_order=_column_major(w))
 
 
 def _linear_vjp_b(g, ans, x, w, b=None):
-    return _flat2(g, w.shape[0]).sum(dim=0)
+    return _flat2(g, w._store.shape[0]).sum(dim=0)
 
 
 # y = x @ w.T + b in one op: the MLP hot path pays one dispatch instead of three.
