@@ -28,10 +28,14 @@ def _parse():
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seconds", type=float, default=5.0, help="time budget per case")
     ap.add_argument("--rounds", type=int, default=10, help="at least this many alternating blocks")
+    ap.add_argument("--quick", action="store_true", help="1 s per case, 5 rounds at least")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU time, robust to other load on a shared machine "
                          "(meaningful with --threads 1 only)")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = min(args.seconds, 1.0), min(args.rounds, 5)
+    return args
 
 
 ARGS = _parse() if __name__ == "__main__" else None

@@ -85,3 +85,14 @@ def test_describe_nodes_lists_the_connected_cluster(ray_session):
     nodes = describe_nodes("auto")          # already connected: reuses the session's Ray
     assert nodes and all(n["alive"] for n in nodes) and sum(n["cpus"] for n in nodes) >= 1
     assert ray_session.is_initialized()
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "bench"))
+                                          if f.endswith(".py") and not f.startswith("_")))
+def test_every_bench_script_takes_the_flags_distgrad_bench_passes(script):
+    """``distgrad bench --quick`` runs each script with ``--quick``: each must accept it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--help"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--quick" in proc.stdout
