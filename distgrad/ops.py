@@ -249,7 +249,7 @@ def _extreme_vjp(g, ans, x, dim=None, keepdim=False):
 
 defop("amax", lambda xp, x, dim=None, keepdim=False: x.max(axis=_np_axis(dim), keepdims=keepdim),
       _extreme_vjp, uses_output=True, placement="reduce")
-defop("amin", lambda xp, x, dim=None, keepdim=False: xp.min(x, axis=_np_axis(dim), keepdims=keepdim),
+defop("amin", lambda xp, x, dim=None, keepdim=False: x.min(axis=_np_axis(dim), keepdims=keepdim),
       _extreme_vjp, uses_output=True, placement="reduce")
 def _prod_vjp(g, ans, x, dim=None, keepdim=False):
     # d prod / d x_i is the product of the other factors. ans / x would give nan at a zero
