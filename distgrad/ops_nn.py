@@ -417,7 +417,7 @@ defop("avg_pool2d_grad", _avg_pool2d_grad, _apg_vjp, placement="batch_local")
 
 # ---------------------------------------------------------------- nll_loss
 
-def _nll_parts(xp, shape, target, weight, ignore_index, reduction):
+def _nll_parts(xp, target, weight, ignore_index, reduction):
     """Per-element weights (0 where ignored) and the divisor for ``reduction``."""
     t = target
     valid = t != ignore_index
@@ -437,7 +437,7 @@ def _nll_parts(xp, shape, target, weight, ignore_index, reduction):
 
 
 def _nll_loss(xp, logp, target, weight=None, ignore_index=-100, reduction="mean"):
-    safe_t, w, denom = _nll_parts(xp, logp.shape, target, weight, ignore_index, reduction)
+    safe_t, w, denom = _nll_parts(xp, target, weight, ignore_index, reduction)
     if logp.ndim == 2:            # fancy indexing: several times faster than take_along_axis
         picked = logp[xp.arange(logp.shape[0]), safe_t]
     else:
@@ -451,18 +451,29 @@ def _nll_loss(xp, logp, target, weight=None, ignore_index=-100, reduction="mean"
         return xp.asarray(-picked.sum() / denom, dtype=logp.dtype)
 
 
+def _nll_coef(xp, g, target, weight, ignore_index, reduction):
+    """Class indices and per-sample coefficients -g * w / denom of d(nll_loss)/d(logp)."""
+    safe_t, w, denom = _nll_parts(xp, target, weight, ignore_index, reduction)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coef = (-(g if w is None else g * w) / denom).astype(g.dtype, copy=False)
+    return safe_t, coef
+
+
+def _add_at_class(xp, out, safe_t, coef):
+    """out[i, t[i], ...] += coef[i, ...] along the class dim 1 (coef may be a scalar)."""
+    if out.ndim == 2:
+        out[xp.arange(out.shape[0]), safe_t] += coef    # one class per row: no repeats
+        return
+    coef = coef.reshape((1,) * out.ndim) if coef.ndim == 0 else xp.expand_dims(coef, 1)
+    idx = xp.expand_dims(safe_t, 1)
+    xp.put_along_axis(out, idx, xp.take_along_axis(out, idx, axis=1) + coef, axis=1)
+
+
 def _nll_loss_grad(xp, g, target, weight=None, shape=None, ignore_index=-100, reduction="mean"):
     """d(nll_loss)/d(logp) applied to g: -g * w / denom at each target class, 0 elsewhere."""
-    safe_t, w, denom = _nll_parts(xp, shape, target, weight, ignore_index, reduction)
-    dtype = g.dtype
-    with np.errstate(invalid="ignore", divide="ignore"):
-        coef = (-(g if w is None else g * w) / denom).astype(dtype, copy=False)
-    out = xp.zeros(shape, dtype=dtype)
-    if len(shape) == 2:
-        out[xp.arange(shape[0]), safe_t] = coef         # a scalar coef broadcasts
-    else:
-        coef = coef.reshape((1,) * len(shape)) if coef.ndim == 0 else xp.expand_dims(coef, 1)
-        xp.put_along_axis(out, xp.expand_dims(safe_t, 1), coef, axis=1)
+    safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction)
+    out = xp.zeros(shape, dtype=g.dtype)
+    _add_at_class(xp, out, safe_t, coef)
     return out
 
 
@@ -500,10 +511,11 @@ def _cross_entropy(xp, logits, target, weight=None, ignore_index=-100, reduction
 
 def _cross_entropy_grad(xp, g, logits, target, weight=None, ignore_index=-100, reduction="mean"):
     from .ops import _softmax
-    picked = _nll_loss_grad(xp, g, target, weight, tuple(logits.shape), ignore_index, reduction)
+    # coef * (onehot - softmax) per sample, where coef = -g * w / denom (nll_loss's).
+    safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction)
     out = _softmax(xp, logits, 1)
-    out *= -picked.sum(axis=1, keepdims=True)      # the coefficient of each sample
-    out += picked
+    out *= -(coef if coef.ndim == 0 else xp.expand_dims(coef, 1))
+    _add_at_class(xp, out, safe_t, coef)
     return out
 
 
