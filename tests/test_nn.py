@@ -510,3 +510,18 @@ def test_cross_entropy_is_one_fused_op_each_way():
     p /= p.sum(1, keepdims=True)
     p[np.arange(4), target.numpy()] -= 1
     np.testing.assert_allclose(logits.grad.numpy(), p / 4, rtol=1e-12)
+
+
+@pytest.mark.gpu
+def test_linear_with_its_column_major_weight_on_cuda_matches_cpu():
+    """The column-major weight gradient path (linear_weight_grad's f_order) on cupy."""
+    fc = nn.Linear(5, 3)
+    x = dg.randn(4, 5)
+    y = dg.tensor([0, 2, 1, 2])
+    F.cross_entropy(fc(x), y).backward()
+    expected = fc.weight.grad.numpy().copy()
+    fc.zero_grad()
+    fc.to("cuda")
+    F.cross_entropy(fc(x.to("cuda")), y.to("cuda")).backward()
+    assert fc.weight.grad.is_cuda
+    np.testing.assert_allclose(fc.weight.grad.cpu().numpy(), expected, rtol=1e-5, atol=1e-7)
