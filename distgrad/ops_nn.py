@@ -13,7 +13,7 @@ Conv and pool ops work independently per sample along dim 0: placement
 """
 import numpy as np
 
-from .ops import defop, shape_of, unbroadcast  # noqa: F401  (unbroadcast: the one broadcast undoer)
+from .ops import _log_softmax, _softmax, defop, shape_of, unbroadcast  # noqa: F401  (unbroadcast: the one broadcast undoer)
 
 
 def _pair(v):
@@ -505,12 +505,10 @@ defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
 # weighted one-hot, times the per-sample coefficient) as one more: two dispatches per
 # classifier step instead of four. F.cross_entropy uses it for class-index targets.
 def _cross_entropy(xp, logits, target, weight=None, ignore_index=-100, reduction="mean"):
-    from .ops import _log_softmax
     return _nll_loss(xp, _log_softmax(xp, logits, 1), target, weight, ignore_index, reduction)
 
 
 def _cross_entropy_grad(xp, g, logits, target, weight=None, ignore_index=-100, reduction="mean"):
-    from .ops import _softmax
     # coef * (onehot - softmax) per sample, where coef = -g * w / denom (nll_loss's).
     safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction)
     out = _softmax(xp, logits, 1)
