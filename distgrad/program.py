@@ -18,10 +18,12 @@ index into a side list that the transport carries (Ray object references for big
 Nothing is ever unpickled.
 """
 import hashlib
+import math
 
 import msgpack
 import numpy as np
 
+from . import _checks
 from .ops import OPS
 
 PROTOCOL = 1
@@ -29,6 +31,7 @@ EXT_ARRAY, EXT_ARRAY_REF, EXT_SLICE, EXT_ELLIPSIS, EXT_TUPLE, EXT_DTYPE = 1, 2, 
 MAX_MESSAGE_BYTES = 1 << 30           # inline limit; bigger arrays go by reference
 INLINE_ARRAY_BYTES = 1 << 20          # arrays above this travel in the side list
 MAX_INSTRUCTIONS = 1_000_000
+MAX_DEPTH = _checks.MAX_DEPTH         # nesting of lists/dicts/tuples a message may have
 PROGRAM_CACHE_SIZE = 256              # programs a worker keeps; the driver mirrors its LRU
 NOT_CACHED = "is not cached on this worker"
 
@@ -67,121 +70,234 @@ def encode(obj, side=None):
     return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
 
 
+def _array_from(payload):
+    """An inline array record ``[dtype, shape, bytes]``, checked before anything is allocated."""
+    rec = msgpack.unpackb(payload, raw=False)
+    if not (isinstance(rec, list) and len(rec) == 3):
+        raise ProgramError("malformed array record (expected [dtype, shape, bytes])")
+    dtype, shape, raw = rec
+    dt = _checks.plain_dtype(dtype)
+    if dt is None:
+        raise ProgramError(f"array dtype {dtype!r} is not accepted (plain numeric dtypes only)")
+    if not (isinstance(shape, list) and len(shape) <= _checks.MAX_NDIM
+            and all(type(n) is int and n >= 0 for n in shape)) or not isinstance(raw, bytes):
+        raise ProgramError(f"malformed array record: shape {shape!r}")
+    expected = math.prod(shape) * dt.itemsize        # Python ints: no overflow
+    if expected != len(raw):
+        raise ProgramError(f"array of shape {tuple(shape)} and dtype {dt} needs {expected} "
+                           f"bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dt).reshape(shape).copy()
+
+
 def decode(data, side=(), max_bytes=MAX_MESSAGE_BYTES):
-    """Inverse of ``encode``, with size limits; raises ``ProgramError`` on bad input."""
+    """Inverse of ``encode``, with limits; raises ``ProgramError`` on bad input.
+
+    Messages come from other processes (programs from the driver, replies from workers),
+    so nothing in them is trusted: nesting is capped at ``MAX_DEPTH``, every declared
+    length is bounded by the bytes that carry it, arrays must be plain numeric data.
+
+    Example::
+
+        decode(encode({"v": 1, "x": np.ones(2)}))     # {'v': 1, 'x': array([1., 1.])}
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProgramError(f"message must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise ProgramError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    depth = [0]           # ext records nest by recursive unpacking: capped before the C stack
+
+    def nested(payload):
+        if depth[0] >= MAX_DEPTH:
+            raise ProgramError(f"message nests deeper than {MAX_DEPTH} levels")
+        depth[0] += 1
+        try:
+            return msgpack.unpackb(payload, ext_hook=hook, raw=False, strict_map_key=False)
+        finally:
+            depth[0] -= 1
 
     def hook(code, payload):
         if code == EXT_ARRAY:
-            dtype, shape, raw = msgpack.unpackb(payload, raw=False)
-            dtype = np.dtype(dtype)
-            if dtype.hasobject:
-                raise ProgramError("object arrays are not accepted")
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if expected != len(raw):
-                raise ProgramError(f"array of shape {shape} and dtype {dtype} needs {expected} "
-                                   f"bytes, got {len(raw)}")
-            return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+            return _array_from(payload)
         if code == EXT_ARRAY_REF:
             i = msgpack.unpackb(payload)
-            if not isinstance(i, int) or not 0 <= i < len(side):
+            if type(i) is not int or not 0 <= i < len(side):
                 raise ProgramError(f"array reference {i!r} out of range ({len(side)} arrays sent)")
             return side[i]
         if code == EXT_TUPLE:
-            return tuple(msgpack.unpackb(payload, ext_hook=hook, raw=False, strict_map_key=False))
+            items = nested(payload)
+            if not isinstance(items, list):
+                raise ProgramError("malformed tuple record")
+            return tuple(items)
         if code == EXT_SLICE:
-            return slice(*msgpack.unpackb(payload, ext_hook=hook, raw=False))
+            parts = nested(payload)
+            if not (isinstance(parts, list) and len(parts) == 3):
+                raise ProgramError("malformed slice record (expected [start, stop, step])")
+            return slice(*parts)
         if code == EXT_ELLIPSIS:
             return Ellipsis
         if code == EXT_DTYPE:
-            return np.dtype(payload.decode())
+            dt = _checks.plain_dtype(payload.decode("ascii", "replace"))
+            if dt is None:
+                raise ProgramError(f"dtype {payload[:16]!r} is not accepted (plain numeric "
+                                   "dtypes only)")
+            return dt
         raise ProgramError(f"unknown ext type {code}")
     try:
         unpacker = msgpack.Unpacker(ext_hook=hook, raw=False, strict_map_key=False,
-                                    max_buffer_size=max_bytes)
+                                    max_buffer_size=max(len(data), 1))
         unpacker.feed(data)
         out = unpacker.unpack()
         if unpacker.tell() != len(data):
             raise ProgramError(f"trailing bytes after the message ({len(data) - unpacker.tell()})")
-        return out
     except ProgramError:
         raise
     except Exception as e:         # msgpack raises several types for malformed input
         raise ProgramError(f"malformed message: {type(e).__name__}: {e}") from None
+    if _checks.too_deep(out, MAX_DEPTH):
+        raise ProgramError(f"message nests deeper than {MAX_DEPTH} levels")
+    return out
 
 
 def structure_key(structure):
     return hashlib.sha1(encode(structure)).hexdigest()
 
 
-_ARITY = {"put": 4, "update": 3, "assign": 3, "backward": 6, "fetch": 2, "op": 6}
+class _Checker:
+    """State of one ``validate`` run: the slot count and the slots defined so far."""
 
+    def __init__(self, nslots, ext):
+        self.nslots = nslots
+        self.defined = set(ext)
+        self.fields = len(ext)        # slot fields seen: nslots may not exceed them
 
-def validate(structure):
-    """Check a decoded program structure; raise ``ProgramError`` naming what is wrong."""
-    if not isinstance(structure, dict) or not {"instrs", "nslots", "ext", "keep"} <= set(structure):
-        raise ProgramError("program structure must be a dict with instrs, nslots, ext, keep")
-    instrs, nslots = structure["instrs"], structure["nslots"]
-    if not isinstance(nslots, int) or nslots < 0 or not isinstance(instrs, list):
-        raise ProgramError("bad program header")
-    if len(instrs) > MAX_INSTRUCTIONS:
-        raise ProgramError(f"program of {len(instrs)} instructions exceeds {MAX_INSTRUCTIONS}")
-    defined = set(structure["ext"])
-
-    def slot(s, where, must_exist=True):
-        if not isinstance(s, int) or not 0 <= s < nslots:
-            raise ProgramError(f"{where}: slot {s!r} out of range (program has {nslots} slots)")
-        if must_exist and s not in defined:
+    def slot(self, s, where, must_exist=True):
+        """``s`` as a slot in range (and defined, unless ``must_exist`` is False)."""
+        self.fields += 1
+        if type(s) is not int or not 0 <= s < self.nslots:
+            raise ProgramError(f"{where}: slot {s!r} out of range (program has {self.nslots} "
+                               "slots)")
+        if must_exist and s not in self.defined:
             raise ProgramError(f"{where}: slot {s} is used before it is defined")
         return s
 
+    def define(self, s, where):
+        self.defined.add(self.slot(s, where, False))
+
+    def optional(self, s, where):
+        """A slot field that may be -1 (absent)."""
+        if s != -1:
+            self.slot(s, where)
+
+    @staticmethod
+    def index(i, where, what="input index"):
+        if type(i) is not int or i < 0:
+            raise ProgramError(f"{where}: bad {what} {i!r}")
+
+
+def _check_op(ins, c, where):
+    _, name, args, attrs, out, _grad = ins
+    if not isinstance(name, str) or name not in OPS:
+        raise ProgramError(f"{where}: unknown op {name!r}")
+    if not isinstance(args, list) or not isinstance(attrs, dict):
+        raise ProgramError(f"{where}: args must be a list and attrs a dict")
+    if not all(isinstance(k, str) for k in attrs):
+        raise ProgramError(f"{where}: attribute names must be strings")
+    for a in args:
+        if not (isinstance(a, list) and len(a) == 2 and a[0] in ("s", "c")):
+            raise ProgramError(f"{where}: bad argument {a!r:.80}")
+        if a[0] == "s":
+            c.slot(a[1], where)
+    c.define(out, where)
+
+
+def _check_put(ins, c, where):
+    c.define(ins[1], where)
+    c.index(ins[2], where)
+
+
+def _check_update(ins, c, where):
+    c.slot(ins[1], where)
+    c.index(ins[2], where)
+
+
+def _check_assign(ins, c, where):
+    c.slot(ins[1], where)
+    c.slot(ins[2], where)
+
+
+def _check_fetch(ins, c, where):
+    c.slot(ins[1], where)
+
+
+def _check_backward(ins, c, where):
+    _, root, seed, placement, _retain, leaves = ins
+    c.slot(root, where)
+    c.optional(seed, where)
+    if placement not in ("S", "R", "P"):
+        raise ProgramError(f"{where}: bad root placement {placement!r:.40}")
+    if not isinstance(leaves, list):
+        raise ProgramError(f"{where}: leaves must be a list")
+    for leaf in leaves:
+        if not (isinstance(leaf, list) and len(leaf) == 4):
+            raise ProgramError(f"{where}: bad leaf entry {leaf!r:.80}")
+        c.slot(leaf[0], where)
+        c.optional(leaf[1], where)
+        c.define(leaf[2], where)
+
+
+# One checker per instruction kind: kind -> (number of fields, checker). A new kind adds
+# its entry here; validate() rejects kinds not in the table.
+INSTRUCTIONS = {
+    "op": (6, _check_op),
+    "put": (4, _check_put),
+    "update": (3, _check_update),
+    "assign": (3, _check_assign),
+    "fetch": (2, _check_fetch),
+    "backward": (6, _check_backward),
+}
+
+
+def _slot_list(structure, key):
+    v = structure[key]
+    if not isinstance(v, list) or not all(type(s) is int for s in v):
+        raise ProgramError(f"program {key} must be a list of slot numbers")
+    return v
+
+
+def validate(structure):
+    """Check a decoded program structure; raise ``ProgramError`` naming what is wrong.
+
+    Any structure a message can carry gives either the structure back or a
+    ``ProgramError``: wrong types, unknown instructions or ops, slots out of range or used
+    before being defined, and a slot count larger than the program uses (a worker
+    allocates one entry per slot).
+
+    Example::
+
+        validate({"instrs": [["fetch", 0]], "nslots": 1, "ext": [0], "keep": []})
+    """
+    if not isinstance(structure, dict) or not {"instrs", "nslots", "ext", "keep"} <= set(structure):
+        raise ProgramError("program structure must be a dict with instrs, nslots, ext, keep")
+    instrs, nslots = structure["instrs"], structure["nslots"]
+    if type(nslots) is not int or nslots < 0 or not isinstance(instrs, list):
+        raise ProgramError("bad program header: nslots must be an int >= 0 and instrs a list")
+    if len(instrs) > MAX_INSTRUCTIONS:
+        raise ProgramError(f"program of {len(instrs)} instructions exceeds {MAX_INSTRUCTIONS}")
+    c = _Checker(nslots, _slot_list(structure, "ext"))
+    for s in c.defined:
+        c.slot(s, "ext", False)
     for n, ins in enumerate(instrs):
-        if not isinstance(ins, list) or not ins or ins[0] not in _ARITY:
-            raise ProgramError(f"instruction {n}: unknown instruction {ins[:1] if isinstance(ins, list) else ins!r}")
-        kind = ins[0]
-        if len(ins) != _ARITY[kind]:
-            raise ProgramError(f"instruction {n} ({kind}): expected {_ARITY[kind]} fields, got {len(ins)}")
-        where = f"instruction {n} ({kind}{' ' + str(ins[1]) if kind == 'op' else ''})"
-        if kind == "op":
-            _, name, args, attrs, out, _grad = ins
-            if name not in OPS:
-                raise ProgramError(f"{where}: unknown op '{name}'")
-            if not isinstance(args, list) or not isinstance(attrs, dict):
-                raise ProgramError(f"{where}: args must be a list and attrs a dict")
-            for a in args:
-                if not (isinstance(a, list) and len(a) == 2 and a[0] in ("s", "c")):
-                    raise ProgramError(f"{where}: bad argument {a!r}")
-                if a[0] == "s":
-                    slot(a[1], where)
-            defined.add(slot(out, where, False))
-        elif kind in ("put", "update"):
-            if kind == "update":
-                slot(ins[1], where)
-            defined.add(slot(ins[1], where, False))
-            if not isinstance(ins[2], int) or ins[2] < 0:
-                raise ProgramError(f"{where}: bad input index {ins[2]!r}")
-        elif kind == "assign":
-            slot(ins[1], where)
-            slot(ins[2], where)
-        elif kind == "fetch":
-            slot(ins[1], where)
-        elif kind == "backward":
-            _, root, seed, placement, _retain, leaves = ins
-            slot(root, where)
-            if seed != -1:
-                slot(seed, where)
-            if placement not in ("S", "R", "P"):
-                raise ProgramError(f"{where}: bad root placement {placement!r}")
-            for leaf in leaves:
-                if not (isinstance(leaf, list) and len(leaf) == 4):
-                    raise ProgramError(f"{where}: bad leaf entry {leaf!r}")
-                slot(leaf[0], where)
-                if leaf[1] != -1:
-                    slot(leaf[1], where)
-                defined.add(slot(leaf[2], where, False))
-    for s in structure["keep"]:
-        slot(s, "keep")
+        kind = ins[0] if isinstance(ins, list) and ins else None
+        if not isinstance(kind, str) or kind not in INSTRUCTIONS:
+            raise ProgramError(f"instruction {n}: unknown instruction {kind!r:.40}; known: "
+                               f"{', '.join(INSTRUCTIONS)}")
+        arity, check = INSTRUCTIONS[kind]
+        if len(ins) != arity:
+            raise ProgramError(f"instruction {n} ({kind}): expected {arity} fields, got {len(ins)}")
+        named = kind == "op" and isinstance(ins[1], str)
+        check(ins, c, f"instruction {n} ({kind}{' ' + ins[1][:40] if named else ''})")
+    for s in _slot_list(structure, "keep"):
+        c.slot(s, "keep")
+    if nslots > c.fields + 1:
+        raise ProgramError(f"program declares {nslots} slots but names only {c.fields}")
     return structure

@@ -19,6 +19,7 @@ can execute code on load. A file is written to a temporary name in the same fold
 flushed to disk and renamed over the target, so a crash leaves either the old file or
 the new one, never a torn one.
 """
+import math
 import os
 import struct
 import tempfile
@@ -27,17 +28,13 @@ import zlib
 import msgpack
 import numpy as np
 
-from . import _backend
+from . import _backend, _checks
 
 MAGIC = b"DISTGRAD"
 VERSION = 2
 _HEADER = struct.Struct("<8sIQIQ")
 _EXT_TENSOR, _EXT_NDARRAY, _EXT_TUPLE = 1, 2, 3
 _KINDS = ("tensor", "variable", "parameter")
-# Plain numeric dtypes only: an object dtype could smuggle code in.
-_ALLOWED_DTYPES = {np.dtype(t).str.lstrip("<>|=") for t in (
-    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-    np.float16, np.float32, np.float64, np.complex64, np.complex128)}
 
 
 class SerializationError(RuntimeError):
@@ -48,7 +45,7 @@ class SerializationError(RuntimeError):
 
 def _array_ext(chunks, code, array, kind=None, requires_grad=False):
     a = np.asarray(_backend.to_numpy(array))
-    if a.dtype.str.lstrip("<>|=") not in _ALLOWED_DTYPES:
+    if a.dtype.str[1:] not in _checks.PLAIN_DTYPES:   # object dtypes could smuggle code in
         raise TypeError(f"dg.save: arrays of dtype {a.dtype} cannot be saved (object and "
                         "structured dtypes are not plain data)")
     dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
@@ -105,6 +102,7 @@ def save(obj, f):
 
         dg.save({"model": model.state_dict(), "epoch": 3}, "ckpt.dgt")
     """
+    _checks.save_args(f)
     chunks = []
     meta = msgpack.packb(_encode(obj, "", chunks), use_bin_type=True)
     header = _HEADER.pack(MAGIC, VERSION, len(meta), zlib.crc32(meta), sum(c.nbytes for c in chunks))
@@ -143,49 +141,113 @@ def save(obj, f):
 
 
 # ---------------------------------------------------------------- decode
+# A file is untrusted input (checkpoints travel between machines): every length is checked
+# against what the file still holds before anything is allocated, nesting is capped, and
+# every failure is a SerializationError.
 
-def _read_array(data, stream, name):
-    """Read one array record's bytes from ``stream`` (they follow the meta in order)."""
+_READ_CHUNK = 64 << 20        # a stream of unknown size is read in pieces of this size
+
+
+class _Source:
+    """The open file and how many bytes it still holds (None: unknown, a pipe)."""
+
+    def __init__(self, stream, name, size):
+        self.stream, self.name, self.left = stream, name, size
+
+    def need(self, n, what):
+        if self.left is not None and n > self.left:
+            raise SerializationError(f"{self.name}: file is truncated: {what} declares {n} "
+                                     f"bytes, only {self.left} remain")
+
+    def read(self, n, what):
+        """``n`` bytes as a bytearray; reads in pieces when the size is unknown, so a
+        declared length never allocates more than the stream really holds."""
+        self.need(n, what)
+        if self.left is not None:
+            buf = bytearray(n)
+            got = self.stream.readinto(buf) if n else 0
+        else:
+            buf = bytearray()
+            while len(buf) < n:
+                piece = self.stream.read(min(_READ_CHUNK, n - len(buf)))
+                if not piece:
+                    break
+                buf += piece
+            got = len(buf)
+        if got != n:
+            raise SerializationError(f"{self.name}: file is truncated inside {what}")
+        if self.left is not None:
+            self.left -= n
+        return buf
+
+
+def _read_array(data, src):
+    """Read one array record's bytes from ``src`` (they follow the meta in order)."""
+    name = src.name
     try:
-        dtype, shape, kind, requires_grad, nbytes, crc = msgpack.unpackb(data, raw=False)
+        head = msgpack.unpackb(data, raw=False)
     except Exception as e:
         raise SerializationError(f"{name}: corrupted tensor record ({e})") from None
-    if dtype.lstrip("<>|=") not in _ALLOWED_DTYPES:
+    if not (isinstance(head, list) and len(head) == 6):
+        raise SerializationError(f"{name}: corrupted tensor record (not 6 fields)")
+    dtype, shape, kind, requires_grad, nbytes, crc = head
+    dt = _checks.plain_dtype(dtype)
+    if dt is None:
         raise SerializationError(f"{name}: tensor dtype {dtype!r} is not allowed")
-    dt = np.dtype(dtype)
-    if any(not isinstance(n, int) or n < 0 for n in shape) or \
-            int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
-        raise SerializationError(f"{name}: tensor of dtype {dtype} and shape {tuple(shape)} "
-                                 f"does not have {nbytes} bytes")
-    array = np.empty(shape, dtype=dt)                 # writable, owns its memory
-    view = memoryview(array.reshape(-1)).cast("B")
-    got = stream.readinto(view) if nbytes else 0
-    if got != nbytes:
-        raise SerializationError(f"{name}: file is truncated inside a tensor of shape "
-                                 f"{tuple(shape)}")
+    if not (isinstance(shape, list) and len(shape) <= _checks.MAX_NDIM
+            and all(type(n) is int and n >= 0 for n in shape)) \
+            or type(nbytes) is not int or type(crc) is not int \
+            or math.prod(shape) * dt.itemsize != nbytes:
+        raise SerializationError(f"{name}: tensor record of dtype {dtype} and shape {shape!r} "
+                                 f"does not match its {nbytes!r} bytes")
+    src.need(nbytes, f"a tensor of shape {tuple(shape)}")
+    if src.left is not None:
+        array = np.empty(shape, dtype=dt)             # writable, owns its memory
+        view = memoryview(array.reshape(-1)).cast("B")
+        got = src.stream.readinto(view) if nbytes else 0
+        if got != nbytes:
+            raise SerializationError(f"{name}: file is truncated inside a tensor of shape "
+                                     f"{tuple(shape)}")
+        src.left -= nbytes
+    else:
+        raw = src.read(nbytes, f"a tensor of shape {tuple(shape)}")
+        array = np.frombuffer(raw, dtype=dt).reshape(shape)   # writable: a bytearray
+        view = raw
     if zlib.crc32(view) != crc:
         raise SerializationError(f"{name}: file is corrupted: checksum mismatch in a tensor of "
                                  f"shape {tuple(shape)}")
     return array, kind, requires_grad
 
 
-def _make_hook(map_location, stream, name):
+def _make_hook(map_location, src):
+    depth = [0]            # tuples nest by recursive unpacking: capped before the C stack is
+
     def hook(code, data):
         if code == _EXT_TUPLE:
-            return tuple(msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False))
+            if depth[0] >= _checks.MAX_DEPTH:
+                raise SerializationError(f"{src.name}: records nest deeper than "
+                                         f"{_checks.MAX_DEPTH} levels")
+            depth[0] += 1
+            try:
+                items = msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False)
+            finally:
+                depth[0] -= 1
+            if not isinstance(items, list):
+                raise SerializationError(f"{src.name}: corrupted tuple record")
+            return tuple(items)
         if code not in (_EXT_TENSOR, _EXT_NDARRAY):
-            raise SerializationError(f"unknown record type {code} in file")
-        array, kind, requires_grad = _read_array(data, stream, name)
+            raise SerializationError(f"{src.name}: unknown record type {code} in file")
+        array, kind, requires_grad = _read_array(data, src)
         if code == _EXT_NDARRAY:
             return array
         if kind not in _KINDS:
-            raise SerializationError(f"unknown tensor kind {kind!r} in file")
+            raise SerializationError(f"{src.name}: unknown tensor kind {kind!r} in file")
         from .tensor import Tensor, Variable
         if map_location not in (None, "cpu"):
             array = _backend.to_device(array, map_location)
         if kind == "parameter":
             from .nn.module import Parameter
-            return Parameter(Tensor._from_array(array), requires_grad=requires_grad)
+            return Parameter(Tensor._from_array(array), requires_grad=bool(requires_grad))
         cls = Variable if kind == "variable" else Tensor
         t = cls._from_array(array)
         if requires_grad:
@@ -198,26 +260,45 @@ def load(f, map_location=None):
     """Load an object saved by ``dg.save``; tensors land on ``map_location`` (default CPU).
 
     Raises ``SerializationError`` for a file that is not a distgrad file, was written by
-    a newer format version, or is truncated or corrupted.
+    a newer format version, or is truncated, corrupted or hostile (nesting deeper than
+    64 levels, a length larger than the file): no file makes it allocate more than the
+    file holds.
 
     Example::
 
         state = dg.load("ckpt.dgt"); model.load_state_dict(state["model"])
     """
+    _checks.load_args(f, map_location)
     if hasattr(f, "read"):
-        return _load_stream(f, getattr(f, "name", "<stream>"), map_location, None)
+        return _load_stream(f, getattr(f, "name", "<stream>"), map_location, _stream_left(f))
     name = os.fspath(f)
     with open(name, "rb") as fh:
         return _load_stream(fh, name, map_location, os.fstat(fh.fileno()).st_size)
 
 
+def _stream_left(f):
+    """Bytes left in a seekable stream, None for a pipe or socket."""
+    try:
+        if not f.seekable():
+            return None
+        here = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(here)
+        return end - here
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _load_stream(stream, name, map_location, size):
+    src = _Source(stream, name, size)
     head = stream.read(_HEADER.size)
     if len(head) < _HEADER.size:
         if not MAGIC.startswith(head[:len(MAGIC)]):
             raise SerializationError(f"{name}: not a distgrad file (bad magic)")
         raise SerializationError(f"{name}: file is truncated: {len(head)} bytes, shorter than "
                                  f"the {_HEADER.size}-byte header")
+    if src.left is not None:
+        src.left -= _HEADER.size
     magic, version, meta_len, meta_crc, data_len = _HEADER.unpack(head)
     if magic != MAGIC:
         raise SerializationError(f"{name}: not a distgrad file (bad magic {magic!r})")
@@ -226,23 +307,29 @@ def _load_stream(stream, name, map_location, size):
                                  f"distgrad supports ({VERSION}); upgrade distgrad")
     if version < VERSION:
         raise SerializationError(f"{name}: format version {version} is no longer supported")
-    if size is not None:
-        expected = _HEADER.size + meta_len + data_len
-        if size < expected:
-            raise SerializationError(f"{name}: file is truncated: expected {expected} bytes, "
-                                     f"found {size}")
-        if size > expected:
-            raise SerializationError(f"{name}: file is corrupted: {size - expected} unexpected "
-                                     "bytes after the data")
-    meta = stream.read(meta_len)
-    if len(meta) < meta_len:
-        raise SerializationError(f"{name}: file is truncated inside its table of contents")
+    if src.left is not None:
+        expected = meta_len + data_len
+        if src.left < expected:
+            raise SerializationError(f"{name}: file is truncated: expected "
+                                     f"{_HEADER.size + expected} bytes, found "
+                                     f"{_HEADER.size + src.left}")
+        if src.left > expected:
+            raise SerializationError(f"{name}: file is corrupted: {src.left - expected} "
+                                     "unexpected bytes after the data")
+    meta = src.read(meta_len, "its table of contents")
     if zlib.crc32(meta) != meta_crc:
         raise SerializationError(f"{name}: file is corrupted: checksum mismatch")
+    if src.left is None:
+        src.left = data_len     # a pipe: the arrays may take no more than the header says
+    else:
+        src.left = min(src.left, data_len)
     try:
-        return msgpack.unpackb(meta, ext_hook=_make_hook(map_location, stream, name), raw=False,
-                               strict_map_key=False)
+        obj = msgpack.unpackb(meta, ext_hook=_make_hook(map_location, src), raw=False,
+                              strict_map_key=False)
     except SerializationError:
         raise
-    except Exception as e:          # checksum passed but content is malformed: a writer bug
+    except Exception as e:          # checksum passed but content is malformed: hostile or a bug
         raise SerializationError(f"{name}: malformed contents ({type(e).__name__}: {e})") from None
+    if _checks.too_deep(obj):
+        raise SerializationError(f"{name}: contents nest deeper than {_checks.MAX_DEPTH} levels")
+    return obj
