@@ -1,17 +1,75 @@
-"""Shared by the bench scripts: time a callable; print a result table and keep it in
-bench/results/."""
+"""Shared by the bench scripts: the common flags, the baseline check, timing, and the
+result tables (printed; written to files only with ``--save``)."""
+import argparse
 import os
+import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# In a source checkout the committed tables live in bench/results/; an installed package
+# has no such folder, so --save writes to the current directory instead.
+RESULTS = os.path.join(HERE, "results")
+DEFAULT_SAVE_DIR = RESULTS if os.path.isdir(RESULTS) else os.path.join(os.getcwd(), "distgrad-bench-results")
+
+# Exit status of a script that cannot measure its baseline (so it reports no ratio).
+EXIT_NO_BASELINE = 3
 
 
-def publish(name, text):
-    """Print ``text`` and write it to bench/results/<name>.md. Example: ``publish("recovery", table)``."""
+def add_common_args(ap):
+    """The flags every bench script takes (``distgrad bench`` passes them through).
+
+    Example: ``ap = argparse.ArgumentParser(); add_common_args(ap); ap.parse_args(["--quick"])``.
+    """
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (a smoke run)")
+    ap.add_argument("--save", nargs="?", const=DEFAULT_SAVE_DIR, default=None, metavar="DIR",
+                    help="also write the result files to DIR (default with no DIR: "
+                         f"{os.path.relpath(DEFAULT_SAVE_DIR)}); without --save nothing is written")
+    return ap
+
+
+def parser(doc):
+    """An ArgumentParser for a bench script: the first line of ``doc`` as its description,
+    defaults shown in --help, and the common flags. Example: ``ap = parser(__doc__)``."""
+    return add_common_args(argparse.ArgumentParser(
+        description=doc.strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def require_baseline(module, what):
+    """Import ``module`` (the baseline every ratio of the script is measured against) or
+    exit with one line saying what to install. A ratio without its baseline is not
+    reported, and a missing baseline is never silently dropped.
+
+    Example: ``torch = require_baseline("torch", "PyTorch's training step")``.
+    """
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        print(f"{os.path.basename(sys.argv[0]) or 'bench'}: cannot measure the baseline ({what}): "
+              f"{e}. Install it with `pip install torch==2.13.0` (or `pip install '.[bench]'` "
+              "in the distgrad checkout); no ratio is reported without it.", file=sys.stderr)
+        raise SystemExit(EXIT_NO_BASELINE) from None
+
+
+def publish(name, text, save=None):
+    """Print ``text``; with ``save`` (a folder) also write it to ``<save>/<name>.md``.
+
+    Example: ``publish("recovery", table, args.save)``.
+    """
     print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
-        f.write(text + "\n")
+    write(name, text, save)
+
+
+def write(name, text, save):
+    """Write ``text`` to ``<save>/<name>.md`` when ``save`` names a folder (``--save``); else
+    nothing. Example: ``write("bench_nn", "\\n".join(lines), args.save)``."""
+    if save:
+        os.makedirs(save, exist_ok=True)
+        path = os.path.join(save, f"{name}.md")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def timings(fn, repeat, warmup=0):

@@ -8,16 +8,17 @@ For each world size one set of processes (multiprocessing 'spawn', no Ray)
 hosts every backend. Per size, after warm-up, the backends are timed in
 interleaved blocks (A B C D A B C D ...) of ``reps`` back-to-back all-reduces of
 a float32 array, so they see the same machine load; per block the slowest
-rank's mean counts, and the median block is reported. Writes a markdown table to
-stdout and ``bench/results/allreduce.md``, the raw times to
-``bench/results/allreduce.json`` and a plot to ``bench/results/allreduce.png``.
+rank's mean counts, and the median block is reported. Prints a markdown table;
+with ``--save [DIR]`` also writes it to ``DIR/allreduce.md``, the raw times to
+``allreduce.json`` and a plot to ``allreduce.png`` (DIR: ``bench/results`` in a checkout).
+Needs torch for the gloo baseline (every ratio is against it): without it, it refuses.
 
     python bench/allreduce.py            # 1 KB .. 256 MB, 2 and 4 workers
     python bench/allreduce.py --quick    # a few sizes
+    python bench/allreduce.py --save     # and update bench/results/
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -28,8 +29,6 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 
 FULL_SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20,
               16 << 20, 64 << 20, 128 << 20, 256 << 20]
@@ -184,27 +183,22 @@ def busbw(nbytes, t, ws):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 sizes, fewer repetitions")
-    ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--slot-bytes", type=int, default=None, help="shm chunk per rank (tuning)")
-    ap.add_argument("--no-tcp", action="store_true")
-    ap.add_argument("--blocks", type=int, default=3,
-                    help="timing blocks per size and backend, interleaved; the median is kept")
-    ap.add_argument("--out", default=RESULTS)
-    args = ap.parse_args(argv)
     try:
         import distgrad.workers.collective  # noqa: F401
+        from distgrad.bench._results import parser, require_baseline
     except ImportError as e:
-        sys.exit(f"distgrad is not importable ({e}): pip install -e . first")
-    try:
-        import torch  # noqa: F401
-        have_torch = True
-    except ImportError:
-        have_torch = False
+        sys.exit(f"distgrad is not importable ({e}): pip install . first")
+    ap = parser(__doc__)          # --quick: 4 sizes, fewer repetitions; --save [DIR]
+    ap.add_argument("--workers", type=int, nargs="+", default=[2, 4], help="world sizes to run")
+    ap.add_argument("--slot-bytes", type=int, default=None, help="shm chunk per rank (tuning)")
+    ap.add_argument("--no-tcp", action="store_true", help="leave out the TCP ring")
+    ap.add_argument("--blocks", type=int, default=3,
+                    help="timing blocks per size and backend, interleaved; the median is kept")
+    args = ap.parse_args(argv)
+    # Every ratio below is against gloo: without torch there is nothing to report.
+    require_baseline("torch", "torch.distributed's gloo all-reduce")
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    backends = (["shm", "shm-zc"] + ([] if args.no_tcp else ["tcp"])
-                + (["gloo"] if have_torch else []))
+    backends = ["shm", "shm-zc"] + ([] if args.no_tcp else ["tcp"]) + ["gloo"]
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results = {}
     for ws in args.workers:
@@ -235,56 +229,55 @@ def main(argv=None):
         cols = [b for b in backends]
         head = "| size | " + " | ".join(f"{b} time | {b} algbw GB/s | {b} busbw GB/s"
                                        for b in cols)
-        if have_torch:
-            head += " | " + " | ".join(f"{b}/gloo" for b in cols if b != "gloo")
+        head += " | " + " | ".join(f"{b}/gloo" for b in cols if b != "gloo")
         lines += [f"## {ws} workers", "", head + " |",
-                  "|" + "---|" * (1 + 3 * len(cols) + (len(cols) - 1 if have_torch else 0))]
+                  "|" + "---|" * (1 + 3 * len(cols) + len(cols) - 1)]
         for nb in sizes:
             row = [fmt_size(nb)]
             for b in cols:
                 t = results[(b, ws)][nb]
                 row += [fmt_time(t), f"{nb / t / 1e9:.2f}", f"{busbw(nb, t, ws):.2f}"]
-            if have_torch:
-                tg = results[("gloo", ws)][nb]
-                row += [f"{tg / results[(b, ws)][nb]:.2f}x" for b in cols if b != "gloo"]
+            tg = results[("gloo", ws)][nb]
+            row += [f"{tg / results[(b, ws)][nb]:.2f}x" for b in cols if b != "gloo"]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
 
-    if have_torch:
-        def ratio(b, ws, nb):
-            r = results.get((b, ws))
-            g = results.get(("gloo", ws))
-            if r is None or g is None or nb not in r:
-                return None
-            return g[nb] / r[nb]
+    def ratio(b, ws, nb):
+        r = results.get((b, ws))
+        g = results.get(("gloo", ws))
+        if r is None or g is None or nb not in r:
+            return None
+        return g[nb] / r[nb]
 
-        targets = [("2 workers, 128 MB, shm vs gloo bandwidth", "shm", 2, 128 << 20, 4.0),
-                   ("2 workers, 128 MB, shm zero-copy buckets vs gloo", "shm-zc", 2,
-                    128 << 20, 4.0),
-                   ("2 workers, 4 KB, shm vs gloo (latency: ratio >= 1 means not slower)",
-                    "shm", 2, 4 << 10, 1.0),
-                   ("4 workers, 16 MB, shm vs gloo bandwidth", "shm", 4, 16 << 20, 2.0),
-                   ("4 workers, 16 MB, shm zero-copy buckets vs gloo", "shm-zc", 4, 16 << 20,
-                    2.0),
-                   ("2 ranks over TCP loopback, 128 MB, tcp ring vs gloo", "tcp", 2,
-                    128 << 20, 1.0)]
-        lines += ["## Targets (issue 5)", "", "| target | measured | goal | |", "|---|---|---|---|"]
-        for label, b, ws, nb, goal in targets:
-            r = ratio(b, ws, nb)
-            if r is None:
-                lines.append(f"| {label} | not run | >= {goal:g}x | |")
-            else:
-                lines.append(f"| {label} | {r:.2f}x | >= {goal:g}x | "
-                             f"{'met' if r >= goal else 'MISSED'} |")
-        lines.append("")
+    targets = [("2 workers, 128 MB, shm vs gloo bandwidth", "shm", 2, 128 << 20, 4.0),
+               ("2 workers, 128 MB, shm zero-copy buckets vs gloo", "shm-zc", 2,
+                128 << 20, 4.0),
+               ("2 workers, 4 KB, shm vs gloo (latency: ratio >= 1 means not slower)",
+                "shm", 2, 4 << 10, 1.0),
+               ("4 workers, 16 MB, shm vs gloo bandwidth", "shm", 4, 16 << 20, 2.0),
+               ("4 workers, 16 MB, shm zero-copy buckets vs gloo", "shm-zc", 4, 16 << 20,
+                2.0),
+               ("2 ranks over TCP loopback, 128 MB, tcp ring vs gloo", "tcp", 2,
+                128 << 20, 1.0)]
+    lines += ["## Targets (issue 5)", "", "| target | measured | goal | |", "|---|---|---|---|"]
+    for label, b, ws, nb, goal in targets:
+        r = ratio(b, ws, nb)
+        if r is None:
+            lines.append(f"| {label} | not run | >= {goal:g}x | |")
+        else:
+            lines.append(f"| {label} | {r:.2f}x | >= {goal:g}x | "
+                         f"{'met' if r >= goal else 'MISSED'} |")
+    lines.append("")
     text = "\n".join(lines)
     raw = {f"{b}/{ws}": {str(nb): t for nb, t in res.items()}
            for (b, ws), res in results.items()}
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "allreduce.md"), "w") as f:
+    if not args.save:
+        return
+    os.makedirs(args.save, exist_ok=True)
+    with open(os.path.join(args.save, "allreduce.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(args.out, "allreduce.json"), "w") as f:
+    with open(os.path.join(args.save, "allreduce.json"), "w") as f:
         json.dump({"seconds": raw, "memcpy_128MB_s": mc, "quick": args.quick}, f, indent=1)
     try:
         import matplotlib
@@ -308,8 +301,8 @@ def main(argv=None):
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "allreduce.png"), dpi=120)
-    print(f"wrote {os.path.join(args.out, 'allreduce.md')} and allreduce.png", file=sys.stderr)
+    fig.savefig(os.path.join(args.save, "allreduce.png"), dpi=120)
+    print(f"wrote {os.path.join(args.save, 'allreduce.md')} and allreduce.png", file=sys.stderr)
 
 
 if __name__ == "__main__":

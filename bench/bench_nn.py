@@ -12,7 +12,7 @@ Thread counts are pinned before numpy and torch load: OMP/OPENBLAS/MKL env vars 
 numpy's BLAS (threadpoolctl too when installed), ``torch.set_num_threads`` for torch.
 Targets (issue 3): MLP <= 1.0x, CNN <= 1.5x PyTorch.
 """
-import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -23,12 +23,24 @@ def _pin_threads(n):
         os.environ[var] = str(n)
 
 
+def _results_module():
+    # Loaded by its path: importing distgrad.bench would load numpy before the threads are pinned.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_results.py")
+    spec = importlib.util.spec_from_file_location("_bench_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_results = _results_module()
+
+
 def _parse():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap = _results.parser(__doc__)    # --quick: 1 s per case, 5 rounds at least; --save
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads for both libraries (BLAS, torch intra-op)")
     ap.add_argument("--seconds", type=float, default=5.0, help="time budget per case")
     ap.add_argument("--rounds", type=int, default=10, help="at least this many alternating blocks")
-    ap.add_argument("--quick", action="store_true", help="1 s per case, 5 rounds at least")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU time, robust to other load on a shared machine "
                          "(meaningful with --threads 1 only)")
@@ -44,7 +56,8 @@ if ARGS is not None:
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:       # run as a file in a checkout: make distgrad importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
 import distgrad.nn.functional as F  # noqa: E402
 import distgrad.optim as optim  # noqa: E402
@@ -125,13 +138,10 @@ def measure(name, torch, build, x, y, seconds, rounds):
 def main():
     if ARGS.clock == "cpu" and ARGS.threads != 1:
         raise SystemExit("--clock cpu sums the CPU time of all threads: use it with --threads 1")
-    import torch
+    torch = _results.require_baseline("torch", "PyTorch's training step at the same thread count")
     torch.set_num_threads(ARGS.threads)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(ARGS.threads)
-    except ImportError:
-        pass                                    # the env vars set before import did it
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(ARGS.threads)             # numpy's BLAS, in case it was loaded already
     rng = np.random.default_rng(0)
     cases = [
         ("MLP 784-512-256-10, batch 128", _mlp,
@@ -140,14 +150,17 @@ def main():
          rng.standard_normal((64, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 64)),
     ]
     targets = [1.0, 1.5]
-    print(f"training step (forward + backward + SGD momentum), {ARGS.threads} thread(s), "
-          f"{ARGS.clock} clock, numpy {np.__version__}, torch {torch.__version__}")
-    print(f"{'case':34s} {'distgrad ms':>12s} {'torch ms':>10s} {'ratio':>7s} {'target':>7s}")
-    print("(ms: best block of each; ratio: median of the paired per-round ratios)")
+    lines = [f"training step (forward + backward + SGD momentum), {ARGS.threads} thread(s), "
+             f"{ARGS.clock} clock, numpy {np.__version__}, torch {torch.__version__}",
+             f"{'case':34s} {'distgrad ms':>12s} {'torch ms':>10s} {'ratio':>7s} {'target':>7s}",
+             "(ms: best block of each; ratio: median of the paired per-round ratios)"]
+    print("\n".join(lines), flush=True)
     for (name, build, x, y), target in zip(cases, targets):
         name, d, t, ratio = measure(name, torch, build, x, y, ARGS.seconds, ARGS.rounds)
         ok = "ok" if ratio <= target else "MISSED"
-        print(f"{name:34s} {d * 1e3:12.3f} {t * 1e3:10.3f} {ratio:6.2f}x {target:5.1f}x {ok}")
+        lines.append(f"{name:34s} {d * 1e3:12.3f} {t * 1e3:10.3f} {ratio:6.2f}x {target:5.1f}x {ok}")
+        print(lines[-1], flush=True)
+    _results.write("bench_nn", "\n".join(lines), ARGS.save)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ Target (issue 6): cluster.save_checkpoint <= 2x numpy.save of the same bytes, sa
 
     python bench/checkpoint.py [--quick] [--backend ray|local]
 """
-import argparse
 import os
 import statistics
 import sys
@@ -12,9 +11,10 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:       # run as a file in a checkout: make distgrad importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
-from _results import publish, timings  # noqa: E402
+from distgrad.bench._results import parser, publish, timings  # noqa: E402
 import distgrad.nn as nn  # noqa: E402
 
 
@@ -24,9 +24,9 @@ def best(fn, repeat):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--backend", default="ray", choices=["ray", "local"])
+    ap = parser(__doc__)
+    ap.add_argument("--backend", default="ray", choices=["ray", "local"],
+                    help="where the 2 workers run: Ray actors or threads of this process")
     args = ap.parse_args()
     repeat = 3 if args.quick else 5
     # 5 layers of 2048 x 2560 float32 = 100 MiB of parameters (plus small biases).
@@ -55,7 +55,7 @@ def main():
         f"ratio checkpoint / numpy.save = {ratio:.2f}x (target <= 2x: {'met' if ratio <= 2 else 'NOT met'}); "
         f"file {size / 2**20:.0f} MiB",
     ])
-    publish("checkpoint", text)
+    publish("checkpoint", text, args.save)
 
 
 if __name__ == "__main__":

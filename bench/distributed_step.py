@@ -4,7 +4,6 @@ step measured in the same run, plus the driver-side recording overhead.
 
     python bench/distributed_step.py [--quick]
 """
-import argparse
 import os
 import statistics
 import sys
@@ -12,9 +11,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:       # run as a file in a checkout: make distgrad importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
-from _results import publish, timings  # noqa: E402
+from distgrad.bench._results import parser, publish, timings  # noqa: E402
 import distgrad.nn as nn  # noqa: E402
 import distgrad.nn.functional as F  # noqa: E402
 
@@ -25,9 +25,8 @@ def model():
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batch", type=int, default=2048)
+    ap = parser(__doc__)
+    ap.add_argument("--batch", type=int, default=2048, help="rows per training step")
     args = ap.parse_args()
     n = 5 if args.quick else 15
     rng = np.random.default_rng(0)
@@ -68,7 +67,7 @@ def main():
     for name, t, rec in rows:
         lines.append(f"| {name} | {t:.4f} | {t / base:.2f}x | {'' if rec is None else f'{rec:.4f}'} |")
     text = "\n".join(lines)
-    publish("distributed_step", text)
+    publish("distributed_step", text, args.save)
 
 
 if __name__ == "__main__":

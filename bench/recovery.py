@@ -5,7 +5,6 @@ bench/results/recovery.md.
 
     python bench/recovery.py [--quick]
 """
-import argparse
 import os
 import signal
 import statistics
@@ -14,9 +13,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:       # run as a file in a checkout: make distgrad importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distgrad as dg  # noqa: E402
-from _results import publish, timings  # noqa: E402
+from distgrad.bench._results import parser, publish, timings  # noqa: E402
 from distgrad.autograd import Variable  # noqa: E402
 
 
@@ -30,9 +30,8 @@ def step(c, W, X, Y):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--workers", type=int, default=2)
+    ap = parser(__doc__)
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers; one of them is killed per trial")
     args = ap.parse_args()
     trials = 3 if args.quick else 5
     rng = np.random.default_rng(0)
@@ -58,7 +57,7 @@ def main():
         f"target: recovery <= 10 s -> {'met' if worst <= 10 else 'NOT met'} ({args.workers} workers, local Ray)",
     ]
     text = "\n".join(lines)
-    publish("recovery", text)
+    publish("recovery", text, args.save)
 
 
 if __name__ == "__main__":
