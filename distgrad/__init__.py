@@ -23,7 +23,8 @@ if _os.path.isfile(_os.path.join(_root, "workers", "__init__.py")) and _root not
 from . import autograd  # noqa: F401  (dg.autograd)
 from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled  # noqa: F401
 from .factories import *  # noqa: F401,F403  (dg.ones, dg.randn, dg.tensor... see factories.__all__)
-from .random import manual_seed  # noqa: F401
+from ._backend import device  # noqa: F401
+from .random import Generator, manual_seed  # noqa: F401
 from .tensor import Size, Tensor, Variable, apply_op  # noqa: F401
 
 __version__ = "0.1.0"
@@ -41,7 +42,7 @@ def is_tensor(x):
 def __getattr__(name):
     # Heavier subpackages load on first use so ``import distgrad`` stays fast.
     import importlib
-    if name in ("nn", "optim", "distributed", "cuda"):
+    if name in ("nn", "optim", "distributed", "cuda", "accelerator", "utils"):
         return importlib.import_module(f".{name}", __name__)
     if name in ("save", "load"):
         return getattr(importlib.import_module(".serialization", __name__), name)

@@ -32,6 +32,43 @@ def cupy_module():
     return _cupy
 
 
+class device(str):
+    """A device, as ``torch.device``: ``dg.device("cuda:0")``, ``dg.device("cuda", 1)``.
+
+    It is also the canonical device string, so it compares equal to ``"cpu"`` or
+    ``"cuda:1"`` and goes wherever a device string does.
+
+    Example::
+
+        dev = dg.device("cuda" if dg.cuda.is_available() else "cpu")
+        x = dg.ones(3).to(dev)          # dev.type == "cpu", dev.index is None
+    """
+
+    def __new__(cls, type, index=None):
+        name = normalize_device(type)
+        if index is not None:
+            if ":" in name:
+                raise ValueError(f"device: type {type!r} already names an index; got index={index}")
+            if name == "cpu" and int(index) != 0:
+                raise ValueError(f"device: cpu has only index 0, got {index}")
+            name = name if name == "cpu" else f"{name}:{int(index)}"
+        return super().__new__(cls, name)
+
+    @property
+    def type(self):
+        return self.split(":")[0]
+
+    @property
+    def index(self):
+        return int(self.split(":")[1]) if ":" in self else None
+
+    def __repr__(self):
+        idx = "" if self.index is None else f", index={self.index}"
+        return f"device(type='{self.type}'{idx})"
+
+    __hash__ = str.__hash__
+
+
 def normalize_device(device):
     """'cpu', 'cuda', 'cuda:0' -> canonical string; anything else is an error."""
     if device is None:

@@ -22,6 +22,20 @@ def type_name(dtype, device):
     return prefix + TYPE_NAMES.get(str(dtype), f"Tensor[{dtype}]")
 
 
+def parse_type_name(name):
+    """``'torch.cuda.DoubleTensor'`` / ``'distgrad.LongTensor'`` -> (numpy dtype, device).
+
+    Example: ``parse_type_name('torch.FloatTensor') == (np.dtype('float32'), 'cpu')``.
+    """
+    parts = name.split(".")
+    device = "cuda" if "cuda" in parts[:-1] else "cpu"
+    for dtype, short in TYPE_NAMES.items():
+        if short == parts[-1] and dtype != "bfloat16":
+            return np.dtype(dtype), device
+    raise TypeError(f"invalid type: {name!r}; expected a name such as 'torch.FloatTensor' "
+                    f"or 'distgrad.DoubleTensor'")
+
+
 def _exponent(v):
     return math.floor(math.log10(v)) + 1 if v != 0 else 1
 

@@ -1,8 +1,12 @@
 """Tensor factories: ``dg.ones``, ``dg.randn``, ``dg.tensor``, ``dg.FloatTensor`` ..."""
+import functools
+import warnings
+
 import numpy as np
 
 from . import _backend, random
-from .tensor import DEFAULT_DTYPE, Tensor, _dims, apply_op
+from .autograd import engine
+from .tensor import DEFAULT_DTYPE, Tensor, _dims, _to_array, apply_op, legacy_new
 
 
 def _make(array, dtype, device, requires_grad):
@@ -44,16 +48,17 @@ def rand(*size, dtype=None, device=None, requires_grad=False):
     return _make(random.uniform(_dims(size))._store.array, dtype, device, requires_grad)
 
 
-def randint(low, high=None, size=(), dtype=None, device=None):
+def randint(low, high=None, size=(), dtype=None, device=None, generator=None):
     """Random integers in [low, high). Example: ``dg.randint(0, 10, (5,))``."""
     if high is None:
         low, high = 0, low
-    return _make(random.integers(low, high, size)._store.array, dtype, device, False)
+    return _make(random.integers(low, high, size, generator=generator)._store.array, dtype,
+                 device, False)
 
 
-def randperm(n, device=None):
-    """A random permutation of 0..n-1. Example: ``dg.randperm(5)``."""
-    return _make(random.permutation(n).astype(np.int64), None, device, False)
+def randperm(n, device=None, generator=None, dtype=None):
+    """A random permutation of 0..n-1. Example: ``dg.randperm(5, generator=g)``."""
+    return _make(random.permutation(n, generator).astype(np.int64), dtype, device, False)
 
 
 def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False):
@@ -82,9 +87,10 @@ def tensor(data, dtype=None, device=None, requires_grad=False):
 
     Python floats give float32; Python ints int64; numpy arrays keep their dtype.
     """
-    t = Tensor(data, dtype=dtype, device=device)
+    arr = _to_array(data, dtype, device)
     if isinstance(data, (Tensor, np.ndarray)) or _backend.is_cupy_array(data):
-        t = Tensor._from_array(t._store.array.copy())
+        arr = arr.copy()
+    t = Tensor._from_array(arr)
     if requires_grad:
         t._init_requires_grad(True)
     return t
@@ -99,22 +105,46 @@ def from_numpy(a):
     return Tensor._from_array(a)
 
 
-def _typed(dtype, name):
-    def make(*args, device=None):
-        """A tensor of this type from a list (``FloatTensor([1, 2])``) or a size (``FloatTensor(2, 3)``)."""
-        if len(args) == 1 and not isinstance(args[0], (int, np.integer)):
-            return Tensor(args[0], dtype=dtype, device=device)
-        return _make(np.zeros(_dims(args), dtype=dtype), None, device, False)
-    make.__name__ = make.__qualname__ = name
-    return make
+class TensorType:
+    """A legacy tensor type (``dg.FloatTensor``, ``dg.cuda.LongTensor``...), as in PyTorch:
+    a constructor, a cast target for ``t.type(...)`` and a type for ``isinstance``.
+
+    ``FloatTensor(2, 3)`` is a (zero-filled) 2x3 tensor, ``FloatTensor([1, 2])`` one made
+    of data (Python numbers cast to the type; numpy arrays too).
+
+    Example::
+
+        x = dg.FloatTensor(2, 3); y = dg.LongTensor([1, 2])
+        isinstance(y, dg.LongTensor)            # True
+        x.type(dg.DoubleTensor).dtype           # float64
+    """
+
+    def __init__(self, dtype, name, device="cpu"):
+        self.dtype, self.device = np.dtype(dtype), device
+        self.__name__ = self.__qualname__ = name
+
+    def __call__(self, *args, device=None):
+        data = legacy_new(args, self.dtype)
+        return Tensor(data, dtype=self.dtype, device=device or self.device)
+
+    def __instancecheck__(self, obj):
+        return (isinstance(obj, Tensor) and obj.dtype == self.dtype
+                and str(obj.device).startswith(self.device))
+
+    def __repr__(self):
+        prefix = "distgrad.cuda." if self.device == "cuda" else "distgrad."
+        return f"<class '{prefix}{self.__name__}'>"
 
 
-FloatTensor = _typed(np.float32, "FloatTensor")
-DoubleTensor = _typed(np.float64, "DoubleTensor")
-LongTensor = _typed(np.int64, "LongTensor")
-IntTensor = _typed(np.int32, "IntTensor")
-BoolTensor = _typed(np.bool_, "BoolTensor")
-ByteTensor = _typed(np.uint8, "ByteTensor")
+def _legacy_types(device):
+    """The legacy type objects of one device, by name (``{"FloatTensor": TensorType(...)}``)."""
+    names = {"FloatTensor": np.float32, "DoubleTensor": np.float64, "HalfTensor": np.float16,
+             "LongTensor": np.int64, "IntTensor": np.int32, "ShortTensor": np.int16,
+             "CharTensor": np.int8, "ByteTensor": np.uint8, "BoolTensor": np.bool_}
+    return {name: TensorType(dtype, name, device) for name, dtype in names.items()}
+
+
+globals().update(_legacy_types("cpu"))
 
 
 def full_like(t, fill_value, dtype=None, device=None, requires_grad=False):
@@ -178,22 +208,68 @@ def matmul(a, b):
     return apply_op("matmul", a, b)
 
 
-def _unary(name):
+def _method(name):
     def fn(x, *args, **kwargs):
         return getattr(x, name)(*args, **kwargs)
     fn.__name__ = name
-    fn.__doc__ = f"``dg.{name}(x)`` is ``x.{name}()``."
+    fn.__doc__ = f"``dg.{name}(x, ...)`` is ``x.{name}(...)``; ``out=`` as in PyTorch."
     return fn
 
 
+# Functions that are the first argument's method (dg.add(x, y) is x.add(y)).
 _UNARY = ["exp", "log", "sqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "sum", "mean",
            "prod", "norm", "var", "std", "logsumexp", "softmax", "log_softmax", "max", "min",
            "amax", "amin", "argmax", "argmin", "clamp", "reshape", "transpose", "permute",
-           "squeeze", "unsqueeze", "flatten", "split", "chunk", "sign", "floor", "clone", "t"]
+           "squeeze", "unsqueeze", "flatten", "split", "chunk", "sign", "floor", "clone", "t",
+           "add", "sub", "mul", "div", "pow", "neg", "mm"]
 for _n in _UNARY:
-    globals()[_n] = _unary(_n)
+    globals()[_n] = _method(_n)
+
+
+def _write_out(result, out, name):
+    """Write ``result`` into the caller's ``out=`` tensor(s) as PyTorch does; return ``out``."""
+    if isinstance(out, (tuple, list)):
+        results = result if isinstance(result, tuple) else (result,)
+        if len(out) != len(results):
+            raise TypeError(f"{name}(): out= needs {len(results)} tensors, got {len(out)}")
+        return type(out)(_write_out(r, o, name) for r, o in zip(results, out))
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name}(): out= must be a distgrad tensor, got {type(out).__name__}")
+    if result.requires_grad and engine.is_grad_enabled():
+        raise RuntimeError(f"{name}(): functions with out=... arguments don't support automatic "
+                           "differentiation, but one of the arguments requires grad")
+    if not np.can_cast(result.dtype, out.dtype, "same_kind"):
+        raise RuntimeError(f"{name}(): result type {result.dtype} can't be cast to the desired "
+                           f"output type {out.dtype}")
+    with engine.no_grad():
+        if tuple(out.shape) == tuple(result.shape):
+            out.copy_(result)
+        else:
+            if out.numel():
+                warnings.warn(f"{name}(): an output with one or more elements was resized since "
+                              f"it had shape {tuple(out.shape)}, which does not match the "
+                              f"required output shape {tuple(result.shape)}", UserWarning,
+                              stacklevel=3)
+            out.data = result.astype(out.dtype).clone()
+    return out
+
+
+def _with_out(fn):
+    """``fn`` with PyTorch's ``out=`` keyword (the result is written into ``out``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, out=None, **kwargs):
+        result = fn(*args, **kwargs)
+        return result if out is None else _write_out(result, out, fn.__name__)
+    return wrapper
+
+
+_OUT = ["zeros", "ones", "empty", "full", "randn", "rand", "randint", "randperm", "arange",
+        "linspace", "eye", "cat", "stack", "where", "maximum", "minimum", "matmul"] + _UNARY
+for _n in _OUT:
+    globals()[_n] = _with_out(globals()[_n])
 
 __all__ = ["zeros", "ones", "empty", "full", "randn", "rand", "randint", "randperm", "arange",
-           "linspace", "eye", "tensor", "from_numpy", "FloatTensor", "DoubleTensor", "LongTensor",
-           "IntTensor", "BoolTensor", "ByteTensor", "full_like", "zeros_like", "ones_like",
-           "randn_like", "cat", "stack", "where", "maximum", "minimum", "matmul"] + _UNARY
+           "linspace", "eye", "tensor", "from_numpy", "FloatTensor", "DoubleTensor", "HalfTensor",
+           "LongTensor", "IntTensor", "ShortTensor", "CharTensor", "BoolTensor", "ByteTensor",
+           "full_like", "zeros_like", "ones_like",
+           "randn_like", "cat", "stack", "where", "maximum", "minimum", "matmul", "TensorType"] + _UNARY

@@ -23,7 +23,39 @@ def generator():
     return _generator
 
 
-def _draw(fn):
+class Generator:
+    """A random generator of its own, as ``torch.Generator`` (a DataLoader's shuffling,
+    ``dg.randperm(n, generator=g)``), independent of the global one.
+
+    Example::
+
+        g = dg.Generator().manual_seed(0)
+        loader = DataLoader(ds, batch_size=32, shuffle=True, generator=g)
+    """
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self._seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+        self.rng = np.random.default_rng(self._seed)
+
+    def manual_seed(self, seed):
+        """Reseed; returns the generator itself, as PyTorch's does."""
+        self._seed = int(seed)
+        self.rng = np.random.default_rng(self._seed)
+        return self
+
+    def seed(self):
+        """Reseed from fresh entropy; returns the new seed."""
+        self.manual_seed(np.random.SeedSequence().entropy % (2 ** 63))
+        return self._seed
+
+    def initial_seed(self):
+        return self._seed
+
+
+def _draw(fn, generator=None):
+    if generator is not None:
+        return fn(generator.rng)
     with _lock:
         return fn(_generator)
 
@@ -38,10 +70,11 @@ def uniform(shape, low=0.0, high=1.0, dtype=np.float32):
     return Tensor._from_array(_draw(lambda g: g.uniform(low, high, size=tuple(shape))).astype(dtype))
 
 
-def integers(low, high, shape, dtype=np.int64):
+def integers(low, high, shape, dtype=np.int64, generator=None):
     from .tensor import Tensor
-    return Tensor._from_array(_draw(lambda g: g.integers(low, high, size=tuple(shape))).astype(dtype))
+    return Tensor._from_array(_draw(lambda g: g.integers(low, high, size=tuple(shape)),
+                                    generator).astype(dtype))
 
 
-def permutation(n):
-    return _draw(lambda g: g.permutation(n))
+def permutation(n, generator=None):
+    return _draw(lambda g: g.permutation(n), generator)

@@ -7,12 +7,13 @@ as ``Variable containing:``, as in the classic tutorial; ``.data`` is a plain
 """
 import collections
 import numbers
+import warnings
 import weakref
 
 import numpy as np
 
 from . import _backend
-from ._printing import format_tensor
+from ._printing import format_tensor, parse_type_name, type_name
 from .autograd import engine
 from .ops import get_op
 
@@ -241,6 +242,28 @@ def _refresh_views(changed):
             todo.append(v)
 
 
+def legacy_new(args, dtype):
+    """The data of PyTorch's legacy constructors (``Tensor(2, 3)``, ``FloatTensor([1, 2])``).
+
+    Integers (or one ``Size``) are a shape, filled with zeros (PyTorch leaves it
+    uninitialised); no argument is an empty tensor; one other argument is data, where
+    Python numbers become ``dtype`` (PyTorch's float32 for ``Tensor``) and numpy arrays
+    keep their own dtype. Example: ``legacy_new((2, 3), np.float32).shape == (2, 3)``.
+    """
+    if not args:
+        return np.zeros(0, dtype)
+    if isinstance(args[0], Size) and len(args) == 1 or all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in args):
+        return np.zeros(_dims(args), dtype)
+    if len(args) > 1:
+        raise TypeError(f"expected integer sizes or one piece of data, got arguments of types "
+                        f"{', '.join(type(a).__name__ for a in args)}")
+    data = args[0]
+    if isinstance(data, (np.ndarray, Tensor)) or _backend.is_cupy_array(data):
+        return data
+    return np.asarray(data, dtype=dtype)
+
+
 def _dims(args):
     """Accept both f(2, 3) and f((2, 3)) for shape arguments."""
     if len(args) == 1 and isinstance(args[0], (tuple, list)):
@@ -269,7 +292,14 @@ class Tensor:
 
     __array_priority__ = 100          # numpy scalar op tensor -> our reflected method
 
-    def __init__(self, data=None, requires_grad=False, dtype=None, device=None, volatile=False):
+    def __init__(self, data=None, *sizes, requires_grad=False, dtype=None, device=None,
+                 volatile=False):
+        if type(self) is Tensor and not isinstance(data, Tensor):
+            # dg.Tensor(...) is PyTorch's legacy constructor: Tensor(5, 3) is a shape.
+            data = legacy_new((() if data is None else (data,)) + sizes, dtype or DEFAULT_DTYPE)
+        elif sizes:
+            raise TypeError(f"{type(self).__name__}() takes one data argument, got "
+                            f"{1 + len(sizes)} positional arguments")
         if isinstance(data, Tensor) and dtype is None and device is None:
             self._store = data._store            # share storage, as Variable(tensor) does
         else:
@@ -334,9 +364,26 @@ class Tensor:
             return True
         return np.issubdtype(np.dtype(store.dtype), np.floating)   # no fetch for distributed values
 
-    def type(self):
-        from ._printing import type_name
-        return type_name(self.dtype, self.device)
+    def type(self, dtype=None, non_blocking=False):
+        """The type name (``'distgrad.FloatTensor'``), or a cast to a type as in PyTorch.
+
+        Example::
+
+            x.type()                          # 'distgrad.FloatTensor'
+            x.type(dg.DoubleTensor); x.type('torch.LongTensor'); x.type(dg.float64)
+        """
+        if dtype is None:
+            return type_name(self.dtype, self.device)
+        if isinstance(dtype, str) and "Tensor" in dtype:
+            dtype, device = parse_type_name(dtype)
+        elif isinstance(dtype, (type, np.dtype, str)):
+            device = None
+        else:                     # a legacy type object (dg.FloatTensor) carries its device
+            dtype, device = dtype.dtype, dtype.device
+        out = self.astype(dtype)
+        if device is not None and (device == "cpu") != (str(self.device) == "cpu"):
+            out = out.to(device)
+        return out
 
     @property
     def placement(self):
@@ -504,9 +551,39 @@ class Tensor:
         return format_tensor(a, self.dtype, self.device, isinstance(self, Variable))
 
     def __format__(self, spec):
-        if self.numel() == 1 and spec:
+        # As PyTorch: a 0-dim tensor formats as its number ('{:.4f}'.format(loss)).
+        if self.ndim == 0 or self.numel() == 1 and spec:
             return format(self.item(), spec)
         return repr(self)
+
+    # ------------------------------------------------------------ new_* (same dtype and device)
+    def new_full(self, size, fill_value, dtype=None, device=None, requires_grad=False):
+        """A new tensor of ``size`` filled with a value, of this dtype and device unless given.
+
+        Example: ``x.new_full((2, 3), 7.0)``.
+        """
+        xp = _backend.xp_for_device(device or self.device)
+        out = Tensor._from_array(xp.full(_dims((size,)), fill_value,
+                                         dtype=np.dtype(dtype or self.dtype)))
+        return out.requires_grad_(requires_grad) if requires_grad else out
+
+    def new_zeros(self, *size, dtype=None, device=None, requires_grad=False):
+        """Zeros like ``x.new_zeros(2, 3)``: this tensor's dtype and device."""
+        return self.new_full(_dims(size), 0, dtype, device, requires_grad)
+
+    def new_ones(self, *size, dtype=None, device=None, requires_grad=False):
+        """Ones like ``x.new_ones(2, 3)``: this tensor's dtype and device."""
+        return self.new_full(_dims(size), 1, dtype, device, requires_grad)
+
+    def new_empty(self, *size, dtype=None, device=None, requires_grad=False):
+        """An (initialised to zero) tensor: ``x.new_empty(2, 3)``."""
+        return self.new_full(_dims(size), 0, dtype, device, requires_grad)
+
+    def new_tensor(self, data, dtype=None, device=None, requires_grad=False):
+        """A copy of ``data`` with this tensor's dtype and device: ``x.new_tensor([1, 2])``."""
+        arr = _to_array(data, dtype or self.dtype, device or self.device)
+        out = Tensor._from_array(arr.copy())
+        return out.requires_grad_(requires_grad) if requires_grad else out
 
     def to(self, *args, dtype=None, device=None):
         """Move to a device and/or cast: ``t.to('cuda')``, ``t.to(dg.float64)``."""
@@ -579,6 +656,11 @@ class Tensor:
     def __invert__(self): return apply_op("logical_not", self)
 
     def __getitem__(self, index):
+        if self.ndim == 0 and _is_zero(index):
+            # PyTorch 0.4 kept 0.3's ``loss.data[0]`` working on a 0-dim loss, with this warning.
+            warnings.warn("invalid index of a 0-dim tensor. Use tensor.item() to convert a 0-dim "
+                          "tensor to a Python number", UserWarning, stacklevel=2)
+            index = ()
         return apply_op("getitem", self, index=_index_arg(index))
 
     def __setitem__(self, index, value):
@@ -916,6 +998,11 @@ class Variable(Tensor):
     def __init__(self, data=None, requires_grad=False, volatile=False, dtype=None, device=None):
         super().__init__(data, requires_grad=requires_grad, dtype=dtype, device=device)
         self.volatile = bool(volatile)
+
+
+def _is_zero(index):
+    return type(index) is int and index == 0 or (
+        isinstance(index, tuple) and len(index) == 1 and type(index[0]) is int and index[0] == 0)
 
 
 def _is_dtype_name(s):
