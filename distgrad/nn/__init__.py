@@ -10,6 +10,6 @@ from . import functional, init, utils  # noqa: F401
 from .module import (InputShapeError, Module, ModuleDict, ModuleList, Parameter,  # noqa: F401
                      Sequential)
 from .modules import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, BCELoss,  # noqa: F401
-                      BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dropout, Embedding, Flatten,
-                      Identity, L1Loss, LayerNorm, LeakyReLU, Linear, LogSoftmax, MaxPool2d,
-                      MSELoss, NLLLoss, ReLU, Sigmoid, Softmax, Tanh)
+                      BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dropout, Dropout2d, Embedding,
+                      Flatten, Identity, L1Loss, LayerNorm, LeakyReLU, Linear, LogSoftmax,
+                      MaxPool2d, MSELoss, NLLLoss, ReLU, Sigmoid, SmoothL1Loss, Softmax, Tanh)

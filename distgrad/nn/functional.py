@@ -13,7 +13,7 @@ from .. import _backend
 from ..autograd import engine
 from ..factories import where
 from ..tensor import Tensor, apply_op
-from .module import InputShapeError
+from .module import InputShapeError, _check_not_foreign_array
 
 
 def _pair(v, name="value"):
@@ -71,6 +71,8 @@ def _default_dim(input, dim):
 
 def linear(input, weight, bias=None):
     """x @ weight.T + bias in one op. Example: ``F.linear(x, w, b)`` with w of shape (out, in)."""
+    if not isinstance(input, Tensor):
+        _check_not_foreign_array(input, "linear: input")
     in_shape = input._store.shape
     if not in_shape or in_shape[-1] != weight._store.shape[1]:
         raise InputShapeError(f"expected input of shape (*, {weight.shape[1]}), got {_shape(input)}")
@@ -185,6 +187,25 @@ def dropout(input, p=0.5, training=True, inplace=False):
 
         h = F.dropout(h, 0.2, training=model.training)
     """
+    return _dropout(input, p, training, tuple(input.shape))
+
+
+def dropout2d(input, p=0.5, training=True, inplace=False):
+    """Zero whole channels of (N, C, H, W) or (C, H, W) input with probability p; scale the
+    rest by 1/(1-p) (training only).
+
+    Example::
+
+        h = F.dropout2d(F.relu(conv(x)), 0.2, training=model.training)
+    """
+    if input.ndim not in (3, 4):
+        raise InputShapeError(f"dropout2d: expected (N, C, H, W) or (C, H, W) input, got "
+                              f"{_shape(input)}")
+    return _dropout(input, p, training, tuple(input.shape[:-2]) + (1, 1))
+
+
+def _dropout(input, p, training, mask_shape):
+    """Multiply by a mask of ``mask_shape`` (broadcast over the input) of 0 or 1/(1-p)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
@@ -192,7 +213,7 @@ def dropout(input, p=0.5, training=True, inplace=False):
     from ..random import uniform
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     # One mask multiply: mask values are 0 or 1/(1-p), drawn from the global generator.
-    mask = ((uniform(input.shape)._store.array >= p) * scale).astype(input.dtype)
+    mask = ((uniform(mask_shape)._store.array >= p) * scale).astype(input.dtype)
     if input._store.lazy:
         return input * _placed_like(input._store, mask)
     return input * Tensor._from_array(_backend.to_device(mask, str(input.device)))
@@ -208,7 +229,7 @@ def _placed_like(store, array):
     p = store.placement
     if isinstance(p, Shard):
         return store.cluster.shard(array, dim=p.dim, sizes=p.sizes)
-    return store.cluster.replicate(Tensor(array))
+    return store.cluster.replicate(Tensor._from_array(array))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -272,7 +293,7 @@ def embedding(input, weight, padding_idx=None):
     ``padding_idx``'s row gets no gradient, as in PyTorch.
     """
     if not isinstance(input, Tensor):
-        input = Tensor(np.asarray(input))
+        input = Tensor._from_array(np.asarray(input))
     if not np.issubdtype(np.dtype(input.dtype), np.integer):
         raise TypeError(f"embedding: expected an integer index tensor, got {input.dtype}")
     out = weight[input]
@@ -292,6 +313,31 @@ def one_hot(tensor, num_classes=-1):
 
 # ---------------------------------------------------------------- losses
 
+def _legacy_reduction(size_average, reduce, reduction):
+    """The ``reduction`` that PyTorch's deprecated ``size_average`` / ``reduce`` mean (with
+    its warning); ``reduction`` itself when neither is given."""
+    if size_average is None and reduce is None:
+        return reduction
+    warnings.warn("size_average and reduce args will be deprecated, please use "
+                  "reduction='sum' (or 'mean', 'none') instead.", UserWarning, stacklevel=3)
+    if reduce is False:
+        return "none"
+    return "sum" if size_average is False else "mean"
+
+
+def _match_target(input, target):
+    """A driver-local target beside a batch-sharded input is sharded the same way.
+
+    ``criterion(model(x), y)`` under ``nn.DataParallel`` shards x, not y; each worker
+    needs its own rows of y, exactly as if y had come from a sharded loader.
+    """
+    if isinstance(target, Tensor) and input._store.lazy and not target._store.lazy:
+        p = input.placement
+        if getattr(p, "dim", None) == 0 and target.ndim and target.shape[0] == input.shape[0]:
+            return input._store.cluster.shard(target.detach(), 0, p.sizes)
+    return target
+
+
 def _reduce(loss, reduction):
     if reduction == "mean":
         return loss.mean()
@@ -303,27 +349,49 @@ def _reduce(loss, reduction):
 
 
 def _check_same_shape(input, target, name):
+    """Warn, as PyTorch does, when the target will be broadcast; return the target
+    (sharded like a sharded input, see ``_match_target``)."""
     if _shape(input) != _shape(target):
         warnings.warn(f"{name}: target size {_shape(target)} differs from input size "
                       f"{_shape(input)}; they will be broadcast", stacklevel=3)
+    return _match_target(input, target)
 
 
-def mse_loss(input, target, reduction="mean"):
+def mse_loss(input, target, size_average=None, reduce=None, reduction="mean"):
     """Mean squared error. Example: ``F.mse_loss(pred, y)``."""
-    _check_same_shape(input, target, "mse_loss")
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    target = _check_same_shape(input, target, "mse_loss")
     d = input - target
     return _reduce(d * d, reduction)
 
 
-def l1_loss(input, target, reduction="mean"):
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean"):
     """Mean absolute error. Example: ``F.l1_loss(pred, y)``."""
-    _check_same_shape(input, target, "l1_loss")
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    target = _check_same_shape(input, target, "l1_loss")
     return _reduce((input - target).abs(), reduction)
+
+
+def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    """Huber-like loss: 0.5 d^2 / beta where |d| < beta, |d| - 0.5 beta elsewhere.
+
+    Example: ``F.smooth_l1_loss(pred, y, beta=0.5)``.
+    """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if beta < 0:
+        raise ValueError(f"smooth_l1_loss: beta must be non-negative, got {beta}")
+    target = _check_same_shape(input, target, "smooth_l1_loss")
+    d = input - target
+    ad = d.abs()
+    if beta == 0:
+        return _reduce(ad, reduction)
+    return _reduce(where(ad < beta, d * d * (0.5 / beta), ad - 0.5 * beta), reduction)
 
 
 def _check_class_target(input, target, who):
     if not isinstance(target, Tensor):
-        target = Tensor(np.asarray(target))
+        target = Tensor._from_array(np.asarray(target))
+    target = _match_target(input, target)
     if not np.issubdtype(np.dtype(target.dtype), np.integer):
         raise TypeError(f"{who}: expected class indices of an integer dtype as target, got "
                         f"{target.dtype} (use a LongTensor)")
@@ -334,16 +402,19 @@ def _check_class_target(input, target, who):
     return target
 
 
-def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+             reduction="mean"):
     """Negative log-likelihood of class indices; input (N, C, ...) holds log-probabilities.
 
     Example::
 
         loss = F.nll_loss(F.log_softmax(logits, 1), target)
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     if input.ndim == 1:                         # unbatched (C,) with a scalar target
-        target = target if isinstance(target, Tensor) else Tensor(np.asarray(target))
-        out = nll_loss(input.unsqueeze(0), target.reshape(1), weight, ignore_index, reduction)
+        target = target if isinstance(target, Tensor) else Tensor._from_array(np.asarray(target))
+        out = nll_loss(input.unsqueeze(0), target.reshape(1), weight, ignore_index=ignore_index,
+                       reduction=reduction)
         return out.reshape(()) if reduction == "none" else out
     return _class_index_loss("nll_loss", input, target, weight, ignore_index, reduction)
 
@@ -363,8 +434,8 @@ def _class_index_loss(op, input, target, weight, ignore_index, reduction):
     return apply_op(op, input, target, weight, reduction=reduction, **attrs)
 
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0):
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0):
     """log_softmax over dim 1, then nll_loss: stable for any logits (1e4 gives finite values).
 
     ``target`` holds class indices (N, ...) or class probabilities (same shape as input).
@@ -373,12 +444,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
         loss = F.cross_entropy(model(x), y, ignore_index=-1, reduction="sum")
     """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     if input.ndim == 1:
         input, target = input.unsqueeze(0), (target.reshape(1) if isinstance(target, Tensor)
                                              and target.ndim == 0 else target)
         if isinstance(target, Tensor) and target._is_float():
             target = target.unsqueeze(0)
-        out = cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        out = cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=label_smoothing)
         return out.reshape(()) if reduction == "none" else out
     if not label_smoothing and not (isinstance(target, Tensor) and target._is_float()):
         # The common case, one fused op each way (PyTorch fuses the backward the same way).
@@ -395,7 +468,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         lp = logp if weight is None else logp * weight.reshape((1, C) + (1,) * (input.ndim - 2))
         loss = -(lp * target).sum(dim=1)
         return _reduce(loss, reduction)
-    nll = nll_loss(logp, target, weight, ignore_index, reduction)
+    nll = nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
     if not label_smoothing:
         return nll
     # PyTorch's smoothing term: the (weighted) mean of -log p over classes.
@@ -411,23 +484,27 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     return nll * (1 - label_smoothing) + smooth * (label_smoothing / C)
 
 
-def binary_cross_entropy(input, target, weight=None, reduction="mean"):
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
+                         reduction="mean"):
     """BCE on probabilities, log clamped at -100 as in PyTorch. Example: ``F.binary_cross_entropy(p, y)``."""
-    _check_same_shape(input, target, "binary_cross_entropy")
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    target = _check_same_shape(input, target, "binary_cross_entropy")
     loss = -(target * input.log().clamp(min=-100) + (1 - target) * (1 - input).log().clamp(min=-100))
     if weight is not None:
         loss = loss * weight
     return _reduce(loss, reduction)
 
 
-def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None):
     """Sigmoid + BCE in the stable form max(x,0) - x*y + log(1+exp(-|x|)).
 
     Example::
 
         loss = F.binary_cross_entropy_with_logits(logits, y)
     """
-    _check_same_shape(input, target, "binary_cross_entropy_with_logits")
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    target = _check_same_shape(input, target, "binary_cross_entropy_with_logits")
     softplus_neg = (1 + (-input.abs()).exp()).log() + (-input).relu()     # log(1 + exp(-x))
     if pos_weight is None:
         loss = (1 - target) * input + softplus_neg

@@ -52,6 +52,18 @@ class InputShapeError(RuntimeError):
         return f"{_short_repr(self.layer)}{where}: {self.message}"
 
 
+def _check_not_foreign_array(x, who):
+    """A numpy array or a torch tensor where a distgrad tensor belongs: a TypeError that
+    says how to make one (other objects are left to the layer)."""
+    cls = type(x)
+    if cls is np.ndarray:
+        raise TypeError(f"{who} is a numpy.ndarray; a distgrad tensor was expected: wrap it "
+                        "with dg.from_numpy(a) (shares memory) or dg.tensor(a) (a copy)")
+    if cls.__module__.split(".")[0] == "torch":
+        raise TypeError(f"{who} is a {cls.__module__}.{cls.__name__}; a distgrad tensor was "
+                        "expected: convert it with dg.from_numpy(t.detach().cpu().numpy())")
+
+
 def _short_repr(module):
     extra = module.extra_repr()
     return f"{type(module).__name__}({extra})"
@@ -105,6 +117,9 @@ class Module:
 
     # ------------------------------------------------------------ calling
     def __call__(self, *args, **kwargs):
+        for i, a in enumerate(args):
+            if not isinstance(a, Tensor):
+                _check_not_foreign_array(a, f"{type(self).__name__}: input {i}")
         if self._forward_pre_hooks:
             for hook in list(self._forward_pre_hooks.values()):
                 res = hook(self, args)

@@ -1,4 +1,4 @@
-"""``dg.optim``: SGD, Adam, AdamW and learning-rate schedulers with PyTorch's signatures.
+"""``dg.optim``: SGD, Adam, AdamW, Adadelta and learning-rate schedulers with PyTorch's signatures.
 
 Example::
 
@@ -6,6 +6,7 @@ Example::
     opt.zero_grad(); loss.backward(); opt.step()
 """
 from . import lr_scheduler  # noqa: F401
+from .adadelta import Adadelta  # noqa: F401
 from .adam import Adam, AdamW  # noqa: F401
 from .optimizer import Optimizer  # noqa: F401
 from .sgd import SGD  # noqa: F401
