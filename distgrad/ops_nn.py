@@ -13,6 +13,8 @@ Conv and pool ops work independently per sample along dim 0: placement
 """
 import numpy as np
 
+from . import _backend
+from .collective_ops import current
 from .ops import _log_softmax, _softmax, defop, shape_of, unbroadcast  # noqa: F401  (unbroadcast: the one broadcast undoer)
 
 
@@ -575,6 +577,44 @@ defop("axpby", _axpby,
       inplace=_axpby_inplace)
 
 
+# ---------------------------------------------------------------- rows picked by index (data loading)
+# ``take_rows(x, index)`` is ``x[index]`` along dim 0 with the index as a tensor INPUT, so
+# a loader's per-step indices travel as program inputs (the cached program is reused).
+# On a worker holding rows ``sizes`` of a dim-0 shard, the index holds global row
+# numbers of rows this worker owns; ``sizes=()`` means the whole of x is at hand.
+
+
+def _row_offset(sizes):
+    return sum(sizes[:current().rank]) if sizes else 0
+
+
+def _local_rows(index, sizes, n):
+    local = index - _row_offset(sizes) if sizes else index
+    if local.size and (int(local.min()) < 0 or int(local.max()) >= n):
+        raise IndexError(f"take_rows: row indices {int(index.min())}..{int(index.max())} are "
+                         f"not all among the {n} rows held here (from row {_row_offset(sizes)})")
+    return local
+
+
+def _take_rows(xp, x, index, sizes=()):
+    return xp.take(x, _local_rows(index, sizes, x.shape[0]), axis=0)
+
+
+def _put_rows(xp, g, index, rows, sizes=()):
+    n = sizes[current().rank] if sizes else rows
+    out = xp.zeros((n,) + tuple(g.shape[1:]), dtype=g.dtype)
+    _backend.add_at(out, _local_rows(index, sizes, n), g)      # repeated rows accumulate
+    return out
+
+
+defop("take_rows", _take_rows,
+      lambda g, ans, x, index, sizes=(): g.apply(
+          "put_rows", index, rows=sum(sizes) if sizes else x.shape[0], sizes=sizes),
+      _no_grad_for_targets, placement="take_rows")
+defop("put_rows", _put_rows,
+      lambda gg, ans, g, index, rows, sizes=(): gg.apply("take_rows", index, sizes=sizes),
+      _no_grad_for_targets, placement="put_rows")
+
 
 # ---------------------------------------------------------------- placement rules
 
@@ -626,8 +666,35 @@ def _register_placement_rules():
         pt = placements[1]
         return P.Decision(pt if isinstance(pt, P.Shard) else P._non_shard_out(placements), attrs)
 
+    def rule_take_rows(op, placements, shapes, attrs, out_ndim):
+        # Each worker picks rows of its own shard (or of its whole copy) with its own part
+        # of a dim-0 sharded index; the result is sharded like the index.
+        px, pi = placements
+        if isinstance(px, P.Shard) and px.dim != 0:
+            P._fail(op, placements, "the rows are sharded along a dim other than 0")
+        if not isinstance(pi, P.Shard):
+            if isinstance(px, P.Shard):
+                P._fail(op, placements, "each worker needs the indices of its own rows: shard "
+                                        "the index like the batch (DataLoader(..., cluster=))")
+            return P.Decision(P._non_shard_out(placements), attrs)
+        if pi.dim != 0:
+            P._fail(op, placements, "the index must be sharded along dim 0")
+        sizes = tuple(px.sizes) if isinstance(px, P.Shard) else ()
+        return P.Decision(P.Shard(0, pi.sizes), dict(attrs, sizes=sizes))
+
+    def rule_put_rows(op, placements, shapes, attrs, out_ndim):
+        # take_rows' transpose: a sharded source gets a sharded gradient; a whole copy on
+        # every worker gets per-worker terms to be summed (Partial).
+        if not shards(placements):
+            return P.Decision(P._non_shard_out(placements), attrs)
+        if any(not isinstance(p, P.Shard) or p.dim != 0 for p in placements):
+            P._fail(op, placements, "gradient and index must both be sharded along dim 0")
+        sizes = tuple(attrs.get("sizes") or ())
+        return P.Decision(P.Shard(0, sizes) if sizes else P.PARTIAL, attrs)
+
     for name, rule in [("linear", rule_linear), ("batch_reduce", rule_batch_reduce),
-                       ("nll_loss", rule_nll_loss), ("like_target", rule_like_target)]:
+                       ("nll_loss", rule_nll_loss), ("like_target", rule_like_target),
+                       ("take_rows", rule_take_rows), ("put_rows", rule_put_rows)]:
         P.RULES.setdefault(name, rule)
 
 

@@ -436,6 +436,12 @@ CASES["axpby"] = [Case(lambda m, x, y: x.axpby(y, 0.9, -0.1), (2, 3), (2, 3),
                        torch_fn=lambda m, x, y: 0.9 * x - 0.1 * y),
                   Case(lambda m, x, y: x.axpby(y, 2.0, 0.5), (2, 3), (3,),
                        torch_fn=lambda m, x, y: 2.0 * x + 0.5 * y)]
+# Rows picked by a tensor index (the sharded DataLoader) and their scatter-add transpose.
+CASES["take_rows"] = [Case(lambda m, x: x.apply("take_rows", m.tensor([2, 0, 2, 1])), (3, 4),
+                           torch_fn=lambda m, x: x[m.tensor([2, 0, 2, 1])])]
+CASES["put_rows"] = [Case(lambda m, g: g.apply("put_rows", m.tensor([1, 0, 1]), rows=4), (3, 2),
+                          torch_fn=lambda m, g: m.zeros(4, 2, dtype=g.dtype).index_add(
+                              0, m.tensor([1, 0, 1]), g))]
 
 # Ops without a gradient: forward values only, on either side of a scalar.
 FORWARD_CASES = {
