@@ -22,7 +22,7 @@ import numpy as np
 __all__ = [
     "CollectiveError", "CollectiveTimeoutError", "CollectiveMismatchError",
     "Communicator", "REDUCE_OPS", "normalize_op", "reduce_in_order",
-    "split_sizes", "split_ranges", "DEFAULT_TIMEOUT_S",
+    "split_sizes", "split_ranges", "DEFAULT_TIMEOUT_S", "dtype_code", "code_dtype",
 ]
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -130,6 +130,29 @@ def split_ranges(n: int, parts: int) -> List[tuple]:
         out.append((s, s + size))
         s += size
     return out
+
+
+def dtype_code(dt: np.dtype) -> int:
+    """A dtype as one int64 word for frame and segment headers (its ``str``, zero padded).
+
+    >>> code_dtype(dtype_code(np.dtype("<f4")))
+    dtype('float32')
+    """
+    return int.from_bytes(dt.str.encode().ljust(8, b"\0")[:8], "little")
+
+
+def code_dtype(code: int):
+    """Inverse of :func:`dtype_code`; None unless the word names a plain numeric dtype (the
+    word may come from a peer: no object, string or structured dtype comes out of it).
+
+    >>> code_dtype(12345) is None
+    True
+    """
+    try:
+        dt = np.dtype(int(code).to_bytes(8, "little").rstrip(b"\0").decode("ascii"))
+    except (OverflowError, UnicodeDecodeError, TypeError, ValueError):
+        return None
+    return dt if dt.kind in "biufc" and dt.fields is None and dt.subdtype is None else None
 
 
 def flat_view(array: np.ndarray):

@@ -48,8 +48,8 @@ from typing import List, Optional
 import numpy as np
 
 from .base import (DEFAULT_TIMEOUT_S, OP_CODES, CollectiveError, CollectiveMismatchError,
-                   CollectiveTimeoutError, Communicator, flat_view, normalize_op,
-                   reduce_in_order, resolve_recv_target, split_ranges)
+                   CollectiveTimeoutError, Communicator, code_dtype, dtype_code, flat_view,
+                   normalize_op, reduce_in_order, resolve_recv_target, split_ranges)
 
 __all__ = ["ShmCommunicator", "ShmBucket", "cleanup_stale_segments", "list_segments", "SHM_DIR", "PREFIX"]
 
@@ -89,14 +89,6 @@ def _sem_unlink_quiet(name: str) -> None:
 _OPS = {"allreduce": 1, "allreduce_small": 2, "reducescatter": 3, "reduce": 4,
         "broadcast": 5, "allgather": 6, "barrier": 7, "allreduce_bucket": 8}
 _OP_NAMES = {v: k for k, v in _OPS.items()}
-
-
-def _dtype_code(dt: np.dtype) -> int:
-    return int.from_bytes(dt.str.encode().ljust(8, b"\0")[:8], "little")
-
-
-def _code_dtype(code: int) -> np.dtype:
-    return np.dtype(int(code).to_bytes(8, "little").rstrip(b"\0").decode())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -648,7 +640,7 @@ class ShmCommunicator(Communicator):
         slots = self._slots[st]
         b = flat.view(np.uint8)
         slots[self._rank][:b.size] = b
-        self._write_hdr(st, (_OPS["allreduce_small"], flat.size, _dtype_code(flat.dtype),
+        self._write_hdr(st, (_OPS["allreduce_small"], flat.size, dtype_code(flat.dtype),
                              OP_CODES[op]))
         self._barrier("allreduce")
         self._check_hdrs(st, 4, "allreduce")
@@ -693,7 +685,7 @@ class ShmCommunicator(Communicator):
         st = self._next_set()
         lens = lens_of(0)
         write_inputs(0, st, lens)
-        self._write_hdr(st, (_OPS[opname], flat.size, _dtype_code(dt), OP_CODES[op], root))
+        self._write_hdr(st, (_OPS[opname], flat.size, dtype_code(dt), OP_CODES[op], root))
         self._barrier(opname)
         self._check_hdrs(st, 5, opname)
         for c in range(nchunks):
@@ -774,7 +766,7 @@ class ShmCommunicator(Communicator):
             if self._rank == root:
                 src[: hi - lo] = b[lo:hi]
             if c == 0:
-                self._write_hdr(st, (_OPS["broadcast"], flat.nbytes, _dtype_code(flat.dtype),
+                self._write_hdr(st, (_OPS["broadcast"], flat.nbytes, dtype_code(flat.dtype),
                                      root))
             self._barrier("broadcast")
             if c == 0:
@@ -795,13 +787,13 @@ class ShmCommunicator(Communicator):
         self._begin("allgather")
         r = self._rank
         st = self._next_set()
-        self._write_hdr(st, (_OPS["allgather"], _dtype_code(array.dtype), array.ndim)
+        self._write_hdr(st, (_OPS["allgather"], dtype_code(array.dtype), array.ndim)
                         + tuple(array.shape))
         self._barrier("allgather")
         hdrs = self._read_hdrs(st, 3 + _MAX_NDIM - 1)
         if any(h[:3] != hdrs[0][:3] for h in hdrs):
             desc = "; ".join(f"rank {k}: {_OP_NAMES.get(h[1], h[1])} dtype "
-                             f"{_code_dtype(h[2]) if h[1] == _OPS['allgather'] else '?'}"
+                             f"{code_dtype(h[2]) if h[1] == _OPS['allgather'] else '?'}"
                              for k, h in enumerate(hdrs))
             raise CollectiveMismatchError(f"collective group {self._group_name!r}: ranks "
                                           f"disagree in allgather: {desc}")
@@ -889,7 +881,7 @@ class ShmCommunicator(Communicator):
         self._begin("allreduce_bucket")
         st = self._next_set()
         self._write_hdr(st, (_OPS["allreduce_bucket"], bucket.offset, bucket.output.size,
-                             _dtype_code(bucket.output.dtype), OP_CODES[op]))
+                             dtype_code(bucket.output.dtype), OP_CODES[op]))
         self._barrier("allreduce_bucket")
         self._check_hdrs(st, 5, "allreduce_bucket")
         s, e = split_ranges(bucket.output.size, self._world_size)[self._rank]
@@ -928,7 +920,7 @@ class ShmCommunicator(Communicator):
             buf[: hi - lo] = b[lo:hi]
             if c == 0:
                 q[ctl + 1] = b.size
-                q[ctl + 2] = _dtype_code(array.dtype)
+                q[ctl + 2] = dtype_code(array.dtype)
                 q[ctl + 3] = array.ndim
                 for i, d in enumerate(array.shape):
                     q[ctl + 4 + i] = d
@@ -948,7 +940,10 @@ class ShmCommunicator(Communicator):
         if q[ctl] <= got:
             self._wait_ge(ctl, got + 1, op, src, lambda: [src])
         nbytes = q[ctl + 1]
-        sent_dt = _code_dtype(q[ctl + 2])
+        sent_dt = code_dtype(q[ctl + 2])
+        if sent_dt is None:
+            raise CollectiveError(f"collective group {self._group_name!r}: {op}: the message "
+                                  "header names no plain numeric dtype (corrupted channel)")
         shape = tuple(q[ctl + 4: ctl + 4 + q[ctl + 3]].tolist())
         nchunks = max(1, -(-nbytes // cap))
         try:

@@ -22,6 +22,7 @@ one rank per node: plain TCP ring.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import secrets
 import socket
@@ -33,45 +34,55 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import auth
 from .base import (DEFAULT_TIMEOUT_S, REDUCE_OPS, CollectiveError, CollectiveMismatchError,
-                   CollectiveTimeoutError, Communicator, flat_view, normalize_op,
-                   resolve_recv_target, split_ranges)
+                   CollectiveTimeoutError, Communicator, code_dtype, dtype_code, flat_view,
+                   normalize_op, resolve_recv_target, split_ranges)
 from .rendezvous import Store
 from .shm import ShmCommunicator
 
 __all__ = ["TcpCommunicator", "HierarchicalCommunicator"]
 
-_MAGIC = b"DGTCP001"
-_HELLO = struct.Struct("<8s16sqq")       # magic, group digest, rank, channel
 _HDR = struct.Struct("<qqqq")            # opcode, sequence, payload bytes, aux
-_META_WORDS = 32                         # dtype, ndim, shape... (allgather / p2p)
+_META_WORDS = 32                         # dtype, ndim, nbytes, shape..., rank (allgather / p2p)
+_MAX_NDIM = _META_WORDS - 4
 _CH_RING, _CH_P2P = 1, 2
 _OPS = {"allreduce": 1, "reducescatter": 2, "broadcast": 3, "allgather": 4,
         "allgather_meta": 5, "barrier": 6, "p2p": 7}
 _OP_NAMES = {v: k for k, v in _OPS.items()}
 _INLINE_SEND = 128 << 10                 # below this a send fits the socket buffer: no thread
 _SOCK_BUF = 4 << 20
-
-
-def _dtype_code(dt: np.dtype) -> int:
-    return int.from_bytes(dt.str.encode().ljust(8, b"\0")[:8], "little")
-
-
-def _code_dtype(code: int) -> np.dtype:
-    return np.dtype(int(code).to_bytes(8, "little").rstrip(b"\0").decode())
+MAX_MESSAGE_BYTES = 1 << 34              # largest array a peer may announce (16 GiB)
 
 
 def _meta(array: np.ndarray) -> np.ndarray:
-    if array.ndim > _META_WORDS - 3:
-        raise ValueError(f"at most {_META_WORDS - 3} dimensions supported")
+    if array.ndim > _MAX_NDIM:
+        raise ValueError(f"at most {_MAX_NDIM} dimensions supported")
     m = np.zeros(_META_WORDS, np.int64)
-    m[0], m[1], m[2] = _dtype_code(array.dtype), array.ndim, array.nbytes
+    m[0], m[1], m[2] = dtype_code(array.dtype), array.ndim, array.nbytes
     m[3: 3 + array.ndim] = array.shape
     return m
 
 
-def _unmeta(m: np.ndarray):
-    return _code_dtype(int(m[0])), tuple(int(d) for d in m[3: 3 + int(m[1])]), int(m[2])
+class _BadFrame(Exception):
+    """Internal: a peer's frame does not parse (corrupted or hostile)."""
+
+
+def _unmeta(m: np.ndarray, limit: int):
+    """(dtype, shape, nbytes) of a peer's meta words, checked before anything is allocated:
+    a plain dtype, non-negative dims that multiply to nbytes, at most ``limit`` bytes."""
+    dt, ndim, nbytes = code_dtype(int(m[0])), int(m[1]), int(m[2])
+    if dt is None:
+        raise _BadFrame(f"dtype word {int(m[0]):#x} names no plain numeric dtype")
+    if not 0 <= ndim <= _MAX_NDIM:
+        raise _BadFrame(f"{ndim} dimensions (at most {_MAX_NDIM})")
+    shape = tuple(int(d) for d in m[3: 3 + ndim])
+    if any(d < 0 for d in shape) or math.prod(shape) * dt.itemsize != nbytes:
+        raise _BadFrame(f"shape {shape} of {dt} does not hold {nbytes} bytes")
+    if nbytes > limit:
+        raise _BadFrame(f"announces {nbytes} bytes, more than the limit of {limit} "
+                        "(max_message_bytes)")
+    return dt, shape, nbytes
 
 
 class _PeerFailure(Exception):
@@ -132,6 +143,13 @@ class TcpCommunicator(Communicator):
         ring: set False for a send/recv-only mesh.
         chunk_bytes: receive/reduce granularity.
         init_timeout_s: bound on the rendezvous (default: ``timeout_s``).
+        max_message_bytes: largest array a peer may announce in allgather or recv (a
+            frame that announces more breaks the group instead of allocating it).
+
+    Peers authenticate when they connect (a per-group secret from the store and a
+    challenge-response hello, see :mod:`.auth`); a malformed frame afterwards breaks
+    the group: the collective fails on this rank with :class:`CollectiveError` and,
+    since its sockets close, on the others within their timeout.
 
     Example (each of 2 processes)::
 
@@ -143,9 +161,11 @@ class TcpCommunicator(Communicator):
     def __init__(self, rank: int, world_size: int, store: Store, group_name: str = "tcp",
                  timeout_s: float = DEFAULT_TIMEOUT_S, host: str = "127.0.0.1",
                  ring: bool = True, chunk_bytes: int = 512 << 10, key_prefix: str = "distgrad",
-                 init_timeout_s: Optional[float] = None):
+                 init_timeout_s: Optional[float] = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         super().__init__(rank, world_size, group_name, timeout_s)
         self._init_timeout_s = float(init_timeout_s or timeout_s)
+        self._max_bytes = int(max_message_bytes)
         self._store = store
         self._host = host
         self._chunk = max(4096, int(chunk_bytes) // 64 * 64)
@@ -160,7 +180,7 @@ class TcpCommunicator(Communicator):
         self._seq = 0
         self._p2p_seq_out = [0] * world_size
         self._p2p_seq_in = [0] * world_size
-        self._broken: Optional[CollectiveTimeoutError] = None
+        self._broken: Optional[CollectiveError] = None
         self._sender = None
         n = world_size
         self._next, self._prev = (rank + 1) % n, (rank - 1) % n
@@ -181,18 +201,26 @@ class TcpCommunicator(Communicator):
     def _connect_all(self):
         deadline = time.monotonic() + self._init_timeout_s
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        acceptor = None
+        secret_key = f"{self._key}/secret"
         try:
             lst.bind((self._host, 0))
             lst.listen(4 * self._world_size + 8)
             port = lst.getsockname()[1]
+            self._secret = auth.group_secret(self._store, secret_key, self._rank, deadline,
+                                             self._group_name, self._init_timeout_s)
             self._store.set(f"{self._key}/{self._rank}", f"{self._host}:{port}".encode())
             need = self._expected()
-            # connect to lower ranks, accept higher ones (the kernel backlog completes
-            # handshakes, so connecting before the peer accepts cannot deadlock)
+            # connect to lower ranks (rank 0 first: its hello confirms our secret), accept
+            # higher ones (the kernel backlog completes TCP handshakes, so connecting
+            # before the peer accepts cannot deadlock)
             for peer, ch in sorted(need):
                 if peer < self._rank:
                     self._connect(peer, ch, deadline)
-            lst.settimeout(0.2)
+            acceptor = auth.Acceptor(
+                lst, self._digest, self._rank, self._secret,
+                lambda p, c: p > self._rank and (p, c) in need and (p, c) not in self._have(),
+                handshake_s=min(auth.HANDSHAKE_S, self._init_timeout_s))
             while True:
                 missing = {(p, c) for p, c in need if p > self._rank} - set(self._have())
                 if not missing:
@@ -201,17 +229,23 @@ class TcpCommunicator(Communicator):
                     raise CollectiveTimeoutError(
                         self._group_name, "init (tcp connect)", self._rank,
                         sorted({p for p, _ in missing}), self._init_timeout_s)
-                try:
-                    sock, _ = lst.accept()
-                except socket.timeout:
-                    continue
-                self._accept(sock, deadline)
+                for peer, ch, sock in acceptor.poll(0.2):
+                    self._tune(sock)
+                    (self._ring if ch == _CH_RING else self._p2p)[peer] = sock
         except BaseException:
             self._close_sockets()
+            if self._rank == 0:
+                self._store.delete(secret_key)
             raise
         finally:
+            if acceptor is not None:
+                acceptor.close()
             lst.close()
         self._store.delete(f"{self._key}/{self._rank}")
+        if self._rank == 0:
+            # every rank proved it holds the secret to rank 0 (the p2p mesh is complete),
+            # so it can leave the store; a stale one would only slow a later group's hello
+            self._store.delete(secret_key)
 
     def _have(self):
         return [(p, _CH_RING) for p in self._ring] + [(p, _CH_P2P) for p in self._p2p]
@@ -231,74 +265,35 @@ class TcpCommunicator(Communicator):
                 raise CollectiveTimeoutError(self._group_name, "init (tcp rendezvous)",
                                              self._rank, [peer], self._init_timeout_s,
                                              "no address published")
-            host, port = addr.decode().rsplit(":", 1)
+            ok = False
             try:
+                host, port = addr.decode().rsplit(":", 1)
                 sock = socket.create_connection((host, int(port)), timeout=max(0.1, left))
-            except OSError:
-                # stale address of an earlier group, or not listening yet: retry
-                if time.monotonic() > deadline:
-                    raise CollectiveTimeoutError(self._group_name, "init (tcp connect)",
-                                                 self._rank, [peer], self._init_timeout_s,
-                                                 f"cannot connect to {host}:{port}") from None
-                time.sleep(sleep)
-                sleep = min(sleep * 2, 0.2)
-                continue
-            self._tune(sock)
-            # the peer echoes the hello: proves we reached this group's rank, not a
-            # stranger now listening on a stale address
-            try:
+            except (OSError, ValueError, UnicodeDecodeError):
+                sock = None           # stale address of an earlier group, or not listening yet
+            if sock is not None:
+                self._tune(sock)
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
-                sock.sendall(_HELLO.pack(_MAGIC, self._digest, self._rank, ch))
-                ok = self._recv_exact(sock, _HELLO.size) == _HELLO.pack(
-                    _MAGIC, self._digest, peer, ch)
-            except OSError:
-                ok = False
-            if not ok:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise CollectiveTimeoutError(self._group_name, "init (tcp handshake)",
-                                                 self._rank, [peer], self._init_timeout_s)
-                time.sleep(sleep)
-                sleep = min(sleep * 2, 0.2)
-                continue
-            sock.settimeout(self._io_timeout)
-            (self._ring if ch == _CH_RING else self._p2p)[peer] = sock
-            return
-
-    def _accept(self, sock, deadline):
-        self._tune(sock)
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            buf = self._recv_exact(sock, _HELLO.size)
-        except OSError:
-            sock.close()
-            return
-        magic, digest, peer, ch = _HELLO.unpack(buf)
-        if magic != _MAGIC or digest != self._digest or not 0 <= peer < self._world_size \
-                or (peer, ch) not in self._expected():
-            sock.close()                 # a stranger (e.g. a stale group): ignore it
-            return
-        try:
-            sock.sendall(_HELLO.pack(_MAGIC, self._digest, self._rank, ch))
-        except OSError:
-            sock.close()
-            return
-        sock.settimeout(self._io_timeout)
-        (self._ring if ch == _CH_RING else self._p2p)[peer] = sock
+                # a secret read before rank 0 replaced a stale one fails the hello: re-read
+                secret = self._store.get(f"{self._key}/secret") or self._secret
+                try:
+                    ok = auth.client_handshake(sock, secret, self._digest, self._rank, peer, ch)
+                except (OSError, struct.error):
+                    ok = False
+                if ok:
+                    self._secret = secret
+                    sock.settimeout(self._io_timeout)
+                    (self._ring if ch == _CH_RING else self._p2p)[peer] = sock
+                    return
+                sock.close()          # not this group's rank (a stale address): retry
+            if time.monotonic() > deadline:
+                raise CollectiveTimeoutError(self._group_name, "init (tcp handshake)",
+                                             self._rank, [peer], self._init_timeout_s,
+                                             f"no authenticated hello from {addr!r:.60}")
+            time.sleep(sleep)
+            sleep = min(sleep * 2, 0.2)
 
     # -- low level I/O ----------------------------------------------------------------
-    @staticmethod
-    def _recv_exact(sock, n):
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise ConnectionError("connection closed")
-            got += k
-        return bytes(buf)
-
     def _recv_into(self, sock, peer, view):
         """Fill the writable byte memoryview ``view`` from ``sock``."""
         got, n = 0, len(view)
@@ -371,15 +366,21 @@ class TcpCommunicator(Communicator):
                     raise _PeerFailure(self._next, f"send to rank {self._next} failed: {e}",
                                        isinstance(e, (socket.timeout, TimeoutError)))
 
-    def _run(self, opname, fn, *args):
-        """Run a collective body, turning socket failures into CollectiveTimeoutError."""
+    def _check_usable(self):
         self._check_open()
         if self._broken is not None:
             raise CollectiveError(f"collective group {self._group_name!r}: unusable after an "
                                   f"earlier failure: {self._broken}")
+
+    def _run(self, opname, fn, *args):
+        """Run a collective body, turning socket failures into CollectiveTimeoutError and
+        malformed frames into CollectiveError (both break the group)."""
+        self._check_usable()
         self._seq += 1
         try:
             return fn(*args)
+        except _BadFrame as e:
+            self._bad_frame(opname, self._prev, e)
         except _PeerFailure as f:
             # close first: peers blocked on us fail now and leave their notes in time
             self._close_sockets()
@@ -389,6 +390,16 @@ class TcpCommunicator(Communicator):
                                          self._timeout_s, detail)
             self._broken = err
             raise err from None
+
+    def _bad_frame(self, opname, peer, e):
+        """A peer's frame does not parse: the byte stream cannot be trusted any more. Break
+        the group and close the sockets, so the other ranks fail now, not at their timeout."""
+        self._close_sockets()
+        err = CollectiveError(f"collective group {self._group_name!r}: {opname} on rank "
+                              f"{self._rank}: malformed frame from rank {peer}: {e}; the "
+                              "group is broken")
+        self._broken = err
+        raise err from None
 
     def _who_is_missing(self, peer):
         """After a failed wait: which ranks never entered this op?
@@ -516,7 +527,10 @@ class TcpCommunicator(Communicator):
         metas = np.zeros((n, _META_WORDS), np.int64)
         metas[r] = _meta(array)
         self._ring_allgather_bytes("allgather_meta", [memoryview(m).cast("B") for m in metas])
-        infos = [_unmeta(m) for m in metas]
+        infos = [_unmeta(m, self._max_bytes) for m in metas]
+        if sum(nb for _, _, nb in infos) > self._max_bytes:
+            raise _BadFrame(f"allgather of {sum(nb for _, _, nb in infos)} bytes in all, more "
+                            f"than the limit of {self._max_bytes} (max_message_bytes)")
         if any(dt != array.dtype for dt, _, _ in infos):
             raise CollectiveMismatchError(
                 f"collective group {self._group_name!r}: allgather dtypes differ: "
@@ -537,7 +551,7 @@ class TcpCommunicator(Communicator):
     # -- point to point -------------------------------------------------------------------
     def send(self, array, dst):
         self._check_peer(dst, "dst")
-        self._check_open()
+        self._check_usable()
         if not isinstance(array, np.ndarray):
             raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
         a = np.ascontiguousarray(array)
@@ -550,9 +564,17 @@ class TcpCommunicator(Communicator):
             raise CollectiveTimeoutError(self._group_name, f"send to rank {dst}", self._rank,
                                          [dst], self._timeout_s, f.detail) from None
 
+    def _drain(self, sock, peer, n):
+        """Read and drop ``n`` bytes (at most max_message_bytes) through the reused buffer."""
+        buf = memoryview(self._tmp)
+        while n > 0:
+            k = min(n, len(buf))
+            self._recv_into(sock, peer, buf[:k])
+            n -= k
+
     def recv(self, array_or_shape, src, dtype=None):
         self._check_peer(src, "src")
-        self._check_open()
+        self._check_usable()
         sock = self._p2p[src]
         self._p2p_seq_in[src] += 1
         try:
@@ -560,20 +582,24 @@ class TcpCommunicator(Communicator):
             self._recv_into(sock, src, memoryview(head))
             op, seq, nbytes, _ = _HDR.unpack(head[:_HDR.size])
             if op != _OPS["p2p"] or seq != self._p2p_seq_in[src]:
-                raise CollectiveError(f"collective group {self._group_name!r}: corrupt "
-                                      f"message stream from rank {src}")
-            dt, shape, _ = _unmeta(np.frombuffer(bytes(head[_HDR.size:]), np.int64))
+                raise _BadFrame(f"expected message #{self._p2p_seq_in[src]}, got opcode {op} "
+                                f"#{seq}")
+            dt, shape, size = _unmeta(np.frombuffer(bytes(head[_HDR.size:]), np.int64),
+                                      self._max_bytes)
+            if size != nbytes:
+                raise _BadFrame(f"header says {nbytes} bytes, meta says {size}")
             try:
                 out = resolve_recv_target(array_or_shape, dtype, dt, shape,
                                           self._group_name, src)
             except CollectiveMismatchError:
-                junk = bytearray(nbytes)          # drain so the stream stays in step
-                self._recv_into(sock, src, memoryview(junk))
+                self._drain(sock, src, nbytes)     # so the stream stays in step
                 raise
             flat, writeback = flat_view(out)
             self._recv_into(sock, src, memoryview(flat.view(np.uint8)))
             writeback()
             return out
+        except _BadFrame as e:
+            self._bad_frame(f"recv from rank {src}", src, e)
         except _PeerFailure as f:
             raise CollectiveTimeoutError(self._group_name, f"recv from rank {src}", self._rank,
                                          [src], self._timeout_s, f.detail) from None
@@ -616,16 +642,25 @@ def _pack_arrays(items: Sequence[tuple]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
-def _unpack_arrays(buf: np.ndarray) -> List[tuple]:
-    out, i = [], 0
+def _unpack_arrays(buf: np.ndarray, world_size: int) -> List[np.ndarray]:
+    """Inverse of :func:`_pack_arrays` for ranks 0..world_size-1, each exactly once; every
+    declared size is checked against the bytes left (``_BadFrame`` otherwise)."""
+    out, i = {}, 0
     while i < buf.size:
+        if buf.size - i < 8 * _META_WORDS:
+            raise _BadFrame(f"packed arrays: {buf.size - i} stray bytes at the end")
         m = buf[i: i + 8 * _META_WORDS].copy().view(np.int64)
-        dt, shape, nbytes = _unmeta(m)
         i += 8 * _META_WORDS
-        a = buf[i: i + nbytes].copy().view(dt).reshape(shape)
-        out.append((int(m[-1]), a))
+        dt, shape, nbytes = _unmeta(m, buf.size - i)
+        rank = int(m[-1])
+        if not 0 <= rank < world_size or rank in out:
+            raise _BadFrame(f"packed arrays: rank {rank} is out of range or repeated")
+        out[rank] = buf[i: i + nbytes].copy().view(dt).reshape(shape)
         i += nbytes + (-nbytes) % 8
-    return out
+    if len(out) != world_size:
+        raise _BadFrame(f"packed arrays: ranks {sorted(set(range(world_size)) - set(out))} "
+                        "are missing")
+    return [out[k] for k in range(world_size)]
 
 
 class HierarchicalCommunicator(Communicator):
@@ -804,8 +839,12 @@ class HierarchicalCommunicator(Communicator):
             if not self.is_leader:
                 full = np.empty(int(size[0]), np.uint8)
             self._local("broadcast", full, 0)
-        items = dict(_unpack_arrays(full))
-        return [items[k] for k in range(self._world_size)]
+        try:
+            return _unpack_arrays(full, self._world_size)
+        except _BadFrame as e:
+            raise CollectiveError(f"collective group {self._group_name!r}: allgather on rank "
+                                  f"{self._rank}: malformed data from the node leaders: {e}") \
+                from None
 
     def barrier(self):
         self._check_open()
