@@ -172,7 +172,7 @@ def shard_args(data, dim, sizes, world_size):
     _check_plain_array(w, "data", dtype)
     ndim = len(shape)
     if ndim == 0:
-        raise ValueError(f"{w}: cannot shard a 0-d value (data has shape ())")
+        return dim                    # shard reports this itself (a PlacementError)
     check_int(w, "dim", dim, -ndim, ndim - 1)
     if sizes is None or (isinstance(sizes, str) and sizes == "auto"):
         return dim
@@ -211,12 +211,15 @@ def replicate_args(obj, cluster):
 
 
 def resize_args(n):
-    """Check the argument of ``Cluster.resize``: an int >= 1.
+    """Check the type of ``Cluster.resize``'s argument: an int (``resize`` itself reports a
+    count it cannot run with as a ResizeError).
 
     >>> resize_args(3)
     3
     """
-    return check_int("resize", "n", n, 1)
+    if not _is_int(n):
+        raise TypeError(f"resize: n must be an int >= 1, got {type(n).__name__} {n!r}")
+    return int(n)
 
 
 def save_args(f):
