@@ -76,13 +76,16 @@ class DictStore(Store):
 class FileStore(Store):
     """Store in a directory (one file per key, written atomically by rename).
 
+    Keys include the TCP ring's group secret: the files are created mode 0600 and a new
+    directory mode 0700, so other users of the machine cannot read them.
+
     >>> import tempfile; s = FileStore(tempfile.mkdtemp()); s.set("g/0", b"x"); s.get("g/0")
     b'x'
     """
 
     def __init__(self, directory: str):
         self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def _path(self, key):
         return os.path.join(self.directory, urllib.parse.quote(key, safe=""))
@@ -90,7 +93,8 @@ class FileStore(Store):
     def set(self, key, value):
         path = self._path(key)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.write(value)
         os.replace(tmp, path)
 
