@@ -1,0 +1,2 @@
+"""``dg.utils``: ``dg.utils.data`` (datasets, samplers, DataLoader), as ``torch.utils``."""
+from . import data  # noqa: F401
