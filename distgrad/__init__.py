@@ -22,8 +22,10 @@ if _os.path.isfile(_os.path.join(_root, "workers", "__init__.py")) and _root not
 
 from . import autograd  # noqa: F401  (dg.autograd)
 from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled  # noqa: F401
+from .autograd import no_grad as inference_mode  # noqa: F401  (no view/version tracking to skip)
 from .factories import *  # noqa: F401,F403  (dg.ones, dg.randn, dg.tensor... see factories.__all__)
 from ._backend import device  # noqa: F401
+from .compat import missing as _missing
 from .random import Generator, manual_seed  # noqa: F401
 from .tensor import Size, Tensor, Variable, apply_op  # noqa: F401
 
@@ -48,4 +50,4 @@ def __getattr__(name):
         return getattr(importlib.import_module(".serialization", __name__), name)
     if name in ("init", "Cluster", "Shard", "Replicate", "Partial"):
         return getattr(importlib.import_module(".distributed", __name__), name)
-    raise AttributeError(f"module 'distgrad' has no attribute {name!r}")
+    raise _missing("torch", name)

@@ -9,6 +9,7 @@ Example::
     dg.cuda.manual_seed(0)
 """
 from . import _backend, random
+from .compat import missing as _missing
 from .factories import _legacy_types
 
 globals().update(_legacy_types("cuda"))     # dg.cuda.FloatTensor and friends
@@ -65,3 +66,7 @@ def manual_seed(seed):
 
 
 manual_seed_all = manual_seed
+
+
+def __getattr__(name):
+    raise _missing("torch.cuda", name)       # a PyTorch name we lack: say so, and what to use

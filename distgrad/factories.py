@@ -175,6 +175,18 @@ def randn_like(t, dtype=None, device=None, requires_grad=False):
     return randn(*t.shape, dtype=dtype or t.dtype, device=device or t.device, requires_grad=requires_grad)
 
 
+def rand_like(t, dtype=None, device=None, requires_grad=False):
+    """Uniform samples shaped like ``t``. Example: ``dg.rand_like(x)``."""
+    return rand(*t.shape, dtype=dtype or t.dtype, device=device or t.device, requires_grad=requires_grad)
+
+
+def bmm(a, b):
+    """Batched matrix product of (b, n, m) and (b, m, p). Example: ``dg.bmm(a, b)``."""
+    if a.ndim != 3 or b.ndim != 3:
+        raise RuntimeError(f"bmm: expected 3-D tensors, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return apply_op("matmul", a, b)
+
+
 def cat(tensors, dim=0):
     """Concatenate along ``dim``. Example: ``dg.cat([a, b], dim=0)``."""
     tensors = list(tensors)
@@ -264,7 +276,7 @@ def _with_out(fn):
 
 
 _OUT = ["zeros", "ones", "empty", "full", "randn", "rand", "randint", "randperm", "arange",
-        "linspace", "eye", "cat", "stack", "where", "maximum", "minimum", "matmul"] + _UNARY
+        "linspace", "eye", "cat", "stack", "where", "maximum", "minimum", "matmul", "bmm"] + _UNARY
 for _n in _OUT:
     globals()[_n] = _with_out(globals()[_n])
 
@@ -272,4 +284,5 @@ __all__ = ["zeros", "ones", "empty", "full", "randn", "rand", "randint", "randpe
            "linspace", "eye", "tensor", "from_numpy", "FloatTensor", "DoubleTensor", "HalfTensor",
            "LongTensor", "IntTensor", "ShortTensor", "CharTensor", "BoolTensor", "ByteTensor",
            "full_like", "zeros_like", "ones_like",
-           "randn_like", "cat", "stack", "where", "maximum", "minimum", "matmul", "TensorType"] + _UNARY
+           "randn_like", "rand_like", "cat", "stack", "where", "maximum", "minimum", "matmul", "bmm",
+           "TensorType"] + _UNARY

@@ -14,3 +14,8 @@ from .modules import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, BC
                       Flatten, Identity, L1Loss, LayerNorm, LeakyReLU, Linear, LogSoftmax,
                       MaxPool2d, MSELoss, NLLLoss, ReLU, Sigmoid, SmoothL1Loss, Softmax, Tanh)
 from .parallel import DataParallel  # noqa: F401
+from ..compat import missing as _missing
+
+
+def __getattr__(name):
+    raise _missing("torch.nn", name)       # a PyTorch name we lack: say so, and what to use

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import _backend
 from ..autograd import engine
+from ..compat import missing as _missing
 from ..factories import where
 from ..tensor import Tensor, apply_op
 from .module import InputShapeError, _check_not_foreign_array
@@ -514,3 +515,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     if weight is not None:
         loss = loss * weight
     return _reduce(loss, reduction)
+
+
+def __getattr__(name):
+    raise _missing("torch.nn.functional", name)   # a PyTorch name we lack: say so, and what to use

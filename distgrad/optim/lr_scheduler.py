@@ -10,6 +10,8 @@ Example::
 import bisect
 import math
 
+from ..compat import missing as _missing
+
 
 class LRScheduler:
     """Base class: sets each group's ``lr`` from ``get_lr()`` at every ``step()``."""
@@ -107,3 +109,7 @@ class CosineAnnealingLR(LRScheduler):
 
 
 _LRScheduler = LRScheduler
+
+
+def __getattr__(name):
+    raise _missing("torch.optim.lr_scheduler", name)       # a PyTorch name we lack: say so, and what to use

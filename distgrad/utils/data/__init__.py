@@ -14,3 +14,8 @@ from .dataset import (ConcatDataset, Dataset, IterableDataset, Subset,  # noqa: 
                       TensorDataset, random_split)
 from .sampler import (BatchSampler, RandomSampler, Sampler, SequentialSampler,  # noqa: F401
                       SubsetRandomSampler)
+from ...compat import missing as _missing
+
+
+def __getattr__(name):
+    raise _missing("torch.utils.data", name)       # a PyTorch name we lack: say so, and what to use
