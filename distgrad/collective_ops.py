@@ -8,6 +8,9 @@ gradient-checked like any other op.
   cotangent of a replicated value is a per-worker partial sum.
 - ``allgather(dim, sizes)``: Shard(dim) -> Replicate; transpose ``reduce_scatter``.
 - ``reduce_scatter(dim, sizes)``: Partial -> Shard(dim); transpose ``allgather``.
+- ``to_partial``: Replicate -> Partial (rank 0 keeps the value, the others hold zeros);
+  its transpose is itself. Traced hooks and custom backward rules use it to hand back
+  a replicated gradient where a per-worker term is expected.
 """
 import threading
 from contextlib import contextmanager
@@ -65,6 +68,10 @@ def _reduce_scatter(xp, x, dim, sizes):
     return _own_rows(xp, _allreduce(xp, x), dim, sizes)
 
 
+def _to_partial(xp, x):
+    return x if current().rank == 0 else xp.zeros_like(x)
+
+
 defop("allreduce", _allreduce, lambda g, ans, x: g.apply("allreduce"), placement="allreduce")
 defop("allgather", _allgather,
       lambda g, ans, x, dim, sizes: g.apply("reduce_scatter", dim=dim, sizes=sizes),
@@ -72,3 +79,4 @@ defop("allgather", _allgather,
 defop("reduce_scatter", _reduce_scatter,
       lambda g, ans, x, dim, sizes: g.apply("allgather", dim=dim, sizes=sizes),
       placement="reduce_scatter")
+defop("to_partial", _to_partial, lambda g, ans, x: g.apply("to_partial"), placement="to_partial")

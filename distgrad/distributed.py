@@ -23,25 +23,17 @@ import weakref
 
 import numpy as np
 
-from . import _backend, placement as pl, program as prog
+from . import _backend, _checks, _hints, _interrupt, placement as pl, program as prog
 from .autograd import engine
 from .errors import RecoveryError, RemoteError, ResizeError, WorkerError
 from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
+from . import dist_autograd
+from .recording import LazyNode, Recording
 from .tensor import Tensor, Variable, set_lazy_dispatch
 
 log = logging.getLogger("distgrad")
 __all__ = ["init", "Cluster", "Shard", "Replicate", "Partial", "PlacementError", "RemoteError"]
-
-
-class LazyNode(engine.Node):
-    """The driver's stand-in grad_fn of a distributed value: the real graph lives on
-    the workers. It names the op (``MulBackward``) and has no edges here."""
-
-    __slots__ = ()
-
-    def input_grads(self, grad):
-        raise RuntimeError("distributed values are differentiated on the workers")
 
 
 class LazyStorage:
@@ -69,8 +61,12 @@ class LazyStorage:
     def assign(self, result):
         self.cluster._record_assign(self, result)
 
-    def backward(self, tensors, grad_tensors, retain_graph, create_graph):
-        self.cluster._record_backward(tensors, grad_tensors, retain_graph, create_graph)
+    def bring_home(self, array):
+        """Become the storage of a local tensor holding ``array`` (at shutdown)."""
+        self.cluster = None
+        self.leaves = [self.version]      # the version counter, shared with views from now on
+        self._cache = array
+        self.__class__ = HomeStorage
 
     def __del__(self):
         cluster = self.cluster
@@ -78,40 +74,22 @@ class LazyStorage:
             cluster._release(self.vid)
 
 
-class _Recording:
-    """The program being recorded between two sync points."""
+class HomeStorage(LazyStorage):
+    """A replicated value brought home when its cluster shut down: from then on a plain
+    local storage (same object, so every tensor that held it is local now)."""
 
-    def __init__(self, world):
-        self.instrs = []
-        self.nslots = 0
-        self.slot_of = {}             # vid -> slot
-        self.ext = []                 # slots bound to values of earlier programs
-        self.outputs = {}             # slot -> vid (values this program defines)
-        self.inputs = [[] for _ in range(world)]
-        self.replayed = {}            # id(local node) -> (node, distributed result)
-        self.shard_puts = []          # (input index, store) of sharded inputs
+    __slots__ = ()
+    lazy = False
 
-    def new_slot(self, vid=None):
-        s = self.nslots
-        self.nslots += 1
-        if vid is not None:
-            self.slot_of[vid] = s
-            self.outputs[s] = vid
-        return s
+    def _set_array(self, array):
+        self._cache = array
 
-    def ref(self, vid):
-        s = self.slot_of.get(vid)
-        if s is None:
-            s = self.new_slot()
-            self.slot_of[vid] = s
-            self.ext.append(s)
-        return s
-
-    def add_input(self, per_worker):
-        idx = len(self.inputs[0])
-        for r, a in enumerate(per_worker):
-            self.inputs[r].append(a)
-        return idx
+    array = property(lambda self: self._cache, _set_array)
+    counter = property(lambda self: self.leaves)
+    version = property(lambda self: self.leaves[0],
+                       lambda self, v: self.leaves.__setitem__(0, v))
+    shape = property(lambda self: self._cache.shape)
+    dtype = property(lambda self: self._cache.dtype)
 
 
 class Cluster:
@@ -131,17 +109,21 @@ class Cluster:
         self.max_instructions = max_instructions
         self._vids = itertools.count(1)
         self._closed = False
-        self._rec = _Recording(world_size)
+        self._rec = Recording(world_size)
+        self._tracing = []         # what is being traced into a sub-program (innermost last)
         self._live = weakref.WeakValueDictionary()      # vid -> LazyStorage
         self._free = []
-        # Mirrors the workers' LRU program caches (same size, same order of use), so the
-        # driver knows when a key alone is enough.
-        self._sent_keys = collections.OrderedDict()
+        # One mirror per worker of its LRU program cache (same size, same order of use),
+        # so the driver knows when a key alone is enough; a worker whose mirror was reset
+        # is told to empty its cache too, so the two never drift.
+        self._sent_keys = [collections.OrderedDict() for _ in range(world_size)]
+        self._reset_cache = set(range(world_size))
+        self._rollback_hooks = []  # driver-side state to restore if the pending program fails
         self._replicas = {}        # (id(storage), requires_grad) -> [weakref(store), vid, version]
         self._leaf_objects = {}    # vid -> weakref(driver tensor whose .grad receives gradients)
         self._infer_cache = {}
         self._sources = {}         # vid -> (per-worker pieces, requires_grad) of live shards
-        self._lost = set()         # vids whose values died with a worker and had no source
+        self._lost = {}            # vid -> why its value is gone from the workers
         self.fault_tolerant = True
         self.max_retries = 3
         self.recoveries = []       # one dict per recovery: ranks, seconds, resized
@@ -160,12 +142,14 @@ class Cluster:
         gang finishes each step together. The gradients stay exact for any split.
         A Variable that requires grad becomes a sharded leaf whose ``.grad`` is sharded.
         """
+        _checks.shard_args(data, dim, sizes, self.world_size)
         src = data if isinstance(data, Tensor) else None
         arr = _backend.to_numpy(src._store.array if src is not None else np.asarray(data))
         if src is None and arr.dtype == np.float64 and not isinstance(data, np.ndarray):
             arr = arr.astype(np.float32)
         if arr.ndim == 0:
             raise PlacementError("shard: cannot shard a 0-d value")
+        _hints.check_sharded(self, arr)
         dim = dim % arr.ndim
         if isinstance(sizes, str):
             if sizes != "auto":
@@ -186,6 +170,7 @@ class Cluster:
         an optimizer built before or after works unchanged, and parameters travel to the
         driver only when read.
         """
+        _checks.replicate_args(obj, self)
         if isinstance(obj, Tensor):
             if obj._store.lazy:
                 return obj
@@ -256,16 +241,42 @@ class Cluster:
         return path
 
     def shutdown(self):
-        """Stop the workers (idempotent). Distributed values become unusable."""
+        """Stop the workers (idempotent). Replicated values (parameters, buffers, optimizer
+        state, their gradients) come home as local tensors, so a model outlives its
+        cluster; sharded values are gone (keep one with :meth:`gather` first).
+
+        Example::
+
+            cluster.shutdown()
+            model(dg.randn(4, 20))          # the trained model, now local
+        """
         if self._closed:
             return
         try:
             if self._rec.instrs:
                 self._flush()
+            self._bring_home()
         finally:
             self._closed = True
             _unregister(self)
             self.gang.shutdown()
+
+    def _bring_home(self):
+        """Fetch every live replicated value from worker 0 and make it local, in place."""
+        stores = {vid: st for vid, st in list(self._live.items())
+                  if isinstance(st.placement, Replicate) and vid not in self._lost}
+        if not stores:
+            return
+        try:
+            arrays = self._control([0], {"control": "export", "vids": sorted(stores)})[0]
+        except Exception as e:     # the workers are gone: the values are lost with them
+            log.warning("could not bring the replicated values home at shutdown: %s", e)
+            return
+        for vid, store in stores.items():
+            got = arrays.get(vid)
+            if got is not None:
+                a = np.array(got[0], copy=True)
+                store.bring_home(_backend.to_device(a, store.device) if store.device != "cpu" else a)
 
     def __enter__(self):
         return self
@@ -280,7 +291,9 @@ class Cluster:
     # ---------------------------------------------------------------- recording
     def _check_open(self):
         if self._closed:
-            raise RuntimeError("this cluster was shut down; its distributed values are gone")
+            raise RuntimeError("this cluster was shut down: its sharded values are gone (its "
+                               "replicated ones came home as local tensors); to keep a sharded "
+                               "value, call cluster.gather(x) before shutdown")
 
     def _new_storage(self, shape, dtype, placement, leaves=frozenset(), device=None):
         vid = next(self._vids)
@@ -291,7 +304,7 @@ class Cluster:
     def _put_storage(self, pieces, shape, dtype, placement, requires_grad):
         self._check_open()
         store = self._new_storage(shape, dtype, placement)
-        rec = self._rec
+        rec = self._rec.root
         slot = rec.new_slot(store.vid)
         idx = rec.add_input(pieces)
         rec.instrs.append(["put", slot, idx, bool(requires_grad)])
@@ -316,7 +329,7 @@ class Cluster:
     def _replay(self, t):
         """Re-record a driver-local computation on the workers, so that its leaves get
         exact gradients (e.g. a weight penalty computed locally, added to a sharded loss)."""
-        memo = self._rec.replayed
+        memo = self._rec.root.replayed
         stack = [(t, False)]
         while stack:
             x, ready = stack.pop()
@@ -353,6 +366,7 @@ class Cluster:
         a = None
         if entry is None:
             a = _backend.to_numpy(store.array)
+            _hints.check_implicit_replica(self, t, a)
             lazy = self._put_storage([a] * self.world_size, a.shape, a.dtype, REPLICATE,
                                      t.requires_grad)
             entry = [weakref.ref(store), lazy, store.version]
@@ -361,7 +375,7 @@ class Cluster:
         elif entry[2] != store.version:
             a = _backend.to_numpy(store.array)
             lazy = entry[1]
-            rec = self._rec
+            rec = self._rec.root
             idx = rec.add_input([a] * self.world_size)
             rec.instrs.append(["update", rec.ref(lazy.vid), idx])
             entry[2] = store.version
@@ -380,19 +394,25 @@ class Cluster:
             elif store.cluster is not self:
                 raise PlacementError("values of two different clusters cannot be mixed")
             if store.vid in self._lost:
-                raise RecoveryError(f"a {store.placement!r} value of shape {store.shape} was lost "
-                                    "with a failed worker: recompute it from the inputs")
+                raise RecoveryError(f"a {store.placement!r} value of shape {store.shape} "
+                                    f"{self._lost[store.vid]}: recompute it from the inputs")
             return ["s", self._rec.ref(store.vid)], store.placement, store.shape, store
         if isinstance(x, np.generic):
             x = x.item()
-        if not isinstance(x, (int, float, bool, type(None))):
+        if type(x) is float:
+            return ["k", self._rec.add_scalar(x)], None, None, x
+        if not isinstance(x, (int, bool, type(None))):
             raise TypeError(f"unsupported operand of type {type(x).__name__} in a distributed op")
         return ["c", x], None, None, None
 
-    def _emit(self, op, args, placements, shapes, stores, attrs, cls, requires_grad):
-        """Record one op whose inputs are already resolved; return the result tensor."""
+    def _emit(self, op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs=()):
+        """Record one op whose inputs are already resolved; return the result tensor.
+
+        ``stores[i]`` is the input's storage, or the value of a float operand (which
+        travels as a message scalar); ``inputs`` are the tensors, for the graph's edges."""
         decision = pl.propagate(op, placements, shapes, attrs, max((len(s) for s in shapes if s is not None), default=0))
         local_shape, dtype = self._infer(op, placements, shapes, stores, args, decision.attrs)
+        stores = [s if isinstance(s, LazyStorage) else None for s in stores]
         out_p = decision.out
         shape = list(local_shape)
         if isinstance(out_p, Shard):
@@ -404,12 +424,24 @@ class Cluster:
         device = decision.attrs["device"] if op.name == "to_device" else next(
             (s.device for s in stores if s is not None), None)
         store = self._new_storage(shape, dtype, out_p, leaves, device)
-        slot = self._rec.new_slot(store.vid)
-        self._rec.instrs.append(["op", op.name, args, decision.attrs, slot, engine.is_grad_enabled()])
-        grad_fn = engine.node_class(op.name, LazyNode)(()) if requires_grad else None
+        rec = self._rec
+        slot = rec.new_slot(store.vid)
+        ins = ["op", op.name, args, decision.attrs, slot, engine.is_grad_enabled()]
+        floats = [k for k, v in decision.attrs.items() if type(v) is float]
+        if floats:
+            # Float attrs (learning rates, betas, eps...) are message scalars, not part of
+            # the structure: a scheduler changing them keeps the program cached.
+            ins[3] = {k: v for k, v in decision.attrs.items() if type(v) is not float}
+            ins.append({k: rec.add_scalar(decision.attrs[k]) for k in floats})
+        rec.instrs.append(ins)
+        grad_fn = None
+        if requires_grad:
+            grad_fn = engine.node_class(op.name, LazyNode)(
+                tuple([engine.next_node_of(x) if isinstance(x, Tensor) else None for x in inputs]))
+            grad_fn.vid = store.vid
         t = cls._from_array(None, grad_fn=grad_fn, requires_grad=requires_grad)
         t._store = store
-        if len(self._rec.instrs) >= self.max_instructions:
+        if len(rec.instrs) >= self.max_instructions and not self._tracing:
             self._flush()
         return t
 
@@ -420,16 +452,20 @@ class Cluster:
             if isinstance(p, Shard):
                 rank = int(np.argmax(p.sizes))
                 break
-        local = []
+        local, key_local = [], []
         for a, p, s, st in zip(args, placements, shapes, stores):
-            if st is None:
-                local.append(a[1])
+            if not isinstance(st, LazyStorage):
+                # A message scalar's value does not change shapes: keyed by kind only.
+                local.append(st if a[0] == "k" else a[1])
+                key_local.append("k" if a[0] == "k" else a[1])
                 continue
             s = list(s)
             if isinstance(p, Shard):
                 s[p.dim] = p.sizes[rank]
             local.append((tuple(s), st.dtype.str))
-        key = (op.name, repr(local), repr(attrs))
+            key_local.append(local[-1])
+        key = (op.name, repr(key_local),
+               repr({k: "k" if type(v) is float else v for k, v in attrs.items()}))
         hit = self._infer_cache.get(key)
         if hit is None:
             arrays = [np.zeros(x[0], np.dtype(x[1])) if isinstance(x, tuple) else x for x in local]
@@ -447,10 +483,11 @@ class Cluster:
             self._infer_cache[key] = hit
         return hit
 
-    def _allreduce_partial(self, store, cls=Tensor, requires_grad=False):
+    def _allreduce_partial(self, store, cls=Tensor, requires_grad=False, source=None):
         """Forward collective: the sum over workers of a Partial value, replicated."""
         return self._emit(get_op("allreduce"), [["s", self._rec.ref(store.vid)]], [store.placement],
-                          [store.shape], [store], {}, cls, requires_grad)
+                          [store.shape], [store], {}, cls, requires_grad,
+                          () if source is None else (source,))
 
     def record_op(self, op, inputs, attrs):
         """Record ``op(*inputs, **attrs)`` on distributed values (``tensor.lazy_dispatch``)."""
@@ -462,15 +499,16 @@ class Cluster:
         placements = [r[1] for r in resolved]
         for i in pl.partial_inputs_to_reduce(op.name, placements):
             x = inputs[i]
-            inputs[i] = self._allreduce_partial(resolved[i][3], cls, isinstance(x, Tensor) and x.requires_grad)
+            inputs[i] = self._allreduce_partial(resolved[i][3], cls, isinstance(x, Tensor) and x.requires_grad, x)
             resolved[i] = self._arg(inputs[i])
         args, placements, shapes, stores = (list(z) for z in zip(*resolved))
         if op.name == "mean" and isinstance(placements[0], Shard) and \
                 placements[0].dim in pl._reduced_axes(attrs.get("dim"), len(shapes[0])):
             # Mean over the sharded dim: local sums divided by the GLOBAL count -> Partial.
-            total = self._emit(get_op("sum"), args, placements, shapes, stores, attrs, cls, requires_grad)
+            total = self._emit(get_op("sum"), args, placements, shapes, stores, attrs, cls, requires_grad,
+                               inputs)
             return total / pl.global_count(shapes[0], attrs.get("dim"))
-        return self._emit(op, args, placements, shapes, stores, attrs, cls, requires_grad)
+        return self._emit(op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs)
 
     def _record_assign(self, target, result):
         """In-place write of ``result`` into the distributed value ``target``."""
@@ -488,58 +526,32 @@ class Cluster:
         rec.instrs.append(["assign", rec.ref(target.vid), rec.ref(src.vid)])
         target.leaves = target.leaves | src.leaves
 
-    def _record_backward(self, tensors, grad_tensors, retain_graph, create_graph):
-        if create_graph:
-            raise NotImplementedError("create_graph=True is not supported on distributed values yet")
-        if len(tensors) != 1:
-            raise NotImplementedError("backward of several distributed roots at once is not supported")
-        root = tensors[0]
-        if not root.requires_grad:
-            raise RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn")
-        store = root._store
-        rec = self._rec
-        seed = -1
-        g = grad_tensors[0] if grad_tensors else None
-        if g is None:
-            if int(np.prod(store.shape)) != 1:
-                raise RuntimeError(f"backward: grad can be implicitly created only for scalar outputs; "
-                                   f"output has shape {store.shape}: pass gradient=")
-        else:
-            g = g if isinstance(g, Tensor) else Tensor(g)
-            if tuple(g.shape) != store.shape:
-                raise RuntimeError(f"backward: gradient of shape {tuple(g.shape)} does not match "
-                                   f"output of shape {store.shape}")
-            if not g._store.lazy:
-                p = store.placement
-                g = (self.shard(g.detach(), p.dim, p.sizes) if isinstance(p, Shard)
-                     else self.replicate(g.detach()))
-            seed = rec.ref(g._store.vid)
-        leaves = []
-        for vid in sorted(store.leaves):
-            ref = self._leaf_objects.get(vid)
-            obj = ref() if ref is not None else None
-            if obj is None:
-                continue
-            leaf_store = obj._store if obj._store.lazy else self._local_replica(obj)
-            prev = obj._grad
-            if prev is not None and not prev._store.lazy:
-                prev = self.replicate(prev.detach())
-            new = self._new_storage(leaf_store.shape, leaf_store.dtype,
-                                    leaf_store.placement)
-            leaves.append([rec.ref(leaf_store.vid), -1 if prev is None else rec.ref(prev._store.vid),
-                           rec.new_slot(new.vid), isinstance(leaf_store.placement, Replicate)])
-            grad = Variable._from_array(None)
-            grad._store = new
-            obj._grad = grad
-        code = pl.encode(store.placement)[0]
-        rec.instrs.append(["backward", rec.ref(store.vid), seed, code,
-                           bool(retain_graph), leaves])
+    # Autograd entry points (distgrad.autograd calls them for distributed values).
+    def record_backward(self, tensors, grad_tensors, retain_graph, create_graph, inputs=None):
+        """``backward()`` of distributed roots (see ``distgrad.dist_autograd``)."""
+        dist_autograd.record_backward(self, tensors, grad_tensors, retain_graph, create_graph, inputs)
+
+    def record_grad(self, outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused):
+        """``dg.autograd.grad`` of distributed outputs (see ``distgrad.dist_autograd``)."""
+        return dist_autograd.record_grad(self, outputs, inputs, grad_outputs, retain_graph,
+                                         create_graph, allow_unused)
+
+    def apply_function(self, fn_cls, args, kwargs):
+        """A custom ``Function`` applied to distributed values (see ``distgrad.dist_autograd``)."""
+        self._check_open()
+        return dist_autograd.apply_function(self, fn_cls, args, kwargs)
+
+    def on_rollback(self, restore):
+        """Call ``restore()`` if the pending program fails on any worker: driver-side state
+        changed while recording it (an optimizer's step count) is undone with the workers'."""
+        self._rollback_hooks.append(restore)
 
     # ---------------------------------------------------------------- execution
     def _release(self, vid):
         self._sources.pop(vid, None)
-        self._lost.discard(vid)
-        if vid in self._rec.slot_of and self._rec.slot_of[vid] in self._rec.outputs:
+        self._lost.pop(vid, None)
+        rec = self._rec.root
+        if vid in rec.slot_of and rec.slot_of[vid] in rec.outputs:
             return                      # defined in the pending program: simply not kept
         self._free.append(vid)
 
@@ -565,14 +577,22 @@ class Cluster:
     def _flush(self):
         """Send the pending program to every worker, wait, and return their results.
 
-        If workers die or hang, the survivors roll the program back, the failed workers are
-        replaced (or, without resources, dropped and the shards re-split), their state is
-        restored from a surviving replica and the driver's shard sources, and the same
-        program runs again: the step commits once, as if nothing had happened.
+        A step is all or nothing. If workers die or hang, the survivors roll the program
+        back, the failed workers are replaced (or, without resources, dropped and the
+        shards re-split), their state is restored from a surviving replica and the
+        driver's shard sources, and the same program runs again: the step commits once.
+        If any worker reports an error, every worker rolls the program back before the
+        driver raises, so a retried step is applied exactly once.
         """
         self._check_open()
+        if self._tracing:
+            raise RuntimeError(
+                f"{self._tracing[-1]} needs the value of a distributed tensor (.item(), .numpy(), "
+                "printing, bool()): it is traced into the program the workers run, so it can "
+                "only combine its arguments with distgrad ops")
         rec = self._rec
-        self._rec = _Recording(self.world_size)
+        self._rec = Recording(self.world_size)
+        restores, self._rollback_hooks = self._rollback_hooks, []
         if not rec.instrs and not self._free:
             return [{"fetched": {}} for _ in range(self.world_size)]
         keep = sorted(s for s, vid in rec.outputs.items() if vid in self._live)
@@ -582,44 +602,72 @@ class Cluster:
         bind = [inv[s] for s in rec.ext] + [rec.outputs[s] for s in keep]
         lost = [v for v in bind[:len(rec.ext)] if v in self._lost]
         if lost:
-            raise RecoveryError(f"values {lost} were lost with a failed worker and cannot be "
-                                "rebuilt (only inputs given to cluster.shard/replicate are kept): "
+            raise RecoveryError(f"values {lost} cannot be used: {self._lost[lost[0]]} "
+                                "(only inputs given to cluster.shard/replicate are kept): "
                                 "recompute them")
         free, self._free = self._free, []
         header = {"v": prog.PROTOCOL, "key": key, "bind": bind, "free": free,
-                  "prog": None if key in self._sent_keys else structure}
-        self._sent_keys[key] = True
-        self._sent_keys.move_to_end(key)
-        while len(self._sent_keys) > prog.PROGRAM_CACHE_SIZE:
-            self._sent_keys.popitem(last=False)
+                  "scalars": rec.scalars}
+        try:
+            return self._run_program(header, structure, rec)
+        except BaseException:
+            for restore in reversed(restores):
+                restore()
+            self._free.extend(free)
+            for vid in rec.outputs.values():
+                self._lost.setdefault(vid, "was computed by a step that failed and was rolled back")
+            raise
+
+    def _run_program(self, header, structure, rec):
+        """Run one program on every worker (retrying after recoveries); all or nothing."""
         for attempt in range(self.max_retries + 1):
-            payloads = self._payloads(header, rec)
+            payloads = self._payloads(header, structure, rec)
             start = time.time()
             try:
                 results = self.gang.run(payloads)
-                break
             except WorkerError as err:
                 if not self.fault_tolerant or attempt == self.max_retries or \
                         not hasattr(self.gang, "replace"):
+                    self._abort()       # whoever ran or still runs it undoes it
                     raise
                 self._recover(err, rec)
-                header["prog"] = structure
+                continue
             finally:
                 self._driver_spans.append((start, time.time()))
-        self.messages_sent += 1
-        self._measure_speed(rec, results)
-        errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
-        if errors and all(prog.NOT_CACHED in e for _, e in errors) and header["prog"] is None:
-            # A worker lost its cache (it was replaced): nothing ran; send the program in full.
-            header["prog"] = structure
-            payloads = self._payloads(header, rec)
-            results = self.gang.run(payloads)
             errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
-        if errors:
-            self._sent_keys.pop(key, None)
+            if not errors:
+                self.messages_sent += 1
+                self._measure_speed(rec, results)
+                return results
+            missed = [r for r, e in errors if prog.NOT_CACHED in e]
+            if len(missed) == len(errors) and attempt < self.max_retries:
+                # Those workers ran nothing (their cache and the driver's mirror disagreed);
+                # the others ran the program: undo it there, then run it again everywhere,
+                # in full where it was missing.
+                self._abort([r for r in range(self.world_size) if r not in missed])
+                self._reset_mirrors(missed)
+                continue
+            self._abort()
+            self._reset_mirrors([r for r, _ in errors])
             rank, err = errors[0]
-            raise RemoteError(f"worker {rank}: {err}")
-        return results
+            raise RemoteError(f"worker {rank}: {err} (the step was rolled back on every worker)")
+        raise AssertionError("unreachable")
+
+    def _abort(self, ranks=None):
+        """Roll the last program back on those workers (default: all), without waiting: the
+        rollback runs after whatever the worker is running, before any later message."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        msg = self._encode({"v": prog.PROTOCOL, "control": "rollback"})
+        try:
+            self.gang.post([msg] * len(ranks), ranks)
+        except Exception as e:        # a dead worker is replaced (and re-hydrated) anyway
+            log.warning("could not ask workers %s to roll back: %s", ranks, e)
+
+    def _reset_mirrors(self, ranks=None):
+        """Forget what those workers cache; they are told to empty their caches too."""
+        for r in range(self.world_size) if ranks is None else ranks:
+            self._sent_keys[r].clear()
+            self._reset_cache.add(r)
 
     def _measure_speed(self, rec, results):
         """Rows per busy second of each worker, from programs with sharded inputs (EMA)."""
@@ -647,9 +695,22 @@ class Cluster:
             sizes[r] += 1
         return tuple(int(s) for s in sizes)
 
-    def _payloads(self, header, rec):
-        """One message per worker: the shared header plus that worker's own inputs."""
-        return [self._encode(dict(header, inputs=rec.inputs[r])) for r in range(self.world_size)]
+    def _payloads(self, header, structure, rec):
+        """One message per worker: the shared header, that worker's own inputs, and the
+        program in full where that worker's cache (as mirrored here) lacks it."""
+        key, out = header["key"], []
+        for r in range(self.world_size):
+            sent = self._sent_keys[r]
+            msg = dict(header, inputs=rec.inputs[r], prog=None if key in sent else structure)
+            if r in self._reset_cache:
+                msg["reset_cache"] = True
+                self._reset_cache.discard(r)
+            sent[key] = True
+            sent.move_to_end(key)
+            while len(sent) > prog.PROGRAM_CACHE_SIZE:
+                sent.popitem(last=False)
+            out.append(self._encode(msg))
+        return out
 
     @staticmethod
     def _encode(msg):
@@ -716,8 +777,9 @@ class Cluster:
                 for r in range(n):
                     inputs[r].append(per[r])
             rec.inputs = inputs
-        self._rec = _Recording(n)
-        self._sent_keys.clear()
+        self._rec = Recording(n)
+        self._sent_keys = [collections.OrderedDict() for _ in range(n)]
+        self._reset_cache = set(range(n))
         self._speed = {}
 
     def _rehydrate(self, new_ranks, resharded, source, exclude=()):
@@ -735,7 +797,7 @@ class Cluster:
             src = self._sources.get(vid) if isinstance(st.placement, Shard) else None
             if src is None:
                 if isinstance(st.placement, Partial) or new_ranks or resharded:
-                    self._lost.add(vid)
+                    self._lost[vid] = "was lost with a failed worker"
                 continue
             pieces, rg = src
             for r in shard_ranks:
@@ -743,7 +805,7 @@ class Cluster:
         for r, values in imports.items():
             if values:
                 self._control([r], {"control": "import", "values": values})
-        self._sent_keys.clear()
+        self._reset_mirrors()
 
     def resize(self, n):
         """Grow or shrink the gang to ``n`` workers between steps; shards are re-split
@@ -751,6 +813,7 @@ class Cluster:
 
         Example: ``cluster.resize(3)``.
         """
+        _checks.resize_args(n)
         if n < 1:
             raise ResizeError(f"resize: cannot run with {n} workers (need at least 1)")
         if n == self.world_size:
@@ -864,13 +927,26 @@ def init(workers=2, device="cpu", address=None, backend="ray", bucket_cap_mb=25.
     them as float16 (off by default: it gives up exactness); ``timeout_s`` bounds every
     wait on a worker; ``collective`` forces "shm", "tcp" or "hierarchical" (default:
     shm on one node, hierarchical across nodes); other keywords go to the Ray scheduler
-    (``strategy="SPREAD"``, ``place_timeout_s``).
+    (``strategy="SPREAD"``, ``place_timeout_s``, ``log_to_driver=False`` to keep the
+    workers' output off this terminal).
+
+    One cluster per process: while one is active (not shut down), another ``init`` raises
+    at once, whatever its arguments. A GPU request without cupy or a GPU fails at once.
 
     Example::
 
         with dg.init(workers=2, backend="local") as cluster:
             model = cluster.replicate(model)
     """
+    _checks.init_args(workers, device, address, backend, bucket_cap_mb, timeout_s,
+                      num_cpus_per_worker, collective, compress)
+    active = next((c for c in list(_clusters) if not c._closed), None)
+    if active is not None:
+        # Like a second init_process_group: the first one holds the workers and their
+        # resources, so waiting for placement would only time out.
+        raise RuntimeError(f"init: a cluster is already active in this process ({active!r}): "
+                           "call its shutdown() first, or use `with dg.init(...) as cluster:`")
+    _interrupt.install()          # Ctrl-C inside a finalizer must not be lost
     if workers < 1:
         raise ValueError(f"init: workers must be >= 1, got {workers}")
     device = _backend.normalize_device(device)

@@ -345,6 +345,12 @@ def rule_reduce_scatter(op, placements, shapes, attrs, out_ndim):
     return Decision(Shard(attrs["dim"] % len(shapes[0]), tuple(attrs["sizes"])), attrs)
 
 
+def rule_to_partial(op, placements, shapes, attrs, out_ndim):
+    if not isinstance(placements[0], Replicate):
+        _fail(op, placements, "only a Replicate value is turned into a Partial one")
+    return Decision(PARTIAL, attrs)
+
+
 def rule_like(op, placements, shapes, attrs, out_ndim):
     p = placements[0]
     return Decision(p if isinstance(p, Shard) else REPLICATE, attrs)
@@ -363,7 +369,7 @@ RULES = {
     "getitem": rule_getitem, "cat": rule_cat, "stack": rule_cat, "identity": rule_identity,
     "scatter": rule_replicate_only, "index_put": rule_replicate_only,
     "allreduce": rule_allreduce, "allgather": rule_allgather,
-    "reduce_scatter": rule_reduce_scatter, "like": rule_like,
+    "reduce_scatter": rule_reduce_scatter, "to_partial": rule_to_partial, "like": rule_like,
 }
 
 
@@ -373,6 +379,17 @@ def propagate(op, placements, shapes, attrs, out_ndim):
     if rule is None:
         raise PlacementError(f"{op.name}: no placement rule {op.placement!r} is defined")
     return rule(op.name, placements, shapes, attrs, out_ndim)
+
+
+def cotangent(p):
+    """Placement of the gradient of a value placed ``p`` on the workers.
+
+    A shard's gradient is sharded alike; a replicated value's gradient is a sum of
+    per-worker terms (Partial); a Partial value's gradient is the same on every worker.
+    """
+    if isinstance(p, Shard):
+        return p
+    return PARTIAL if isinstance(p, Replicate) else REPLICATE
 
 
 def global_count(shape, dim):

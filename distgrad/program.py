@@ -165,10 +165,11 @@ def structure_key(structure):
 class _Checker:
     """State of one ``validate`` run: the slot count and the slots defined so far."""
 
-    def __init__(self, nslots, ext):
+    def __init__(self, nslots, ext, depth=0):
         self.nslots = nslots
         self.defined = set(ext)
         self.fields = len(ext)        # slot fields seen: nslots may not exceed them
+        self.depth = depth            # nesting of sub-programs
 
     def slot(self, s, where, must_exist=True):
         """``s`` as a slot in range (and defined, unless ``must_exist`` is False)."""
@@ -195,7 +196,7 @@ class _Checker:
 
 
 def _check_op(ins, c, where):
-    _, name, args, attrs, out, _grad = ins
+    name, args, attrs, out = ins[1:5]
     if not isinstance(name, str) or name not in OPS:
         raise ProgramError(f"{where}: unknown op {name!r}")
     if not isinstance(args, list) or not isinstance(attrs, dict):
@@ -203,10 +204,17 @@ def _check_op(ins, c, where):
     if not all(isinstance(k, str) for k in attrs):
         raise ProgramError(f"{where}: attribute names must be strings")
     for a in args:
-        if not (isinstance(a, list) and len(a) == 2 and a[0] in ("s", "c")):
+        if not (isinstance(a, list) and len(a) == 2 and a[0] in ("s", "c", "k")):
             raise ProgramError(f"{where}: bad argument {a!r:.80}")
         if a[0] == "s":
             c.slot(a[1], where)
+        elif a[0] == "k":
+            c.index(a[1], where, "scalar index")
+    if len(ins) > 6:                  # float attrs: name -> index of a message scalar
+        if not (isinstance(ins[6], dict) and all(isinstance(k, str) for k in ins[6])):
+            raise ProgramError(f"{where}: scalar attrs must map names to indices")
+        for i in ins[6].values():
+            c.index(i, where, "scalar index")
     c.define(out, where)
 
 
@@ -229,20 +237,98 @@ def _check_fetch(ins, c, where):
     c.slot(ins[1], where)
 
 
+def _list(v, where, what):
+    if not isinstance(v, list):
+        raise ProgramError(f"{where}: {what} must be a list")
+    return v
+
+
+def _check_roots(roots, seeds, codes, c, where):
+    """The roots of a backward pass, their seeds (-1: ones) and placement codes."""
+    roots, seeds, codes = (_list(v, where, w) for v, w in
+                           ((roots, "roots"), (seeds, "seeds"), (codes, "root placements")))
+    if not roots or not len(roots) == len(seeds) == len(codes):
+        raise ProgramError(f"{where}: roots, seeds and placements must be non-empty and alike "
+                           "in length")
+    for r, sd, code in zip(roots, seeds, codes):
+        c.slot(r, where)
+        c.optional(sd, where)
+        if code not in ("S", "R", "P"):
+            raise ProgramError(f"{where}: bad root placement {code!r:.40}")
+
+
+def _check_hooks(hooks, c, where):
+    """Traced hooks: ``[slot, is_leaf, captured slots, sub-program]`` each."""
+    for h in _list(hooks, where, "hooks"):
+        if not (isinstance(h, list) and len(h) == 4 and h[1] in (0, 1)):
+            raise ProgramError(f"{where}: bad hook entry {h!r:.80}")
+        c.slot(h[0], where)
+        _check_subprogram(h[2], h[3], 1, c, where)
+
+
+def _check_subprogram(captured, sub, n_inputs, c, where):
+    """A traced sub-program (custom backward or hook): its captured parent slots and its
+    own structure, validated like a program (ops, in-place writes, nested customs)."""
+    for s in _list(captured, where, "captured slots"):
+        c.slot(s, where)
+    if not (isinstance(sub, dict) and {"instrs", "nslots", "ext", "inputs", "results"} <= set(sub)):
+        raise ProgramError(f"{where}: a sub-program must be a dict with instrs, nslots, ext, "
+                           "inputs, results")
+    if c.depth >= MAX_DEPTH:
+        raise ProgramError(f"{where}: sub-programs nest deeper than {MAX_DEPTH}")
+    ext, inputs = _slot_list(sub, "ext"), _slot_list(sub, "inputs")
+    if len(ext) != len(captured) or len(inputs) != n_inputs:
+        raise ProgramError(f"{where}: sub-program binds {len(ext)} captured values and "
+                           f"{len(inputs)} inputs; expected {len(captured)} and {n_inputs}")
+    nslots, instrs = sub["nslots"], sub["instrs"]
+    if type(nslots) is not int or nslots < 0 or not isinstance(instrs, list):
+        raise ProgramError(f"{where}: bad sub-program header")
+    inner = _Checker(nslots, ext + inputs, c.depth + 1)
+    for s in ext + inputs:
+        inner.slot(s, where, False)
+    _check_instructions(instrs, inner, SUBPROGRAM_INSTRUCTIONS, f"{where}: sub-program ")
+    for s in _list(sub["results"], where, "results"):
+        inner.optional(s, where)
+    if nslots > inner.fields + 1:
+        raise ProgramError(f"{where}: sub-program declares {nslots} slots but names only "
+                           f"{inner.fields}")
+
+
 def _check_backward(ins, c, where):
-    _, root, seed, placement, _retain, leaves = ins
-    c.slot(root, where)
-    c.optional(seed, where)
-    if placement not in ("S", "R", "P"):
-        raise ProgramError(f"{where}: bad root placement {placement!r:.40}")
-    if not isinstance(leaves, list):
-        raise ProgramError(f"{where}: leaves must be a list")
-    for leaf in leaves:
+    _, roots, seeds, codes, _retain, leaves, _create, hooks = ins
+    _check_roots(roots, seeds, codes, c, where)
+    for leaf in _list(leaves, where, "leaves"):
         if not (isinstance(leaf, list) and len(leaf) == 4):
             raise ProgramError(f"{where}: bad leaf entry {leaf!r:.80}")
         c.slot(leaf[0], where)
         c.optional(leaf[1], where)
         c.define(leaf[2], where)
+    _check_hooks(hooks, c, where)
+
+
+def _check_grad(ins, c, where):
+    _, roots, seeds, codes, _retain, _create, inputs, outs, hooks = ins
+    _check_roots(roots, seeds, codes, c, where)
+    if len(_list(inputs, where, "inputs")) != len(_list(outs, where, "outputs")):
+        raise ProgramError(f"{where}: one output slot per input is needed")
+    for s in inputs:
+        c.slot(s, where)
+    _check_hooks(hooks, c, where)
+    for s in outs:
+        c.define(s, where)
+
+
+def _check_custom(ins, c, where):
+    _, name, args, out, result, captured, sub = ins
+    if not isinstance(name, str):
+        raise ProgramError(f"{where}: the Function's name must be a string")
+    for s in _list(args, where, "arguments"):
+        c.optional(s, where)
+    c.slot(out, where)
+    _check_subprogram(captured, sub, 1, c, where)
+    if len(sub["results"]) != len(args):
+        raise ProgramError(f"{where}: one gradient per argument is needed")
+    c.define(result, where)
 
 
 # One checker per instruction kind: kind -> (number of fields, checker). A new kind adds
@@ -253,8 +339,12 @@ INSTRUCTIONS = {
     "update": (3, _check_update),
     "assign": (3, _check_assign),
     "fetch": (2, _check_fetch),
-    "backward": (6, _check_backward),
+    "backward": (8, _check_backward),
+    "grad": (9, _check_grad),
+    "custom": (7, _check_custom),
 }
+# What a traced sub-program may hold: no inputs, fetches or nested backward passes.
+SUBPROGRAM_INSTRUCTIONS = {k: INSTRUCTIONS[k] for k in ("op", "assign", "custom")}
 
 
 def _slot_list(structure, key):
@@ -262,6 +352,21 @@ def _slot_list(structure, key):
     if not isinstance(v, list) or not all(type(s) is int for s in v):
         raise ProgramError(f"program {key} must be a list of slot numbers")
     return v
+
+
+def _check_instructions(instrs, c, table, prefix=""):
+    for n, ins in enumerate(instrs):
+        kind = ins[0] if isinstance(ins, list) and ins else None
+        if not isinstance(kind, str) or kind not in table:
+            raise ProgramError(f"{prefix}instruction {n}: unknown instruction {kind!r:.40}; "
+                               f"known: {', '.join(table)}")
+        arity, check = table[kind]
+        # An op may carry a 7th field: its float attrs, as message scalars.
+        if len(ins) != arity and not (kind == "op" and len(ins) == arity + 1):
+            raise ProgramError(f"{prefix}instruction {n} ({kind}): expected {arity} fields, "
+                               f"got {len(ins)}")
+        named = kind in ("op", "custom") and isinstance(ins[1], str)
+        check(ins, c, f"{prefix}instruction {n} ({kind}{' ' + ins[1][:40] if named else ''})")
 
 
 def validate(structure):
@@ -286,16 +391,7 @@ def validate(structure):
     c = _Checker(nslots, _slot_list(structure, "ext"))
     for s in c.defined:
         c.slot(s, "ext", False)
-    for n, ins in enumerate(instrs):
-        kind = ins[0] if isinstance(ins, list) and ins else None
-        if not isinstance(kind, str) or kind not in INSTRUCTIONS:
-            raise ProgramError(f"instruction {n}: unknown instruction {kind!r:.40}; known: "
-                               f"{', '.join(INSTRUCTIONS)}")
-        arity, check = INSTRUCTIONS[kind]
-        if len(ins) != arity:
-            raise ProgramError(f"instruction {n} ({kind}): expected {arity} fields, got {len(ins)}")
-        named = kind == "op" and isinstance(ins[1], str)
-        check(ins, c, f"instruction {n} ({kind}{' ' + ins[1][:40] if named else ''})")
+    _check_instructions(instrs, c, INSTRUCTIONS)
     for s in _slot_list(structure, "keep"):
         c.slot(s, "keep")
     if nslots > c.fields + 1:

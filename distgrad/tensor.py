@@ -464,6 +464,10 @@ class Tensor:
         """Keep ``.grad`` for this non-leaf tensor after backward."""
         if self.is_leaf or self._retains_grad:
             return self
+        if self._store.lazy:
+            raise NotImplementedError(
+                "retain_grad() on a distributed value is not supported: its gradient stays on "
+                "the workers; use dg.autograd.grad(loss, [value]) to get it as a distributed value")
 
         def hook(g):
             # A copy: the same buffer may become a leaf's .grad, which later updates in place.
@@ -484,6 +488,8 @@ class Tensor:
         node = self.grad_fn if self.grad_fn is not None else engine.next_node_of(self)
         if self.grad_fn is None:
             self._hook_node = node                # keep the leaf's accumulator alive
+        elif self._store.lazy:
+            node.hold = self._store               # the workers must keep the hooked value
         node.register_prehook(fn)
         return fn
 

@@ -1,6 +1,9 @@
 """``backend="local"``: N workers as threads of the driver process, same worker code,
 an in-process collective. For tests, debugging and laptops without Ray."""
 import concurrent.futures as cf
+import os
+
+from threadpoolctl import threadpool_limits
 
 from distgrad import program as prog
 from distgrad.workers.collective.inprocess import InProcessGroup
@@ -9,11 +12,25 @@ from distgrad.workers.worker import Worker
 from .errors import WorkerTimeoutError
 
 
+def usable_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one).
+
+    Example: ``threads_per_worker = max(1, usable_cores() // 2)``.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class LocalGang:
     """Runs one message per worker, each on its own thread, and waits (with a timeout)."""
 
     def __init__(self, n, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0, compress=None):
         self.n, self.timeout_s = n, timeout_s
+        # N threads each running BLAS with a thread per core would oversubscribe the cores
+        # N times over (5-20x slower on a busy 2-core box): give each its share instead.
+        self.blas_threads = max(1, usable_cores() // n)
+        self._thread_limits = threadpool_limits(self.blas_threads)
         group = InProcessGroup(n, group_name="distgrad-local", timeout_s=timeout_s)
         self.workers = [Worker(r, n, device, group.communicator(r), bucket_cap_mb, timeout_s,
                                compress=compress) for r in range(n)]
@@ -35,6 +52,11 @@ class LocalGang:
                                          f"within {self.timeout_s:g}s", ranks=[r]) from None
         return results
 
+    def post(self, payloads, ranks):
+        """Queue messages behind whatever each worker runs now; do not wait for replies."""
+        for r, (data, side) in zip(ranks, payloads):
+            self._pools[r].submit(self.workers[r].execute, data, side)
+
     def stats(self):
         return [w.get_stats() for w in self.workers]
 
@@ -46,6 +68,9 @@ class LocalGang:
             w.close()
         for p in self._pools:
             p.shutdown(wait=False)
+        if self._thread_limits is not None:
+            self._thread_limits.restore_original_limits()
+            self._thread_limits = None
 
     def __repr__(self):
         return f"LocalGang({self.n} threads)"

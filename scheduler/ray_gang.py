@@ -14,32 +14,55 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import distgrad
-from distgrad import program as prog
+from distgrad import _backend, program as prog
 from distgrad.workers.actor import WorkerActor
 
 from .errors import ResizeError, WorkerError, WorkerTimeoutError
 
 log = logging.getLogger("distgrad")
 
+# Booting a worker process is not a wait on resources: on a loaded 2-core machine it takes
+# seconds, and a short timeout_s (for quick hang detection) must not fail start-up.
+START_FLOOR_S = 30.0
+
 
 def _package_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(distgrad.__file__)))
 
 
-def ensure_ray(address=None, num_cpus=None):
+def ensure_ray(address=None, num_cpus=None, log_to_driver=True):
     """Connect to Ray: a new local instance when ``address`` is None (unless this process
     is already connected), else the cluster at ``address`` ("auto" inside a Ray job).
-    Returns True when this call started Ray (so the caller shuts it down)."""
+    ``log_to_driver``: print the workers' stdout/stderr here, each line prefixed with the
+    worker's rank. Returns True when this call started Ray (so the caller shuts it down).
+
+    Example: ``started = ensure_ray(None, num_cpus=2)``.
+    """
     if ray.is_initialized():
         return False
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
         p for p in [_package_root(), os.environ.get("PYTHONPATH", "")] if p)}}
     if address is None:
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=False, configure_logging=False, runtime_env=env)
+                 log_to_driver=log_to_driver, configure_logging=False, runtime_env=env)
     else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
     return True
+
+
+def describe_resources(res, keys=("CPU", "GPU")):
+    """Resource amounts as words: ``{"CPU": 2.0}`` -> ``"2 CPUs and no GPU"``.
+
+    Example: ``describe_resources(ray.available_resources())``.
+    """
+    parts = []
+    for k in keys:
+        n = float(res.get(k, 0))
+        if n == 0:
+            parts.append(f"no {k}")
+        else:
+            parts.append(f"{n:g} {k}{'' if n == 1 else 's'}")
+    return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
 
 
 def describe_nodes(address):
@@ -62,16 +85,23 @@ class RayGang:
 
     def __init__(self, n, device="cpu", address=None, bucket_cap_mb=25.0, timeout_s=60.0,
                  num_cpus_per_worker=1, collective=None, strategy="PACK", place_timeout_s=None,
-                 compress=None):
+                 compress=None, log_to_driver=True):
         self.timeout_s = timeout_s
         self.compress = compress
         self.device, self.bucket_cap_mb = device, bucket_cap_mb
         self.requested_collective, self.strategy = collective, strategy
-        # Starting actors can take seconds on a loaded machine: a short step timeout (for
-        # quick hang detection) must not make worker start-up fail.
-        self.place_timeout_s = place_timeout_s or max(timeout_s, 60.0)
+        # timeout_s bounds the wait for resources too; booting the processes gets a floor.
+        self.place_timeout_s = place_timeout_s or timeout_s
+        self.start_timeout_s = max(self.place_timeout_s, START_FLOOR_S)
         self.bundle = {"CPU": num_cpus_per_worker, **({"GPU": 1} if device != "cpu" else {})}
-        self._owns_ray = ensure_ray(address, num_cpus=max(n * num_cpus_per_worker, os.cpu_count() or 1))
+        self.blas_threads = max(1, int(num_cpus_per_worker))
+        # A local instance puts the workers on this machine: no cupy or no GPU here is a
+        # certain failure, so say so before starting Ray rather than after a placement wait.
+        self._local = address is None
+        if device != "cpu" and self._local and not ray.is_initialized():
+            _backend.cupy_module()
+        self._owns_ray = ensure_ray(address, num_cpus=max(n * num_cpus_per_worker, os.cpu_count() or 1),
+                                    log_to_driver=log_to_driver)
         self.actors, self.slots, self.nodes, self.pgs = [], [], [], []
         self.collective = None
         try:
@@ -90,14 +120,28 @@ class RayGang:
         """Reserve ``count`` bundles (one placement group) and start an actor in each."""
         if count <= 0:
             return
+        more = "more " if self.actors else ""
+        each = describe_resources(self.bundle, self.bundle)
+        total = ray.cluster_resources()
+        short = [k for k, v in self.bundle.items() if total.get(k, 0) < v * count]
+        if short and self._local:
+            # A local Ray instance never grows: waiting cannot help (a cluster may autoscale).
+            fit = min(int(total.get(k, 0) // v) for k, v in self.bundle.items() if v)
+            raise ResizeError(
+                f"could not place {count} {more}workers ({each} each): this Ray instance has "
+                f"{describe_resources(total)} in all, room for {fit} worker(s). Ask for fewer "
+                "workers" + (", or run where a GPU is (device='cuda' takes one per worker)"
+                             if "GPU" in short else ", or fewer CPUs per worker") + ".")
         pg = placement_group([dict(self.bundle) for _ in range(count)], strategy=self.strategy)
         try:
             ray.get(pg.ready(), timeout=self.place_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(pg)
             raise ResizeError(
-                f"could not place {count} more workers of {self.bundle} each within "
-                f"{self.place_timeout_s:g}s: the cluster has {ray.available_resources()} available") from None
+                f"could not place {count} {more}workers ({each} each) within "
+                f"{self.place_timeout_s:g} s: the cluster has {describe_resources(ray.available_resources())} "
+                f"free, of {describe_resources(total)} in all. Free them (is another job or cluster "
+                "holding them?), ask for fewer workers, or add nodes.") from None
         self.pgs.append(pg)
         for i in range(count):
             self.actors.append(None)
@@ -110,7 +154,8 @@ class RayGang:
         actor = ray.remote(WorkerActor).options(
             num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(rank, self.n, self.device, self.bucket_cap_mb, self.timeout_s, self.compress)
+        ).remote(rank, self.n, self.device, self.bucket_cap_mb, self.timeout_s, self.compress,
+                 self.blas_threads)
         self.actors[rank] = actor
         self.nodes[rank] = None
 
@@ -118,7 +163,7 @@ class RayGang:
         """(Re)build the collective group over the current actors: shm inside one node,
         hierarchical (shm + tcp ring) across nodes."""
         self.nodes = self._get([a.node_id.remote() for a in self.actors], "start",
-                               time.time() + self.place_timeout_s)
+                               time.time() + self.start_timeout_s)
         name = f"distgrad_{uuid.uuid4().hex[:12]}"
         if self.requested_collective:
             kind = self.requested_collective
@@ -129,7 +174,7 @@ class RayGang:
         options = {"name": name} if kind == "shm" else {"group_name": name}
         self._get([a.reset_comm.remote(kind, options, r, self.n)
                    for r, a in enumerate(self.actors)], "collective setup",
-                  time.time() + self.place_timeout_s)
+                  time.time() + self.start_timeout_s)
         self.collective = kind
 
     def replace(self, ranks):
@@ -140,14 +185,14 @@ class RayGang:
             except Exception:
                 pass
             self._start(r)
-        deadline = time.time() + self.place_timeout_s
+        deadline = time.time() + self.start_timeout_s
         for r in ranks:
             try:
                 self.nodes[r] = ray.get(self.actors[r].node_id.remote(),
                                         timeout=max(deadline - time.time(), 1))
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                 raise ResizeError(f"could not start a replacement for worker {r} within "
-                                  f"{self.place_timeout_s:g}s (no resources left?)") from None
+                                  f"{self.start_timeout_s:g} s (no resources left?)") from None
         self._form_group()
 
     def resize(self, n):
@@ -213,6 +258,12 @@ class RayGang:
             e.ranks = tuple(ranks[i] for i in e.ranks)
             raise
         return [prog.decode(data, side) for data, side in replies]
+
+    def post(self, payloads, ranks):
+        """Queue messages behind whatever each actor runs now (actor calls run in order);
+        do not wait for replies."""
+        for r, (data, side) in zip(ranks, payloads):
+            self.actors[r].execute.remote(data, *[ray.put(a) for a in side])
 
     def inject_failure(self, rank, kind, seconds=0.0):
         """Test hook: worker ``rank`` crashes or hangs at its next program."""

@@ -328,6 +328,8 @@ CASES["allgather"] = [Case(lambda m, x: x.apply("allgather", dim=0, sizes=(2,)).
                            torch_fn=lambda m, x: x.exp()),
                       Case(lambda m, x: x.apply("allgather", dim=-1, sizes=(3,)) * x, (2, 3),
                            torch_fn=lambda m, x: x * x)]
+CASES["to_partial"] = [Case(lambda m, x: x.apply("to_partial").tanh() * x, (2, 3),
+                            torch_fn=lambda m, x: x.tanh() * x)]
 CASES["reduce_scatter"] = [Case(lambda m, x: x.apply("reduce_scatter", dim=1, sizes=(3,)).sin(),
                                 (2, 3), torch_fn=lambda m, x: x.sin())]
 

@@ -7,6 +7,7 @@ usable. Replicated leaves' gradients are all-reduced in buckets during backward.
 """
 import collections
 import contextlib
+import functools
 import threading
 import time
 
@@ -90,11 +91,14 @@ class Worker:
             time.sleep(self.slowdown_s)
         key = msg.get("key")
         structure = msg.get("prog")
+        if msg.get("reset_cache"):
+            self.cache.clear()           # the driver's mirror of this cache starts empty
         if structure is not None:
             prog.validate(structure)
             if prog.structure_key(structure) != key:
                 raise prog.ProgramError("program key does not match its structure")
             self.cache[key] = structure
+            self.cache.move_to_end(key)  # a re-sent program is the most recently used
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         else:
@@ -113,16 +117,22 @@ class Worker:
                 raise prog.ProgramError(f"value {vid} is not held by worker {self.rank}")
             env[s] = self.values[vid]
         inputs = [self._to_device(a) for a in msg.get("inputs", [])]
+        scalars = msg.get("scalars", [])
         fetched = {}
         phase, start = None, time.time()
         with use_communicator(self.comm):
-            for ins in structure["instrs"]:
+            for n, ins in enumerate(structure["instrs"]):
                 now = _phase(ins)
                 if now != phase:
                     if phase is not None:
                         self.span(phase, start)
                     phase, start = now, time.time()
-                self._step(ins, env, inputs, fetched)
+                try:
+                    self._step(ins, env, inputs, fetched, scalars)
+                except Exception as e:
+                    if _rewrappable(e):         # name the instruction: the op and its index
+                        raise type(e)(f"{_describe(ins, n)}: {e}") from e
+                    raise
         if phase is not None:
             self.span(phase, start)
         for s, vid in zip(keep, bind[len(ext):]):
@@ -180,11 +190,19 @@ class Worker:
         return _backend.to_device(a, self.device) if self.device != "cpu" else a
 
     # ------------------------------------------------------------------ instructions
-    def _step(self, ins, env, inputs, fetched):
+    def _step(self, ins, env, inputs, fetched, scalars, traced=False):
+        """Run one instruction. ``traced``: inside a sub-program (a custom backward or a
+        hook), whose ops record a graph exactly when the backward pass asks for one."""
         kind = ins[0]
         if kind == "op":
-            _, name, args, attrs, out, grad_enabled = ins
-            vals = [env[a[1]] if a[0] == "s" else a[1] for a in args]
+            name, args, attrs, out, grad_enabled = ins[1:6]
+            vals = [env[a[1]] if a[0] == "s" else scalars[a[1]] if a[0] == "k" else a[1]
+                    for a in args]
+            if len(ins) > 6:               # float attrs travel as message scalars
+                attrs = dict(attrs, **{k: scalars[i] for k, i in ins[6].items()})
+            if traced:
+                env[out] = apply_op(name, *vals, **attrs)
+                return
             prev = engine.is_grad_enabled()
             engine.set_grad_enabled(grad_enabled)
             try:
@@ -212,20 +230,79 @@ class Worker:
         elif kind == "fetch":
             v = env[ins[1]]
             fetched[ins[1]] = _backend.to_numpy(v._store.array if isinstance(v, Tensor) else v)
+        elif kind == "custom":
+            self._custom(ins, env, scalars)
         elif kind == "backward":
-            self._backward(ins, env)
+            self._backward(ins, env, scalars)
+        elif kind == "grad":
+            self._grad(ins, env, scalars)
 
-    def _backward(self, ins, env):
-        _, root_slot, seed_slot, placement, retain, leaves = ins
+    # ------------------------------------------------------------------ traced autograd
+    def _run_subprogram(self, structure, captured, inputs, scalars):
+        """Run a traced sub-program on ``inputs``; its results (None where -1)."""
+        env = [None] * structure["nslots"]
+        for s, v in zip(structure["ext"], captured):
+            env[s] = v
+        for s, v in zip(structure["inputs"], inputs):
+            env[s] = v
+        for ins in structure["instrs"]:
+            self._step(ins, env, (), None, scalars, traced=True)
+        return [env[s] if s >= 0 else None for s in structure["results"]]
+
+    def _custom(self, ins, env, scalars):
+        """A custom Function's output gets a grad_fn that runs its traced backward."""
+        _, name, arg_slots, out_slot, res_slot, captured, structure = ins
+        out = env[out_slot]
+        args = [env[s] if s >= 0 else None for s in arg_slots]
+        next_nodes = tuple(engine.next_node_of(a) if isinstance(a, Tensor) else None for a in args)
+        if not any(next_nodes):
+            env[res_slot] = out
+            return
+        node = engine.node_class(name, TracedNode)(next_nodes)
+        node.run = functools.partial(self._run_subprogram, structure, scalars=scalars)
+        node.captured = [env[s] for s in captured]
+        node.versions = [c._store.version if isinstance(c, Tensor) else None for c in node.captured]
+        result = Variable._from_array(None, grad_fn=node, requires_grad=True)
+        result._store = out._store         # one version counter, as a local Function's
+        env[res_slot] = result
+
+    def _install_hooks(self, hooks, env, scalars):
+        """Hooks on intermediate values become pre-hooks of their nodes for this pass;
+        returns (leaf hooks by id of the leaf, a function removing the pre-hooks)."""
+        leaf_hooks, installed = {}, []
+        for slot, is_leaf, captured, structure in hooks:
+            target = env[slot]
+            fn = functools.partial(_run_hook, self._run_subprogram, structure,
+                                   [env[s] for s in captured], scalars)
+            if is_leaf:
+                leaf_hooks[id(target)] = fn
+                continue
+            node = target.grad_fn
+            if node is not None:
+                node.register_prehook(fn)
+                installed.append((node, fn))
+
+        def remove():
+            for node, fn in installed:
+                node.pre_hooks.remove(fn)
+        return leaf_hooks, remove
+
+    def _seeds(self, env, roots, seeds, codes):
+        out = []
+        for root, seed_slot, code in zip(roots, seeds, codes):
+            seed = (env[seed_slot] if seed_slot >= 0 else
+                    Tensor._from_array(self.xp.ones(root.shape, dtype=root.dtype)))
+            if code == "R":
+                # The cotangent of a replicated value is a sum over workers: rank 0 carries it.
+                seed = apply_op("to_partial", seed)
+            out.append(seed)
+        return out
+
+    def _backward(self, ins, env, scalars):
+        _, root_slots, seed_slots, codes, retain, leaves, create_graph, hooks = ins
         t0 = time.perf_counter()
-        root = env[root_slot]
-        if seed_slot >= 0:
-            seed = env[seed_slot]
-        else:
-            seed = Tensor._from_array(self.xp.ones(root.shape, dtype=root.dtype))
-        if placement == "R" and self.rank != 0:
-            # The cotangent of a replicated value is a sum over workers: rank 0 carries it.
-            seed = Tensor._from_array(self.xp.zeros(root.shape, dtype=root.dtype))
+        roots = [env[s] for s in root_slots]
+        seeds = self._seeds(env, roots, seed_slots, codes)
         prev, replicated = [], set()
         for leaf_slot, prev_slot, _new, is_rep in leaves:
             leaf = env[leaf_slot]
@@ -234,21 +311,54 @@ class Worker:
             leaf._grad = None                 # this backward's gradient alone is all-reduced
             if is_rep:
                 replicated.add(id(leaf))
+        leaf_hooks, remove_hooks = self._install_hooks(hooks, env, scalars)
+        # Under create_graph the sums are ops of the graph (below), not in-place buckets.
         bucketer = (Bucketer(self.comm, self.bucket_cap, replicated, self.compress, self.span)
-                    if self.comm else None)
-        engine.run_backward([root], [seed], retain_graph=bool(retain),
-                     on_leaf_ready=bucketer.add if bucketer else None)
-        if bucketer:
-            bucketer.finish()
-        for (leaf_slot, _p, new_slot, _r), old in zip(leaves, prev):
-            leaf = env[leaf_slot]
-            g = leaf._grad
-            if old is not None:
-                g = old if g is None else Variable._from_array(old._store.array + g._store.array)
-            if g is None:
-                g = Variable._from_array(self.xp.zeros(leaf.shape, dtype=leaf.dtype))
-            leaf._grad = g
-            env[new_slot] = g
+                    if self.comm and not create_graph else None)
+        try:
+            engine.run_backward(roots, seeds, retain_graph=bool(retain), create_graph=bool(create_graph),
+                                on_leaf_ready=bucketer.add if bucketer else None)
+            if bucketer:
+                bucketer.finish()
+        finally:
+            remove_hooks()
+        with engine.enable_grad() if create_graph else engine.no_grad():
+            for (leaf_slot, _p, new_slot, is_rep), old in zip(leaves, prev):
+                leaf = env[leaf_slot]
+                g = leaf._grad
+                if g is not None and create_graph and is_rep and self.comm is not None:
+                    g = apply_op("allreduce", g)
+                if g is not None and id(leaf) in leaf_hooks:
+                    g = leaf_hooks[id(leaf)](g)
+                if old is not None:
+                    g = old if g is None else (old + g if create_graph else
+                                               Variable._from_array(old._store.array + g._store.array))
+                if g is None:
+                    g = Variable._from_array(self.xp.zeros(leaf.shape, dtype=leaf.dtype))
+                leaf._grad = g
+                env[new_slot] = g
+        self.stats["backward_s"] += time.perf_counter() - t0
+
+    def _grad(self, ins, env, scalars):
+        """``autograd.grad``: gradients of the inputs, left in slots (nothing accumulates)."""
+        _, root_slots, seed_slots, codes, retain, create_graph, input_slots, out_slots, hooks = ins
+        t0 = time.perf_counter()
+        roots = [env[s] for s in root_slots]
+        inputs = [env[s] for s in input_slots]
+        leaf_hooks, remove_hooks = self._install_hooks(hooks, env, scalars)
+        try:
+            grads = engine.run_backward(roots, self._seeds(env, roots, seed_slots, codes),
+                                        retain_graph=bool(retain), create_graph=bool(create_graph),
+                                        inputs=inputs)
+        finally:
+            remove_hooks()
+        with engine.enable_grad() if create_graph else engine.no_grad():
+            for x, g, slot in zip(inputs, grads, out_slots):
+                if g is None:
+                    g = Variable._from_array(self.xp.zeros(x.shape, dtype=x.dtype))
+                elif x.grad_fn is None and id(x) in leaf_hooks:
+                    g = leaf_hooks[id(x)](g)
+                env[slot] = g if isinstance(g, Variable) else Variable._from_array(g._store.array)
         self.stats["backward_s"] += time.perf_counter() - t0
 
     def get_stats(self):
@@ -263,6 +373,43 @@ class Worker:
         if self.comm is not None:
             self.comm.close()
         self.values.clear()
+
+
+class TracedNode(engine.Node):
+    """grad_fn of a custom Function on a worker: runs the backward rule the driver traced
+    (``run``) on the values it captured, checking they were not modified in place."""
+
+    __slots__ = ("run", "captured", "versions")
+
+    def input_grads(self, grad):
+        if self.released:
+            raise RuntimeError(f"Trying to backward through the graph a second time "
+                               f"({self.name()}); specify retain_graph=True.")
+        for t, v in zip(self.captured, self.versions):
+            if v is not None:
+                engine.check_version(t, v, self)
+        return self.run(self.captured, [grad])
+
+    def release(self):
+        super().release()
+        self.captured = ()
+
+
+def _run_hook(run, structure, captured, scalars, grad):
+    return run(structure, captured, [grad], scalars)[0]
+
+
+def _rewrappable(e):
+    """Exceptions whose message can be prefixed with the instruction (plain constructors)."""
+    return type(e) in (RuntimeError, ValueError, TypeError, IndexError,
+                       NotImplementedError, ZeroDivisionError, FloatingPointError)
+
+
+def _describe(ins, n):
+    kind = ins[0]
+    if kind in ("op", "custom"):
+        return f"instruction {n} ({kind} '{ins[1]}')"
+    return f"instruction {n} ({kind})"
 
 
 class UndoLog:
@@ -309,4 +456,5 @@ def _phase(ins):
         return "forward" if ins[5] else "optimizer step"
     if kind == "assign":
         return "optimizer step"
-    return {"backward": "backward", "fetch": "fetch"}.get(kind, "inputs")
+    return {"backward": "backward", "grad": "backward", "custom": "forward",
+            "fetch": "fetch"}.get(kind, "inputs")

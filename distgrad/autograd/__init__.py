@@ -53,8 +53,12 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, 
     tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
     if grad_tensors is not None and not isinstance(grad_tensors, (list, tuple)):
         grad_tensors = [grad_tensors]
-    if tensors and tensors[0]._store.lazy:
-        return tensors[0]._store.backward(tensors, grad_tensors, retain_graph, create_graph)
+    lazy = next((t._store for t in tensors if t._store.lazy), None)
+    if lazy is not None:     # distributed: recorded for the workers (distgrad.dist_autograd)
+        if inputs is not None:
+            inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        return lazy.cluster.record_backward(tensors, grad_tensors, retain_graph, create_graph,
+                                            inputs)
     _check_requires_grad(tensors)
     retain_graph = create_graph if retain_graph is None else retain_graph
     seeds = _seeds(tensors, grad_tensors, create_graph, "backward")
@@ -83,6 +87,10 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
     if grad_outputs is not None and not isinstance(grad_outputs, (list, tuple)):
         grad_outputs = [grad_outputs]
+    lazy = next((t._store for t in outputs if t._store.lazy), None)
+    if lazy is not None:     # distributed: the gradients stay on the workers
+        return lazy.cluster.record_grad(outputs, inputs, grad_outputs, retain_graph,
+                                        create_graph, allow_unused)
     _check_requires_grad(outputs)
     for i, x in enumerate(inputs):
         if not x.requires_grad:

@@ -78,9 +78,11 @@ class Node:
         return f"<distgrad.autograd.{type(self).__name__} object at {hex(id(self))}>"
 
     def register_prehook(self, fn):
+        global _hooks_registered
         if self.pre_hooks is None:
             self.pre_hooks = []
         self.pre_hooks.append(fn)
+        _hooks_registered = True
 
     def input_grads(self, grad):
         """Gradients for each entry of ``next_nodes`` (None where not needed)."""
@@ -91,6 +93,12 @@ class Node:
 
 
 _node_classes = {}
+# Set once any hook is registered: until then the distributed recorder skips looking for them.
+_hooks_registered = False
+
+
+def hooks_registered():
+    return _hooks_registered
 
 
 def node_class(name, base):

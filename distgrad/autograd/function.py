@@ -81,6 +81,10 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         from ..tensor import Tensor, Variable
+        lazy = next((a._store for a in args if isinstance(a, Tensor) and a._store.lazy), None)
+        if lazy is not None:
+            # Distributed inputs: both rules are traced into the workers' program.
+            return lazy.cluster.apply_function(cls, args, kwargs)
         ctx = FunctionCtx()
         ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
         with engine.no_grad():
