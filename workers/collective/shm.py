@@ -40,6 +40,7 @@ import math
 import mmap
 import os
 import secrets
+import stat
 import threading
 import time
 import weakref
@@ -115,8 +116,18 @@ def _pid_alive(pid: int) -> bool:
 def _unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:               # gone already, or not ours to remove
         pass
+
+
+def _ours(path: str) -> bool:
+    """A regular file owned by this user: the only kind of name cleanup may touch (another
+    user's file or a directory planted under our prefix is left alone)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
 
 
 def list_segments() -> List[str]:
@@ -135,8 +146,10 @@ def list_segments() -> List[str]:
 def cleanup_stale_segments() -> List[str]:
     """Unlink distgrad segments whose creating process is dead; return their names.
 
-    Only names starting with ``distgrad_`` are touched. Safe to call any time:
-    a live group's segment has either a live creator or no name at all.
+    Only regular files starting with ``distgrad_`` and owned by this user are touched;
+    anything else (another user's file, a directory, a name that cannot be read) is
+    skipped. Safe to call any time: a live group's segment has either a live creator or
+    no name at all.
 
     >>> cleanup_stale_segments()   # doctest: +SKIP
     []
@@ -144,6 +157,8 @@ def cleanup_stale_segments() -> List[str]:
     removed = []
     for name in list_segments():
         path = os.path.join(SHM_DIR, name)
+        if not _ours(path):
+            continue
         pid = 0
         if name.startswith("sem."):
             try:
@@ -175,6 +190,28 @@ def cleanup_stale_segments() -> List[str]:
             _unlink_quiet(path)
             removed.append(name)
     return removed
+
+
+_NAME_TRIES = 8
+
+
+def _random_name() -> str:
+    return f"{PREFIX}{secrets.token_hex(8)}"
+
+
+def _fresh_name(make, what):
+    """Run ``make()`` (which picks a fresh random name each call) until the name is free:
+    a name someone else holds is skipped, not fought over."""
+    for _ in range(_NAME_TRIES):
+        try:
+            return make()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise CollectiveError(f"cannot create a shared-memory {what} in {SHM_DIR}: "
+                                  f"{e}") from None
+    raise CollectiveError(f"cannot create a shared-memory {what} in {SHM_DIR}: "
+                          f"{_NAME_TRIES} fresh random names were all taken")
 
 
 def _drop_names(path, sem_names):
@@ -222,7 +259,8 @@ class ShmCommunicator(Communicator):
     Args:
         rank, world_size: this rank and the group size.
         name: segment name shared by the ranks (``distgrad_`` is prepended
-            when missing); must be unique per live group.
+            when missing); must be unique per live group. With ``store``, only the
+            key under which the creator publishes the segment's real name.
         timeout_s: bound on every wait (default 30 s).
         group_name: used in error messages (default: ``name``).
         slot_bytes: per-rank chunk size (creator's value wins).
@@ -230,6 +268,12 @@ class ShmCommunicator(Communicator):
         p2p_bytes: size of each send/recv channel.
         arena_bytes: per-rank space for zero-copy buckets (:meth:`bucket`); 0: none.
         init_timeout_s: bound on the rendezvous (default: ``timeout_s``).
+        store: a rendezvous :class:`~.rendezvous.Store`. With one, the creator names the
+            segment itself (random, retried under a fresh name if taken) and hands the
+            name out through the store; without, a name that is taken is an error.
+
+    The segment and its semaphores are mode 0600 (this user only). Stale-segment
+    cleanup touches only this user's regular files.
 
     Example (in each of 2 processes)::
 
@@ -243,16 +287,18 @@ class ShmCommunicator(Communicator):
                  timeout_s: float = DEFAULT_TIMEOUT_S, group_name: Optional[str] = None,
                  slot_bytes: Optional[int] = None, small_bytes: int = 64 << 10,
                  p2p_bytes: int = 256 << 10, creator_rank: int = 0,
-                 init_timeout_s: Optional[float] = None, arena_bytes: int = 0):
-        if not name.startswith(PREFIX):
-            name = PREFIX + name
-        if "/" in name or len(name) > 200:
-            raise ValueError(f"bad shared-memory segment name {name!r}")
+                 init_timeout_s: Optional[float] = None, arena_bytes: int = 0,
+                 store=None):
         super().__init__(rank, world_size, group_name or name, timeout_s)
         # rendezvous may wait for slow process start-up: its own bound
         self._init_timeout_s = float(init_timeout_s or timeout_s)
-        self.name = name
-        self._path = os.path.join(SHM_DIR, name)
+        self._store = store
+        self._store_key = f"{name}/segment"
+        self.name = self._path = None           # attaching ranks learn it from the store
+        if store is None:
+            self._set_name(name if name.startswith(PREFIX) else PREFIX + name)
+        elif rank == creator_rank:
+            self._set_name(_random_name())
         self._small_bytes = int(small_bytes)
         self._is_creator = rank == creator_rank
         self._linked = False
@@ -278,6 +324,11 @@ class ShmCommunicator(Communicator):
         self._setup_views()
 
     # -- segment lifecycle -------------------------------------------------------
+    def _set_name(self, name):
+        if "/" in name or "\0" in name or len(name) > 200 or not name.startswith(PREFIX):
+            raise ValueError(f"bad shared-memory segment name {name!r}")
+        self.name, self._path = name, os.path.join(SHM_DIR, name)
+
     def _layout(self, world_size, slot_bytes, p2p_bytes, arena_bytes=0):
         n = world_size
         sub = max(64, (slot_bytes // n) // 64 * 64)
@@ -303,8 +354,11 @@ class ShmCommunicator(Communicator):
     def _create(self, slot_bytes, p2p_bytes, arena_bytes):
         cleanup_stale_segments()
         lay = self._layout(self._world_size, slot_bytes, p2p_bytes, arena_bytes)
-        tmp = os.path.join(SHM_DIR, f"{PREFIX}tmp_{os.getpid()}_{secrets.token_hex(6)}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+
+        def new_tmp():
+            path = os.path.join(SHM_DIR, f"{PREFIX}tmp_{os.getpid()}_{secrets.token_hex(6)}")
+            return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp, fd = _fresh_name(new_tmp, "segment")
         try:
             os.ftruncate(fd, lay["size"])
             mm = self._map(fd, lay["size"])
@@ -320,13 +374,18 @@ class ShmCommunicator(Communicator):
         q[_W_ARENA] = arena_bytes
         q[_W_PID] = os.getpid()
         q[_W_SIZE] = lay["size"]
-        token = secrets.randbits(62)
-        q[_W_TOKEN] = token
         self._mm, self._q = mm, q
+
+        def new_bells():
+            self._drop_sem_names()            # the ones an earlier try did create
+            self._bells, token = [], secrets.randbits(62)
+            for k in range(self._world_size):
+                nm = _sem_name(os.getpid(), token, k)
+                self._bells.append(_multiprocessing.SemLock(1, 0, _SEM_MAX, nm, False))
+                self._sem_names.append(nm)
+            return token
         try:
-            self._sem_names = [_sem_name(os.getpid(), token, k) for k in range(self._world_size)]
-            self._bells = [_multiprocessing.SemLock(1, 0, _SEM_MAX, nm, False)
-                           for nm in self._sem_names]
+            q[_W_TOKEN] = _fresh_name(new_bells, "semaphore")
         except BaseException:
             self._drop_sem_names()
             self._release()
@@ -337,7 +396,7 @@ class ShmCommunicator(Communicator):
         q[r + 2] = 1
         q[_W_MAGIC] = _MAGIC
         try:
-            for attempt in range(2):
+            for attempt in range(_NAME_TRIES):
                 try:
                     os.link(tmp, self._path)
                     # covers a crash before all ranks attach (then the name is dropped anyway)
@@ -348,13 +407,19 @@ class ShmCommunicator(Communicator):
                 except FileExistsError:
                     if attempt == 0 and self.name in cleanup_stale_segments():
                         continue
+                    if self._store is not None and attempt + 1 < _NAME_TRIES:
+                        self._set_name(_random_name())   # the store tells the others
+                        continue
                     self._drop_sem_names()
                     self._release()
                     raise CollectiveError(
-                        f"shared-memory segment {self._path} already exists and its creator is "
-                        f"alive: another live group uses the name {self.name!r}") from None
+                        f"shared-memory segment {self._path} already exists (another live "
+                        f"group, or a name planted by another user): pass another name, or a "
+                        f"store so that the creator picks a fresh random name") from None
         finally:
             _unlink_quiet(tmp)
+        if self._store is not None:
+            self._store.set(self._store_key, self.name.encode())
         try:
             self._wait_attached(q)
         finally:
@@ -362,6 +427,8 @@ class ShmCommunicator(Communicator):
             _unlink_quiet(self._path)
             self._linked = False
             self._drop_sem_names()
+            if self._store is not None:
+                self._store.delete(self._store_key)
         q[_W_READY] = 1
 
     def _drop_sem_names(self):
@@ -387,13 +454,21 @@ class ShmCommunicator(Communicator):
         deadline = time.monotonic() + self._init_timeout_s
         sleep = 1e-4
         while True:
-            mm = self._try_open()
+            if self._store is not None:
+                # re-read each time: a key left by a crashed earlier group is replaced
+                v = self._store.get(self._store_key)
+                try:
+                    self._set_name(v.decode())
+                except (AttributeError, UnicodeDecodeError, ValueError):
+                    pass
+            mm = self._try_open() if self._path is not None else None
             if mm is not None:
                 break
             if time.monotonic() > deadline:
                 raise CollectiveTimeoutError(self._group_name, "init (attach to shared memory)",
                                              self._rank, [0], self._init_timeout_s,
-                                             f"segment {self._path} never appeared")
+                                             f"segment {self._path or self._store_key} never "
+                                             "appeared")
             time.sleep(sleep)
             sleep = min(sleep * 2, 0.01)
         q = memoryview(mm).cast("q")
@@ -432,12 +507,15 @@ class ShmCommunicator(Communicator):
 
     def _try_open(self):
         try:
-            fd = os.open(self._path, os.O_RDWR)
-        except FileNotFoundError:
+            fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:               # not there yet, or not a file we may open
             return None
         try:
-            size = os.fstat(fd).st_size
-            if size < 4096:
+            st = os.fstat(fd)
+            size = st.st_size
+            # only a segment of this user: another user's file, even one with our header
+            # and world-writable, is never mapped
+            if size < 4096 or st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
                 return None
             head = os.pread(fd, 8 * 8, 0)
             words = np.frombuffer(head, np.int64)

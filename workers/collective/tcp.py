@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 import queue
-import secrets
 import socket
 import struct
 import threading
@@ -726,25 +725,12 @@ class HierarchicalCommunicator(Communicator):
         self.is_leader = self.local_rank == 0
         try:
             if len(self.local_ranks) > 1:
-                skey = f"{key}/shm/{self.node_index}"
-                if self.is_leader:
-                    name = f"distgrad_{secrets.token_hex(8)}"
-                    store.set(skey, name.encode())
-                else:
-                    v = store.wait(skey, max(0.0, deadline - time.monotonic()))
-                    if v is None:
-                        raise CollectiveTimeoutError(group_name, "init (shm rendezvous)", rank,
-                                                     [self.local_ranks[0]], init_timeout_s)
-                    name = v.decode()
-                try:
-                    self._shm = self._sub_call(lambda: ShmCommunicator(
-                        self.local_rank, len(self.local_ranks), name, timeout_s=timeout_s,
-                        group_name=f"{group_name}/node{self.node_index}",
-                        init_timeout_s=max(0.1, deadline - time.monotonic()), **(shm_kw or {})),
-                        self.local_ranks)
-                finally:
-                    if self.is_leader:
-                        store.delete(skey)
+                # the node leader names the segment (random) and hands the name out
+                self._shm = self._sub_call(lambda: ShmCommunicator(
+                    self.local_rank, len(self.local_ranks), f"{key}/shm/{self.node_index}",
+                    timeout_s=timeout_s, group_name=f"{group_name}/node{self.node_index}",
+                    init_timeout_s=max(0.1, deadline - time.monotonic()), store=store,
+                    **(shm_kw or {})), self.local_ranks)
             if self.num_nodes > 1:
                 if self.is_leader:
                     self._cross = self._sub_call(lambda: TcpCommunicator(
