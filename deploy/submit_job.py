@@ -11,7 +11,12 @@ request must carry the cluster's token. It is read, in this order, from
 ``--token-file``, ``$RAY_AUTH_TOKEN``, the file named by ``$RAY_AUTH_TOKEN_PATH``
 or ``~/.ray/auth_token`` (where ``ray get-auth-token --generate`` puts it).
 It is never taken on the command line, where ``ps`` and shell history would
-show it, and it is never printed.
+show it, and it is never printed. It is sent only over https, or over plain
+http to a loopback address (an SSH tunnel or ``kubectl port-forward``): a
+bearer token in cleartext across a network could be read and replayed.
+``RAY_AUTH_*`` variables are refused in every env var source (``--env`` and
+``--runtime-env-json``'s ``env_vars``): the job's runtime env is stored in the
+cluster's job metadata, where a token must not end up.
 
 Examples::
 
@@ -31,11 +36,13 @@ stopped first).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import shlex
 import sys
 import time
+import urllib.parse
 
 DEFAULT_ENTRYPOINT = ["distgrad", "demo", "--address", "auto"]
 # Never upload these with a working_dir: VCS data, virtualenvs, caches, builds.
@@ -106,12 +113,52 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SubmitError(f"--env expects KEY=VALUE, got {pair!r}")
-        if key.startswith("RAY_AUTH_"):
-            # The job inherits the cluster's own auth settings; a token put
-            # into the runtime env would be stored in the job's metadata.
-            raise SubmitError(f"--env {key}: auth settings must not travel in the runtime env")
         env[key] = value
+    check_env_vars(env, "--env")
     return env
+
+
+def check_env_vars(env: dict, source: str) -> None:
+    """Refuse ``RAY_AUTH_*`` (any case) in env vars bound for the job's runtime env.
+
+    The job inherits the cluster's own auth settings; a token put into the runtime env
+    would be stored in the job's metadata, readable by anyone who can list jobs.
+
+    >>> check_env_vars({"A": "1"}, "--env")
+    """
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        raise SubmitError(f"{source}: env_vars must map names to string values")
+    for key in env:
+        if key.upper().startswith("RAY_AUTH_"):
+            raise SubmitError(f"{source} {key}: auth settings must not travel in the runtime env")
+
+
+def check_address(address: str) -> str:
+    """Refuse a job server address the token must not be sent to: https anywhere, plain
+    http only to a loopback host (127.0.0.0/8, ::1, localhost).
+
+    >>> check_address("http://127.0.0.1:8265")
+    'http://127.0.0.1:8265'
+    """
+    url = urllib.parse.urlsplit(address)
+    host = (url.hostname or "").lower()
+    if url.scheme == "https" and host:
+        return address
+    if url.scheme == "http" and host:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if loopback:
+            return address
+        raise SubmitError(
+            f"--address {address}: refusing to send the cluster token in cleartext to a "
+            "non-loopback host; use https, or forward the dashboard to this machine "
+            "(`ray dashboard deploy/cluster.yaml` or `kubectl port-forward`) and use "
+            "http://127.0.0.1:8265")
+    raise SubmitError(f"--address {address!r}: expected an http(s):// URL of the job server "
+                      "(the dashboard, port 8265)")
 
 
 def build_runtime_env(args: argparse.Namespace) -> dict:
@@ -133,6 +180,7 @@ def build_runtime_env(args: argparse.Namespace) -> dict:
         raise SubmitError("--exclude only makes sense with --working-dir")
     if args.pip:
         runtime_env["pip"] = list(runtime_env.get("pip", [])) + args.pip
+    check_env_vars(runtime_env.get("env_vars", {}), "--runtime-env-json env_vars")
     env = parse_env(args.env)
     if env:
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
@@ -191,7 +239,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def connect(address: str, token: str, timeout: float):
-    """A JobSubmissionClient for ``address``, retrying until the server answers."""
+    """A JobSubmissionClient for ``address``, retrying until the server answers; the token
+    goes only to an address :func:`check_address` accepts."""
+    check_address(address)
     from ray.job_submission import JobSubmissionClient
 
     headers = {"Authorization": f"Bearer {token}"}

@@ -439,6 +439,44 @@ def test_submit_job_default_address(monkeypatch):
     assert sj.default_address() == "http://api:8265"
 
 
+def test_submit_job_refuses_auth_vars_from_every_source():
+    sj = _submit_module()
+    parse = sj.make_parser().parse_args
+    for argv in (["--env", "RAY_AUTH_TOKEN=abc"], ["--env", "ray_auth_mode=token"],
+                 ["--runtime-env-json", '{"env_vars": {"RAY_AUTH_TOKEN": "abc"}}'],
+                 ["--runtime-env-json", '{"env_vars": {"RAY_AUTH_TOKEN_PATH": "/t"}}']):
+        with pytest.raises(sj.SubmitError, match="(?i)ray_auth_.*must not travel"):
+            sj.build_runtime_env(parse(argv))
+    with pytest.raises(sj.SubmitError, match="env_vars must map names to string values"):
+        sj.build_runtime_env(parse(["--runtime-env-json", '{"env_vars": ["A"]}']))
+    env = sj.build_runtime_env(parse(["--runtime-env-json", '{"env_vars": {"A": "1"}}',
+                                      "--env", "B=2"]))
+    assert env["env_vars"] == {"A": "1", "B": "2"}
+
+
+@pytest.mark.parametrize("address,ok", [
+    ("https://head.example:8265", True), ("http://127.0.0.1:8265", True),
+    ("http://127.3.4.5:8265", True), ("http://[::1]:8265", True), ("http://localhost:8265", True),
+    ("http://10.0.0.5:8265", False), ("http://head:8265", False), ("http://[::ffff:10.0.0.1]:8265", False),
+    ("ftp://127.0.0.1", False), ("127.0.0.1:8265", False), ("https://", False)])
+def test_submit_job_sends_the_token_only_over_https_or_loopback(address, ok, monkeypatch):
+    sj = _submit_module()
+    sent = []
+
+    class Client:                         # stands in for Ray's client: records the header
+        def __init__(self, addr, headers):
+            sent.append(headers)
+    import ray.job_submission
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    if ok:
+        sj.connect(address, "tok", 1.0)
+        assert sent == [{"Authorization": "Bearer tok"}]
+    else:
+        with pytest.raises(sj.SubmitError, match="--address"):
+            sj.connect(address, "tok", 1.0)
+        assert not sent, "the token left for a refused address"
+
+
 def test_submit_job_refuses_without_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
