@@ -628,7 +628,7 @@ class Cluster:
             except WorkerError as err:
                 if not self.fault_tolerant or attempt == self.max_retries or \
                         not hasattr(self.gang, "replace"):
-                    self._abort()       # whoever ran or still runs it undoes it
+                    self._abort(repair=True)    # whoever ran or still runs it undoes it
                     raise
                 self._recover(err, rec)
                 continue
@@ -640,28 +640,37 @@ class Cluster:
                 self._measure_speed(rec, results)
                 return results
             missed = [r for r, e in errors if prog.NOT_CACHED in e]
-            if len(missed) == len(errors) and attempt < self.max_retries:
+            waited = [r for r, e in errors if "CollectiveTimeoutError" in e]
+            if missed and len(missed) + len(waited) == len(errors) and attempt < self.max_retries:
                 # Those workers ran nothing (their cache and the driver's mirror disagreed);
-                # the others ran the program: undo it there, then run it again everywhere,
-                # in full where it was missing.
-                self._abort([r for r in range(self.world_size) if r not in missed])
+                # the others ran the program (or waited for them in a collective): undo it
+                # there, then run it again everywhere, in full where it was missing.
+                self._abort([r for r in range(self.world_size) if r not in missed],
+                            repair=bool(waited))
                 self._reset_mirrors(missed)
                 continue
-            self._abort()
+            self._abort(repair=any("Collective" in e for _, e in errors))
             self._reset_mirrors([r for r, _ in errors])
+            # The cause first: peers that waited for the failed worker report a timeout.
+            errors.sort(key=lambda e: "CollectiveTimeoutError" in e[1])
             rank, err = errors[0]
-            raise RemoteError(f"worker {rank}: {err} (the step was rolled back on every worker)")
+            also = f"; workers {[r for r, _ in errors[1:]]} failed too" if len(errors) > 1 else ""
+            raise RemoteError(f"worker {rank}: {err} (the step was rolled back on every "
+                              f"worker{also})")
         raise AssertionError("unreachable")
 
-    def _abort(self, ranks=None):
+    def _abort(self, ranks=None, repair=False):
         """Roll the last program back on those workers (default: all), without waiting: the
-        rollback runs after whatever the worker is running, before any later message."""
+        rollback runs after whatever the worker is running, before any later message.
+        ``repair``: the collective group may be broken (a peer timed out): form a new one."""
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         msg = self._encode({"v": prog.PROTOCOL, "control": "rollback"})
         try:
             self.gang.post([msg] * len(ranks), ranks)
+            if repair and self.world_size > 1:
+                self.gang.repair()
         except Exception as e:        # a dead worker is replaced (and re-hydrated) anyway
-            log.warning("could not ask workers %s to roll back: %s", ranks, e)
+            log.warning("could not roll workers %s back: %s", ranks, e)
 
     def _reset_mirrors(self, ranks=None):
         """Forget what those workers cache; they are told to empty their caches too."""

@@ -1,6 +1,7 @@
 """``backend="local"``: N workers as threads of the driver process, same worker code,
 an in-process collective. For tests, debugging and laptops without Ray."""
 import concurrent.futures as cf
+import time
 import os
 
 from threadpoolctl import threadpool_limits
@@ -43,14 +44,24 @@ class LocalGang:
         ranks = list(range(self.n)) if ranks is None else list(ranks)
         futures = [self._pools[r].submit(self.workers[r].execute, data, side)
                    for r, (data, side) in zip(ranks, payloads)]
+        # Workers stuck in a collective with a failed peer give up after timeout_s themselves
+        # and report it; the slack lets them, so only a worker that is itself late times out.
+        deadline = time.monotonic() + self.timeout_s * 1.5 + 1
         results = []
         for r, f in zip(ranks, futures):
             try:
-                results.append(prog.decode(*f.result(timeout=self.timeout_s)))
+                results.append(prog.decode(*f.result(timeout=max(deadline - time.monotonic(), 0))))
             except cf.TimeoutError:
                 raise WorkerTimeoutError(f"worker {r} (local thread) did not finish its program "
                                          f"within {self.timeout_s:g}s", ranks=[r]) from None
         return results
+
+    def repair(self):
+        """A new collective group (a timed-out one stays broken): each worker switches to
+        it after whatever it runs now, before any later message."""
+        group = InProcessGroup(self.n, group_name="distgrad-local", timeout_s=self.timeout_s)
+        for r, w in enumerate(self.workers):
+            self._pools[r].submit(w.set_communicator, group.communicator(r))
 
     def post(self, payloads, ranks):
         """Queue messages behind whatever each worker runs now; do not wait for replies."""

@@ -259,6 +259,11 @@ class RayGang:
             raise
         return [prog.decode(data, side) for data, side in replies]
 
+    def repair(self):
+        """Re-form the collective group (a timed-out one stays broken); the actors join it
+        after whatever they run now."""
+        self._form_group()
+
     def post(self, payloads, ranks):
         """Queue messages behind whatever each actor runs now (actor calls run in order);
         do not wait for replies."""

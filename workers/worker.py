@@ -50,6 +50,13 @@ class Worker:
         self.step_times = collections.deque(maxlen=1000)
         self.spans = collections.deque(maxlen=200_000)   # (name, start, end, thread) for timelines
 
+    def set_communicator(self, communicator):
+        """Use a new collective group from the next message on (after a broken one)."""
+        if self.comm is not None:
+            self.comm.close()
+        self.comm = OrderedComm(communicator, self.comm.timeout_s if self.comm else 60.0) \
+            if communicator is not None else None
+
     def span(self, name, start, end=None):
         """Record a timeline span (wall-clock seconds) on the calling thread."""
         self.spans.append((name, start, time.time() if end is None else end,

@@ -94,12 +94,29 @@ class Optimizer:
         if closure is not None:
             with engine.enable_grad():
                 loss = closure()
+        self._keep_for_rollback()
         with engine.no_grad():
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
                         self._update(p, p.grad.data, self.state.setdefault(p, {}), group)
         return loss
+
+    def _keep_for_rollback(self):
+        """On distributed parameters the update is recorded, not run: if the step then fails
+        on a worker (and is rolled back there), the driver-side state (step counts, which
+        moments exist) is put back too, so a retried step is applied exactly once."""
+        clusters = {id(p._store.cluster): p._store.cluster for g in self.param_groups
+                    for p in g["params"] if p._store.lazy}
+        if not clusters:
+            return
+        saved = {p: dict(st) for p, st in self.state.items()}
+
+        def restore():
+            self.state.clear()
+            self.state.update((p, dict(st)) for p, st in saved.items())
+        for cluster in clusters.values():
+            cluster.on_rollback(restore)
 
     def _update(self, p, grad, state, group):
         raise NotImplementedError
