@@ -8,6 +8,9 @@ gradient-checked like any other op.
   cotangent of a replicated value is a per-worker partial sum.
 - ``allgather(dim, sizes)``: Shard(dim) -> Replicate; transpose ``reduce_scatter``.
 - ``reduce_scatter(dim, sizes)``: Partial -> Shard(dim); transpose ``allgather``.
+- ``shard_rows(dim, sizes)``: Replicate -> Shard(dim) (each worker keeps its rows);
+  transpose ``unshard_rows``: Shard(dim) -> Partial (its rows in place, zeros elsewhere).
+  A replicated gradient seeding a sharded output goes through them, differentiably.
 - ``to_partial``: Replicate -> Partial (rank 0 keeps the value, the others hold zeros);
   its transpose is itself. Traced hooks and custom backward rules use it to hand back
   a replicated gradient where a per-worker term is expected.
@@ -68,6 +71,17 @@ def _reduce_scatter(xp, x, dim, sizes):
     return _own_rows(xp, _allreduce(xp, x), dim, sizes)
 
 
+def _unshard_rows(xp, x, dim, sizes):
+    dim = dim % x.ndim
+    rank = current().rank
+    start = sum(sizes[:rank])
+    shape = list(x.shape)
+    shape[dim] = sum(sizes)
+    out = xp.zeros(tuple(shape), dtype=x.dtype)
+    out[(slice(None),) * dim + (slice(start, start + x.shape[dim]),)] = x
+    return out
+
+
 def _to_partial(xp, x):
     return x if current().rank == 0 else xp.zeros_like(x)
 
@@ -80,3 +94,9 @@ defop("reduce_scatter", _reduce_scatter,
       lambda g, ans, x, dim, sizes: g.apply("allgather", dim=dim, sizes=sizes),
       placement="reduce_scatter")
 defop("to_partial", _to_partial, lambda g, ans, x: g.apply("to_partial"), placement="to_partial")
+defop("shard_rows", _own_rows,
+      lambda g, ans, x, dim, sizes: g.apply("unshard_rows", dim=dim, sizes=sizes),
+      placement="shard_rows")
+defop("unshard_rows", _unshard_rows,
+      lambda g, ans, x, dim, sizes: g.apply("shard_rows", dim=dim, sizes=sizes),
+      placement="unshard_rows")

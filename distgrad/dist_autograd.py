@@ -183,6 +183,34 @@ def _reachable(roots):
     return seen
 
 
+def _seed_for(cluster, g, store, i, who):
+    """The upstream gradient ``g`` of root ``i``, placed as that root's cotangent is seeded:
+    sharded like a sharded root, whole on every worker otherwise (a replicated root's seed
+    is cut to rank 0 by the worker). A seed that requires grad stays differentiable."""
+    g = g if isinstance(g, Tensor) else Tensor(g)
+    if tuple(g.shape) != store.shape:
+        raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} does not match "
+                           f"output {i} of shape {store.shape}")
+    p = store.placement
+    if not g._store.lazy:
+        if isinstance(p, Shard) and not g.requires_grad:
+            return cluster.shard(g.detach(), p.dim, p.sizes)     # only each worker's rows travel
+        g = g if g.requires_grad else g.detach()
+    gp = _store_of(cluster, g).placement
+    if isinstance(gp, Partial):
+        g = cluster._allreduce_partial(g._store, type(g), g.requires_grad, g)
+        gp = REPLICATE
+    if isinstance(p, Shard):
+        if isinstance(gp, Replicate):
+            return cluster.record_op(get_op("shard_rows"), [g], {"dim": p.dim, "sizes": list(p.sizes)})
+        if gp.dim != p.dim or gp.sizes != p.sizes:
+            raise PlacementError(f"{who}: the gradient of output {i} is sharded {gp!r} with sizes "
+                                 f"{gp.sizes}, the output {p!r} with sizes {p.sizes}")
+    elif isinstance(gp, Shard):
+        raise PlacementError(f"{who}: a sharded gradient for the {p!r} output {i}")
+    return g if g._store.lazy else _wrap(_store_of(cluster, g))
+
+
 def _roots_and_seeds(cluster, tensors, grad_tensors, who):
     """Slots of the roots, of their seeds (-1: ones) and the roots' placement codes."""
     rec = cluster._rec
@@ -198,14 +226,7 @@ def _roots_and_seeds(cluster, tensors, grad_tensors, who):
                                    f"output {i} has shape {store.shape}: pass gradient=")
             seeds.append(-1)
         else:
-            g = g if isinstance(g, Tensor) else Tensor(g)
-            if tuple(g.shape) != store.shape:
-                raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} does not match "
-                                   f"output {i} of shape {store.shape}")
-            if not g._store.lazy:
-                p = store.placement
-                g = (cluster.shard(g.detach(), p.dim, p.sizes) if isinstance(p, Shard)
-                     else cluster.replicate(g.detach()))
+            g = _seed_for(cluster, g, store, i, who)
             seeds.append(rec.ref(g._store.vid))
         roots.append(rec.ref(store.vid))
         codes.append(pl.encode(store.placement)[0])
@@ -242,7 +263,15 @@ def _trace_hooks(cluster, nodes, leaf_placement):
     return entries
 
 
-def _grad_values(cluster, shapes_dtypes, placements, create_graph, roots, leaves):
+def _edges(roots, seeds):
+    """Driver-side edges of a gradient computed with create_graph: it depends on the roots'
+    graphs and on any seed that requires grad."""
+    nodes = [r.grad_fn or engine.next_node_of(r) for r in roots]
+    nodes += [engine.next_node_of(g) for g in seeds or () if isinstance(g, Tensor) and g.requires_grad]
+    return tuple(nodes)
+
+
+def _grad_values(cluster, shapes_dtypes, placements, create_graph, roots, leaves, seeds=None):
     """Driver tensors for gradients the workers compute (requiring grad under create_graph)."""
     rec = cluster._rec
     out, slots = [], []
@@ -252,8 +281,7 @@ def _grad_values(cluster, shapes_dtypes, placements, create_graph, roots, leaves
         grad_fn = None
         if create_graph:
             # The workers know the real graph; the driver only needs what it reaches.
-            grad_fn = engine.node_class("grad", LazyNode)(tuple(r.grad_fn or engine.next_node_of(r)
-                                                                    for r in roots))
+            grad_fn = engine.node_class("grad", LazyNode)(_edges(roots, seeds))
             grad_fn.vid = store.vid
         t = Variable._from_array(None, grad_fn=grad_fn, requires_grad=create_graph)
         t._store = store
@@ -294,8 +322,7 @@ def record_backward(cluster, tensors, grad_tensors, retain_graph, create_graph, 
                        rec.new_slot(new.vid), isinstance(leaf_store.placement, Replicate)])
         grad_fn = None
         if create_graph:
-            grad_fn = engine.node_class("grad", LazyNode)(tuple(
-                t.grad_fn or engine.next_node_of(t) for t in tensors))
+            grad_fn = engine.node_class("grad", LazyNode)(_edges(tensors, grad_tensors))
             grad_fn.vid = new.vid
         grad = Variable._from_array(None, grad_fn=grad_fn, requires_grad=bool(create_graph))
         grad._store = new
@@ -337,10 +364,11 @@ def record_grad(cluster, outputs, inputs, grad_outputs, retain_graph, create_gra
         hooked = [n for n in nodes.values() if n.pre_hooks and (
             not isinstance(n, engine.AccumulateGrad) or id(n) in wanted)]
         hooks = _trace_hooks(cluster, hooked, lambda store: pl.cotangent(store.placement))
-    leaves = frozenset().union(*(_store_of(cluster, t).leaves for t in outputs))
+    leaves = frozenset().union(*(_store_of(cluster, t).leaves for t in outputs), *(
+        _store_of(cluster, g).leaves for g in grad_outputs or () if isinstance(g, Tensor) and g.requires_grad))
     grads, out_slots = _grad_values(cluster, [(s.shape, s.dtype) for s in live],
                                     [pl.cotangent(s.placement) for s in live], create_graph,
-                                    outputs, leaves)
+                                    outputs, leaves, grad_outputs)
     rec.instrs.append(["grad", roots, seeds, codes, bool(retain_graph), bool(create_graph),
                        [rec.ref(s.vid) for s in live], out_slots, hooks])
     it = iter(grads)

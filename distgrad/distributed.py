@@ -40,7 +40,7 @@ class LazyStorage:
     """Storage of a distributed value: an id on the workers plus what the driver knows."""
 
     lazy = True
-    __slots__ = ("cluster", "vid", "shape", "dtype", "placement", "version", "leaves",
+    __slots__ = ("cluster", "vid", "shape", "dtype", "placement", "counter", "leaves",
                  "device", "_cache", "__weakref__")
 
     def __init__(self, cluster, vid, shape, dtype, placement, leaves=frozenset(), device=None):
@@ -48,7 +48,7 @@ class LazyStorage:
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
         self.placement, self.leaves = placement, leaves
         self.device = device or cluster.device       # where the workers hold it
-        self.version = 0
+        self.counter = [0]       # a one-item list, shared with aliases (detach, .data)
         self._cache = None
 
     @property
@@ -61,10 +61,17 @@ class LazyStorage:
     def assign(self, result):
         self.cluster._record_assign(self, result)
 
+    @property
+    def version(self):
+        return self.counter[0]
+
+    @version.setter
+    def version(self, value):
+        self.counter[0] = value
+
     def bring_home(self, array):
         """Become the storage of a local tensor holding ``array`` (at shutdown)."""
         self.cluster = None
-        self.leaves = [self.version]      # the version counter, shared with views from now on
         self._cache = array
         self.__class__ = HomeStorage
 
@@ -85,9 +92,6 @@ class HomeStorage(LazyStorage):
         self._cache = array
 
     array = property(lambda self: self._cache, _set_array)
-    counter = property(lambda self: self.leaves)
-    version = property(lambda self: self.leaves[0],
-                       lambda self, v: self.leaves.__setitem__(0, v))
     shape = property(lambda self: self._cache.shape)
     dtype = property(lambda self: self._cache.dtype)
 
@@ -540,6 +544,21 @@ class Cluster:
         """A custom ``Function`` applied to distributed values (see ``distgrad.dist_autograd``)."""
         self._check_open()
         return dist_autograd.apply_function(self, fn_cls, args, kwargs)
+
+    def record_detach(self, t, requires_grad=False):
+        """A new value on the workers: ``t`` without its history (sharing its memory and
+        version counter), requiring grad as a fresh leaf if asked. ``detach()``, ``.data``
+        and ``requires_grad_()`` of a distributed value go through here, so the workers'
+        graph stops exactly where the driver's does."""
+        self._check_open()
+        src = t._store
+        store = self._new_storage(src.shape, src.dtype, src.placement, device=src.device)
+        store.counter = src.counter
+        rec = self._rec
+        rec.instrs.append(["detach", rec.ref(src.vid), rec.new_slot(store.vid), bool(requires_grad)])
+        if requires_grad:
+            store.leaves = frozenset([store.vid])
+        return store
 
     def on_rollback(self, restore):
         """Call ``restore()`` if the pending program fails on any worker: driver-side state

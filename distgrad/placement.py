@@ -209,7 +209,9 @@ def rule_matmul(op, placements, shapes, attrs, out_ndim):
         _fail(op, placements, "both operands sharded, but not both along the contracted dim")
     if isinstance(pa, Shard):
         if na >= 2 and pa.dim < na - 1 and nb <= 2:
-            return Decision(Shard(_out_dim(pa.dim, na, out_ndim), pa.sizes), attrs)
+            # The left operand's dims keep their places (a matrix-vector product drops
+            # only the contracted one, which is last).
+            return Decision(Shard(_out_dim(pa.dim, na, out_ndim + (nb == 1)), pa.sizes), attrs)
         _fail(op, placements, "the left operand is sharded along its contracted dim")
     if nb >= 2 and pb.dim == nb - 1 and na <= 2:
         return Decision(Shard(out_ndim - 1, pb.sizes), attrs)
@@ -345,6 +347,19 @@ def rule_reduce_scatter(op, placements, shapes, attrs, out_ndim):
     return Decision(Shard(attrs["dim"] % len(shapes[0]), tuple(attrs["sizes"])), attrs)
 
 
+def rule_shard_rows(op, placements, shapes, attrs, out_ndim):
+    if not isinstance(placements[0], Replicate):
+        _fail(op, placements, "only a Replicate value is split into shards")
+    return Decision(Shard(attrs["dim"] % len(shapes[0]), tuple(attrs["sizes"])), attrs)
+
+
+def rule_unshard_rows(op, placements, shapes, attrs, out_ndim):
+    p = placements[0]
+    if not (isinstance(p, Shard) and p.dim == attrs["dim"] % len(shapes[0])):
+        _fail(op, placements, f"places rows of a value sharded along dim {attrs['dim']}")
+    return Decision(PARTIAL, dict(attrs, sizes=list(p.sizes)))
+
+
 def rule_to_partial(op, placements, shapes, attrs, out_ndim):
     if not isinstance(placements[0], Replicate):
         _fail(op, placements, "only a Replicate value is turned into a Partial one")
@@ -370,6 +385,7 @@ RULES = {
     "scatter": rule_replicate_only, "index_put": rule_replicate_only,
     "allreduce": rule_allreduce, "allgather": rule_allgather,
     "reduce_scatter": rule_reduce_scatter, "to_partial": rule_to_partial, "like": rule_like,
+    "shard_rows": rule_shard_rows, "unshard_rows": rule_unshard_rows,
 }
 
 

@@ -318,6 +318,11 @@ def _check_grad(ins, c, where):
         c.define(s, where)
 
 
+def _check_detach(ins, c, where):
+    c.slot(ins[1], where)
+    c.define(ins[2], where)
+
+
 def _check_custom(ins, c, where):
     _, name, args, out, result, captured, sub = ins
     if not isinstance(name, str):
@@ -342,9 +347,10 @@ INSTRUCTIONS = {
     "backward": (8, _check_backward),
     "grad": (9, _check_grad),
     "custom": (7, _check_custom),
+    "detach": (4, _check_detach),
 }
 # What a traced sub-program may hold: no inputs, fetches or nested backward passes.
-SUBPROGRAM_INSTRUCTIONS = {k: INSTRUCTIONS[k] for k in ("op", "assign", "custom")}
+SUBPROGRAM_INSTRUCTIONS = {k: INSTRUCTIONS[k] for k in ("op", "assign", "custom", "detach")}
 
 
 def _slot_list(structure, key):

@@ -400,6 +400,9 @@ class Tensor:
         """A plain tensor on the same storage, outside the graph."""
         t = Tensor.__new__(Tensor)
         t._store = self._store
+        if self.requires_grad and self._store.lazy:
+            # The workers' value carries the graph: cut it there as well.
+            t._store = self._store.cluster.record_detach(self)
         t._init_autograd(None, False)
         return t
 
@@ -441,6 +444,12 @@ class Tensor:
         if not self.is_leaf:
             raise RuntimeError("requires_grad_ can only change the flag of a leaf tensor")
         self._init_requires_grad(requires_grad)
+        store = self._store
+        if store.lazy and bool(requires_grad) != bool(store.leaves):
+            # A new leaf on the workers too (the driver's flag alone would not reach them).
+            self._store = store.cluster.record_detach(self, bool(requires_grad))
+            if requires_grad:
+                store.cluster._leaf_objects[self._store.vid] = weakref.ref(self)
         return self
 
     def _init_requires_grad(self, flag):
@@ -452,10 +461,14 @@ class Tensor:
         """A tensor on the same storage with no history."""
         t = type(self).__new__(Variable if isinstance(self, Variable) else Tensor)
         t._store = self._store
+        if self.requires_grad and self._store.lazy:
+            t._store = self._store.cluster.record_detach(self)
         t._init_autograd(None, False)
         return t
 
     def detach_(self):
+        if self.requires_grad and self._store.lazy:
+            self._store = self._store.cluster.record_detach(self)
         self.grad_fn = None
         self.requires_grad = False
         return self

@@ -330,6 +330,10 @@ CASES["allgather"] = [Case(lambda m, x: x.apply("allgather", dim=0, sizes=(2,)).
                            torch_fn=lambda m, x: x * x)]
 CASES["to_partial"] = [Case(lambda m, x: x.apply("to_partial").tanh() * x, (2, 3),
                             torch_fn=lambda m, x: x.tanh() * x)]
+CASES["shard_rows"] = [Case(lambda m, x: x.apply("shard_rows", dim=0, sizes=(2,)).exp() * x, (2, 3),
+                            torch_fn=lambda m, x: x.exp() * x)]
+CASES["unshard_rows"] = [Case(lambda m, x: x.apply("unshard_rows", dim=1, sizes=(3,)).sin(), (2, 3),
+                              torch_fn=lambda m, x: x.sin())]
 CASES["reduce_scatter"] = [Case(lambda m, x: x.apply("reduce_scatter", dim=1, sizes=(3,)).sin(),
                                 (2, 3), torch_fn=lambda m, x: x.sin())]
 

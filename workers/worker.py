@@ -237,6 +237,12 @@ class Worker:
         elif kind == "fetch":
             v = env[ins[1]]
             fetched[ins[1]] = _backend.to_numpy(v._store.array if isinstance(v, Tensor) else v)
+        elif kind == "detach":
+            _, src, out, requires_grad = ins
+            t = env[src].detach()             # shares the storage (and version counter)
+            if requires_grad:
+                t._init_requires_grad(True)
+            env[out] = t
         elif kind == "custom":
             self._custom(ins, env, scalars)
         elif kind == "backward":
