@@ -176,6 +176,9 @@ def test_random_programs_match_single_process(p):
 
 @pytest.mark.ray
 def test_random_programs_match_single_process_on_ray(ray_session):
+    for c in _clusters.values():          # one cluster per process
+        c.shutdown()
+    _clusters.clear()
     with dg.init(workers=3, timeout_s=60) as cluster:
         @settings(max_examples=8, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
