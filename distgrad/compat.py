@@ -2,7 +2,7 @@
 
 ``PYTORCH_NAMES`` lists, per PyTorch namespace, the names that tutorials and examples
 use. Whether distgrad has each one is read from the code (an attribute lookup), never
-written by hand: ``python -m distgrad.compat --write README.md`` regenerates the
+written by hand: ``python -m distgrad.compat_table --write README.md`` regenerates the
 README's compatibility table, and a test fails when the table and the code disagree.
 
 Asking a distgrad module for a PyTorch name it lacks raises :class:`MissingFeatureError`
@@ -14,9 +14,7 @@ Example::
     dg.nn.LSTM        # MissingFeatureError: torch.nn.LSTM is a PyTorch feature distgrad
                       # does not have; instead: write the cell with nn.Linear ...
 """
-import argparse
 import importlib
-import sys
 
 # PyTorch namespace -> (distgrad module, names). A dotted name is looked up attribute by
 # attribute (``parallel.DistributedDataParallel``).
@@ -158,37 +156,3 @@ def table():
                      + ", ".join(alt(n) for n in lack) + " |")
     lines.append(END)
     return "\n".join(lines)
-
-
-def main(argv=None):
-    """``python -m distgrad.compat [--write README.md | --check README.md]``: print the
-    table, write it between the README's markers, or fail if the README's is stale."""
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    group = ap.add_mutually_exclusive_group()
-    group.add_argument("--write", metavar="README", help="replace the table in this file")
-    group.add_argument("--check", metavar="README", help="exit 1 if this file's table is stale")
-    args = ap.parse_args(argv)
-    text = table()
-    path = args.write or args.check
-    if path is None:
-        print(text)
-        return 0
-    with open(path) as f:
-        doc = f.read()
-    if BEGIN not in doc or END not in doc:
-        print(f"{path}: no {BEGIN} ... {END} markers", file=sys.stderr)
-        return 1
-    new = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    if args.check:
-        if new != doc:
-            print(f"{path}: the compatibility table is stale: run python -m distgrad.compat "
-                  f"--write {path}", file=sys.stderr)
-            return 1
-        return 0
-    with open(path, "w") as f:
-        f.write(new)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
