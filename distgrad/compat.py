@@ -131,7 +131,10 @@ def resolve(module_name, dotted):
 
 
 def availability():
-    """{PyTorch namespace: ([names distgrad has], [names it lacks])}, read from the code."""
+    """{PyTorch namespace: ([names distgrad has], [names it lacks])}, read from the code.
+
+    Example: ``have, lack = availability()["torch.nn"]``.
+    """
     out = {}
     for namespace, (module, names) in PYTORCH_NAMES.items():
         have = [n for n in names if resolve(module, n) is not None]
@@ -143,7 +146,10 @@ BEGIN, END = "<!-- compat-table:begin -->", "<!-- compat-table:end -->"
 
 
 def table():
-    """The README's compatibility table (Markdown), generated from ``availability()``."""
+    """The README's compatibility table (Markdown), generated from ``availability()``.
+
+    Example: ``print(table())``.
+    """
     lines = [BEGIN,
              "| PyTorch | in distgrad | not in distgrad (what to use instead) |",
              "|---|---|---|"]

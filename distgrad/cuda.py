@@ -45,13 +45,19 @@ def get_device_name(device=None):
 
 
 def synchronize(device=None):
-    """Wait for the GPU's queued work (nothing to wait for without a GPU)."""
+    """Wait for the GPU's queued work (nothing to wait for without a GPU).
+
+    Example: ``dg.cuda.synchronize()`` before reading a timer.
+    """
     if is_available():
         _backend.cupy_module().cuda.Device().synchronize()
 
 
 def empty_cache():
-    """Release cupy's cached GPU memory blocks (nothing to do without a GPU)."""
+    """Release cupy's cached GPU memory blocks (nothing to do without a GPU).
+
+    Example: ``del activations; dg.cuda.empty_cache()``.
+    """
     if is_available():
         _backend.cupy_module().get_default_memory_pool().free_all_blocks()
 

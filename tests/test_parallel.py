@@ -124,3 +124,17 @@ def test_what_the_wrappers_refuse():
             nn.parallel.DistributedDataParallel(lambda x: x)
         with pytest.raises(TypeError, match="a distgrad tensor was expected"):
             nn.DataParallel(_net())(np.ones((4, 5), np.float32))
+
+
+def test_a_local_target_is_sharded_only_when_that_loses_nothing():
+    x = RNG.standard_normal((4, 3)).astype(np.float32)
+    with dg.init(workers=2, backend="local") as cluster:
+        sharded = cluster.shard(x)
+        plain = dg.from_numpy(np.ones((4, 3), np.float32))
+        assert F.mse_loss(sharded, plain).item() == pytest.approx(((x - 1) ** 2).mean(), rel=1e-6)
+        with_history = dg.autograd.Variable(dg.ones(4, 3), requires_grad=True) * 2
+        with pytest.raises(distributed.PlacementError, match="shard it the same way"):
+            F.mse_loss(sharded, with_history)           # not silently detached
+        with pytest.warns(UserWarning, match="broadcast"):   # (4, 3) vs (3,): broadcast, as before
+            loss = F.mse_loss(sharded, dg.ones(3))
+        assert loss.item() == pytest.approx(((x - 1) ** 2).mean(), rel=1e-6)

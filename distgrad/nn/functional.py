@@ -332,10 +332,12 @@ def _match_target(input, target):
     ``criterion(model(x), y)`` under ``nn.DataParallel`` shards x, not y; each worker
     needs its own rows of y, exactly as if y had come from a sharded loader.
     """
-    if isinstance(target, Tensor) and input._store.lazy and not target._store.lazy:
+    # A target with history keeps it (sharding a detached copy would drop its gradient).
+    if (isinstance(target, Tensor) and input._store.lazy and not target._store.lazy
+            and not target.requires_grad):
         p = input.placement
         if getattr(p, "dim", None) == 0 and target.ndim and target.shape[0] == input.shape[0]:
-            return input._store.cluster.shard(target.detach(), 0, p.sizes)
+            return input._store.cluster.shard(target, 0, p.sizes)
     return target
 
 
@@ -355,6 +357,7 @@ def _check_same_shape(input, target, name):
     if _shape(input) != _shape(target):
         warnings.warn(f"{name}: target size {_shape(target)} differs from input size "
                       f"{_shape(input)}; they will be broadcast", stacklevel=3)
+        return target
     return _match_target(input, target)
 
 
