@@ -180,3 +180,40 @@ def test_a_model_outlives_its_cluster(backend, tmp_path):
     assert not np.array_equal(model[0].weight.data.numpy(), trained[0])
     with pytest.raises(RuntimeError, match=r"cluster.gather"):
         sharded.sum().item()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigkill_during_steps_leaves_bitwise_equal_replicas_and_the_undisturbed_result(ray_session):
+    import signal
+    import threading
+    import time
+    X = np.random.default_rng(3).standard_normal((16, 4))
+    Y = np.arange(16) % 3
+
+    def train(cluster, steps=6, kill_at=None):
+        dg.manual_seed(0)
+        model = nn.Linear(4, 3).double()
+        if cluster is not None:
+            cluster.replicate(model)
+        opt = dg.optim.Adam(model.parameters(), lr=0.05)
+        for i in range(steps):
+            if i == kill_at:
+                pid = cluster.gang.pid(1)
+                threading.Thread(target=lambda: (time.sleep(0.002), os.kill(pid, signal.SIGKILL))).start()
+            xb = cluster.shard(X, sizes=(9, 7)) if cluster else dg.tensor(X)
+            yb = cluster.shard(Y, sizes=(9, 7)) if cluster else dg.tensor(Y)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+        return model
+    ref = train(None)
+    with dg.init(workers=2, backend="ray", timeout_s=5) as cluster:
+        model = train(cluster, kill_at=3)
+        assert cluster.recoveries, "the kill did not land"
+        for p, q in zip(model.parameters(), ref.parameters()):
+            reps = replicas(cluster, p)
+            np.testing.assert_array_equal(reps[0], reps[1])
+            np.testing.assert_allclose(reps[0], q.data.numpy(), rtol=1e-10)
