@@ -19,7 +19,7 @@ from distgrad.workers.actor import WorkerActor
 
 from .errors import ResizeError, WorkerError, WorkerTimeoutError
 
-log = logging.getLogger("distgrad")
+log = logging.getLogger("distgrad.scheduler")
 
 # Booting a worker process is not a wait on resources: on a loaded 2-core machine it takes
 # seconds, and a short timeout_s (for quick hang detection) must not fail start-up.
@@ -100,13 +100,22 @@ class RayGang:
         self._local = address is None
         if device != "cpu" and self._local and not ray.is_initialized():
             _backend.cupy_module()
-        self._owns_ray = ensure_ray(address, num_cpus=max(n * num_cpus_per_worker, os.cpu_count() or 1),
-                                    log_to_driver=log_to_driver)
+        num_cpus = max(n * num_cpus_per_worker, os.cpu_count() or 1)
+        if not ray.is_initialized():
+            log.info(f"starting a local Ray instance ({num_cpus} CPUs)" if self._local
+                     else f"connecting to the Ray cluster at {address}")
+        t0 = time.time()
+        self._owns_ray = ensure_ray(address, num_cpus=num_cpus, log_to_driver=log_to_driver)
+        if self._owns_ray:
+            log.info("Ray is up (%.1f s)", time.time() - t0)
         self.actors, self.slots, self.nodes, self.pgs = [], [], [], []
         self.collective = None
         try:
+            t0 = time.time()
+            log.info("placing %d workers (%s each)", n, describe_resources(self.bundle, self.bundle))
             self._add_workers(n)
             self._form_group()
+            log.info("%d workers ready (%.1f s, %s collective)", n, time.time() - t0, self.collective)
         except BaseException:
             self.shutdown()
             raise

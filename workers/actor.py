@@ -9,12 +9,28 @@ class WorkerActor:
     collective group forms only when every rank has joined), then ``execute`` per program."""
 
     def __init__(self, rank, world_size, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0,
-                 compress=None):
+                 compress=None, blas_threads=None):
+        if blas_threads:
+            # numpy is loaded before the actor is made, so OMP_NUM_THREADS set now would come
+            # too late: limit the loaded BLAS pools to this worker's CPU share instead (N
+            # workers each with a thread per core oversubscribe the machine many times over).
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(blas_threads)
+        self.blas_threads = blas_threads
         self.rank, self.world_size = rank, world_size
         self.compress = compress
         self.device, self.bucket_cap_mb, self.timeout_s = device, bucket_cap_mb, timeout_s
         self.worker = None
         self.comm = None
+
+    def __repr__(self):
+        # Ray prefixes each line this actor prints with its repr: "(rank 1 pid=...) ...".
+        return f"rank {self.rank}"
+
+    def threads(self):
+        """The BLAS thread pools of this worker (threadpoolctl's view)."""
+        from threadpoolctl import threadpool_info
+        return [{"library": p["internal_api"], "threads": p["num_threads"]} for p in threadpool_info()]
 
     def node_id(self):
         import ray
@@ -42,6 +58,10 @@ class WorkerActor:
             # Room for one gradient bucket (which may overshoot the cap by one gradient)
             # in the shared segment, so buckets are all-reduced without copies.
             options = dict(options, arena_bytes=int(2 * self.bucket_cap_mb * (1 << 20)))
+            # rank 0 names the segment at random and hands the name out through Ray's KV
+            # store: a name squatted in /dev/shm is skipped, not fatal
+            from .collective.rendezvous import RayKVStore
+            options["store"] = RayKVStore()
         self.comm = (create_communicator(kind, rank=rank, world_size=world_size,
                                          timeout_s=self.timeout_s, **options)
                      if world_size > 1 else None)
