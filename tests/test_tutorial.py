@@ -30,11 +30,26 @@ def _run(args):
     return out.stdout
 
 
+def _printed_part(transcript):
+    """What the tutorial printed, without the CLI's header and its ``>>>``/``...`` labels."""
+    body = transcript.split("\n\n", 1)[1]
+    return "".join(ln for ln in body.splitlines(keepends=True) if not ln.startswith((">>> ", "... ")))
+
+
 @pytest.fixture(scope="module", params=["script", "cli"])
 def output(request):
     if request.param == "script":
         return _run([SCRIPT])
-    return _run(["-m", "distgrad.cli", "tutorial"])
+    return _printed_part(_run(["-m", "distgrad.cli", "tutorial"]))
+
+
+def test_cli_labels_every_output_with_its_statement():
+    out = _run(["-m", "distgrad.cli", "tutorial"])
+    assert out.startswith("The classic PyTorch autograd tutorial")
+    # Each printed value follows the statement that printed it.
+    assert ">>> print(x)\nVariable containing:\n 1  1\n" in out
+    assert ">>> print(c)\n" in out and ">>> out.backward()\n>>> print(x.grad)\nVariable containing:\n 4.5000" in out
+    assert ">>> while y.data.norm() < 1000:\n...     y = y * 2\n" in out
 
 
 def _blocks(text):
