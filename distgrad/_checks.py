@@ -47,25 +47,28 @@ def plain_dtype(spec):
 
 
 def too_deep(obj, limit=MAX_DEPTH):
-    """True when lists/tuples/dicts nest deeper than ``limit`` inside ``obj`` (iterative:
-    the check itself cannot overflow the stack).
+    """True when lists/tuples/dicts nest deeper than ``limit`` inside ``obj``: a walk level
+    by level (no recursion, so the check itself cannot overflow the stack). Meant for
+    decoder output, whose containers are exactly list, tuple and dict.
 
     >>> too_deep([[1]], 2), too_deep([[[1]]], 2)
     (False, True)
     """
-    stack = [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, dict):
-            items = o.values()
-        elif isinstance(o, (list, tuple)):
-            items = o
-        else:
-            continue
-        if d > limit:
+    level = [obj] if type(obj) in _CONTAINERS else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
             return True
-        stack.extend((v, d + 1) for v in items if isinstance(v, (list, tuple, dict)))
+        inner = []
+        for o in level:
+            inner.extend([v for v in (o.values() if type(o) is dict else o)
+                          if type(v) in _CONTAINERS])
+        level = inner
     return False
+
+
+_CONTAINERS = (list, tuple, dict)
 
 
 # ---------------------------------------------------------------- argument helpers
