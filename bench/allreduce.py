@@ -16,13 +16,26 @@ Needs torch for the gloo baseline (every ratio is against it): without it, it re
     python bench/allreduce.py            # 1 KB .. 256 MB, 2 and 4 workers
     python bench/allreduce.py --quick    # a few sizes
     python bench/allreduce.py --save     # and update bench/results/
+
+The TCP ring authenticates its peers when they connect (a per-group secret and a
+challenge-response hello). ``tcp-v1`` is the ring as it was before that, loaded
+from git (``--tcp-baseline REV``, default the commit before the authenticated
+hello) and timed in the same processes, so "authenticated vs unauthenticated" is
+measured in one run. The report also times what an HMAC on every frame would cost
+(the bytes one rank sends and receives in a 128 MB all-reduce, hashed once): why
+frames carry none (README, Security).
+
+    python bench/allreduce.py --quick --workers 2 --only tcp tcp-v1
 """
 from __future__ import annotations
 
+import hmac
+import importlib.util
 import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +46,8 @@ import numpy as np
 FULL_SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20,
               16 << 20, 64 << 20, 128 << 20, 256 << 20]
 QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20, 128 << 20]
+DISTGRAD_BACKENDS = ["shm", "shm-zc", "tcp", "tcp-v1"]
+TCP_AUTH_COMMIT = "7dda3d0"          # the commit that added the authenticated hello
 
 
 def _reps(nbytes, quick):
@@ -67,10 +82,12 @@ class _Backend:
                 kw["arena_bytes"] = max(sizes)
             comm = ShmCommunicator(rank, ws, rdv, timeout_s=120, init_timeout_s=300, **kw)
         else:
+            from distgrad.workers.collective import tcp
             from distgrad.workers.collective.rendezvous import FileStore
-            from distgrad.workers.collective.tcp import TcpCommunicator
-            comm = TcpCommunicator(rank, ws, FileStore(rdv), "bench", timeout_s=120,
-                                   init_timeout_s=300)
+            store, path = (rdv, None) if name == "tcp" else rdv
+            module = tcp if path is None else _load_tcp_baseline(path)
+            comm = module.TcpCommunicator(rank, ws, FileStore(store), f"bench-{name}",
+                                          timeout_s=120, init_timeout_s=300)
         if name == "shm-zc":
             # zero copy: the bucket lives in the segment, the result in one shared region
             def make(n):
@@ -83,6 +100,36 @@ class _Backend:
             self.make = lambda n: np.zeros(n, np.float32)
             self.allreduce = comm.allreduce
         self.barrier, self.close = comm.barrier, comm.close
+
+
+def _load_tcp_baseline(path):
+    """The TCP module saved at ``path`` (an older tcp.py), imported inside the collective
+    package so that its relative imports resolve to today's base, shm and rendezvous."""
+    spec = importlib.util.spec_from_file_location("distgrad.workers.collective._tcp_v1", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tcp_baseline_source(rev):
+    """tcp.py at git revision ``rev``; None when git or the revision is not at hand."""
+    try:
+        return subprocess.run(["git", "show", f"{rev}:workers/collective/tcp.py"],
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hmac_seconds(nbytes, reps=3):
+    """Seconds for one HMAC-SHA256 over ``nbytes``: what a MAC on every frame would add."""
+    buf = np.ones(nbytes, np.uint8)
+    hmac.digest(b"k" * 32, buf[: 1 << 20], "sha256")
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        hmac.digest(b"k" * 32, buf, "sha256")
+    return (time.perf_counter() - t0) / reps
 
 
 def _worker(names, rank, ws, sizes, quick, blocks, q, rdvs, slot_bytes):
@@ -122,15 +169,15 @@ def _worker(names, rank, ws, sizes, quick, blocks, q, rdvs, slot_bytes):
         q.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def run(names, ws, sizes, quick, blocks=3, slot_bytes=None):
+def run(names, ws, sizes, quick, blocks=3, slot_bytes=None, tcp_baseline=None):
     """Time ``names`` backends with ``ws`` processes.
 
-    Returns {backend: {nbytes: seconds}}: per block the slowest rank's mean time,
-    then the median over blocks."""
+    Returns ({backend: {nbytes: seconds}}, {backend: {nbytes: [seconds per block]}}): per
+    block the slowest rank's mean time; the first dict holds the median over blocks."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     tmp = tempfile.TemporaryDirectory()
-    rdvs = {"gloo": _free_port(), "tcp": tmp.name}
+    rdvs = {"gloo": _free_port(), "tcp": tmp.name, "tcp-v1": (tmp.name, tcp_baseline)}
     for n in names:
         if n.startswith("shm"):
             rdvs[n] = f"distgrad_bench_{os.getpid()}_{ws}_{n}"
@@ -152,9 +199,10 @@ def run(names, ws, sizes, quick, blocks=3, slot_bytes=None):
             if p.is_alive():
                 p.kill()
         tmp.cleanup()
-    return {n: {nb: float(np.median([max(res[r][n][nb][k] for r in res)
-                                     for k in range(blocks)]))
-                for nb in sizes} for n in names}
+    per_block = {n: {nb: [max(res[r][n][nb][k] for r in res) for k in range(blocks)]
+                     for nb in sizes} for n in names}
+    return ({n: {nb: float(np.median(ts)) for nb, ts in by_size.items()}
+             for n, by_size in per_block.items()}, per_block)
 
 
 def memcpy_seconds(nbytes=128 << 20):
@@ -192,21 +240,38 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4], help="world sizes to run")
     ap.add_argument("--slot-bytes", type=int, default=None, help="shm chunk per rank (tuning)")
     ap.add_argument("--no-tcp", action="store_true", help="leave out the TCP ring")
+    ap.add_argument("--only", nargs="+", choices=DISTGRAD_BACKENDS, default=DISTGRAD_BACKENDS,
+                    help="distgrad backends to time beside gloo (default: all)")
+    ap.add_argument("--tcp-baseline", default=f"{TCP_AUTH_COMMIT}^", metavar="REV",
+                    help="git revision of the unauthenticated TCP ring timed as tcp-v1")
     ap.add_argument("--blocks", type=int, default=3,
                     help="timing blocks per size and backend, interleaved; the median is kept")
     args = ap.parse_args(argv)
     # Every ratio below is against gloo: without torch there is nothing to report.
     require_baseline("torch", "torch.distributed's gloo all-reduce")
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    backends = ["shm", "shm-zc"] + ([] if args.no_tcp else ["tcp"]) + ["gloo"]
+    baseline = tempfile.TemporaryDirectory()
+    baseline_path = os.path.join(baseline.name, "tcp_v1.py")
+    src = None if args.no_tcp or "tcp-v1" not in args.only else \
+        tcp_baseline_source(args.tcp_baseline)
+    if src is None and not args.no_tcp and "tcp-v1" in args.only:
+        print(f"# git revision {args.tcp_baseline} not at hand: no tcp-v1 baseline",
+              file=sys.stderr)
+    else:
+        with open(baseline_path, "w") as f:
+            f.write(src or "")
+    backends = [b for b in args.only if not (args.no_tcp and b.startswith("tcp"))
+                and (b != "tcp-v1" or src)] + ["gloo"]
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    results = {}
+    results, blocks = {}, {}
     for ws in args.workers:
         print(f"# running {', '.join(backends)} with {ws} workers ...", file=sys.stderr,
               flush=True)
-        for b, res in run(backends, ws, sizes, args.quick, args.blocks,
-                          args.slot_bytes).items():
+        medians, per_block = run(backends, ws, sizes, args.quick, args.blocks,
+                                 args.slot_bytes, baseline_path)
+        for b, res in medians.items():
             results[(b, ws)] = res
+            blocks[(b, ws)] = per_block[b]
     mc = memcpy_seconds()
 
     lines = ["# All-reduce bandwidth (float32, sum)", "",
@@ -223,7 +288,8 @@ def main(argv=None):
              "segment); `shm-zc`: zero-copy buckets (the array lives in the segment, "
              "`ShmCommunicator.bucket`, result in one shared region); "
              "`tcp`: distgrad TCP ring over loopback "
-             "(what two nodes would use); `gloo`: torch.distributed gloo over loopback "
+             "(what two nodes would use; peers authenticated at connection); `tcp-v1`: the "
+             f"unauthenticated ring of `{args.tcp_baseline}`; `gloo`: torch.distributed gloo over loopback "
              "TCP. Ratios are bandwidth ratios (time of gloo / time of distgrad).", ""]
     for ws in args.workers:
         cols = [b for b in backends]
@@ -259,15 +325,34 @@ def main(argv=None):
                 2.0),
                ("2 ranks over TCP loopback, 128 MB, tcp ring vs gloo", "tcp", 2,
                 128 << 20, 1.0)]
-    lines += ["## Targets (issue 5)", "", "| target | measured | goal | |", "|---|---|---|---|"]
-    for label, b, ws, nb, goal in targets:
-        r = ratio(b, ws, nb)
+    auth = [(f"{ws} ranks over TCP loopback, {fmt_size(nb)}, authenticated ring vs "
+             "unauthenticated (tcp-v1) bandwidth, median of the blocks' paired ratios",
+             "tcp", ws, nb, 0.95, "tcp-v1")
+            for ws in args.workers for nb in sizes if nb >= 16 << 20]
+    lines += ["## Targets (issues 5 and 12)", "", "| target | measured | goal | |",
+              "|---|---|---|---|"]
+    for label, b, ws, nb, goal, *base in targets + auth:
+        # against another distgrad backend: each block's ratio (the two ran back to back,
+        # under the same load), then the median, which machine-load drift moves least
+        r = ratio(b, ws, nb) if not base else (
+            float(np.median(np.array(blocks[(base[0], ws)][nb]) / blocks[(b, ws)][nb]))
+            if (base[0], ws) in blocks and (b, ws) in blocks else None)
         if r is None:
             lines.append(f"| {label} | not run | >= {goal:g}x | |")
         else:
             lines.append(f"| {label} | {r:.2f}x | >= {goal:g}x | "
                          f"{'met' if r >= goal else 'MISSED'} |")
     lines.append("")
+    if ("tcp", 2) in results:
+        # A MAC on every frame: each rank would hash what it sends and what it receives.
+        nb = max(sizes)
+        hashed = 2 * 2 * (2 - 1) / 2 * nb
+        th = hmac_seconds(nb) * hashed / nb
+        lines += [f"HMAC-SHA256 on every frame (not done): a rank of 2 would hash "
+                  f"{fmt_size(int(hashed))} per {fmt_size(nb)} all-reduce, {fmt_time(th)} "
+                  f"on one core, {th / results[('tcp', 2)][nb]:.0%} of the measured tcp "
+                  "all-reduce time; with both cores already busy (sender thread, "
+                  "receive-and-reduce) that time is added, not hidden.", ""]
     text = "\n".join(lines)
     raw = {f"{b}/{ws}": {str(nb): t for nb, t in res.items()}
            for (b, ws), res in results.items()}
@@ -287,7 +372,7 @@ def main(argv=None):
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"shm": "-o", "shm-zc": "-D", "tcp": "-s", "gloo": "--^"}
+    styles = {"shm": "-o", "shm-zc": "-D", "tcp": "-s", "tcp-v1": ":s", "gloo": "--^"}
     for (b, ws), res in results.items():
         ax.plot(sizes, [busbw(nb, res[nb], ws) for nb in sizes], styles[b],
                 label=f"{'distgrad ' if b != 'gloo' else 'torch '}{b}, {ws} workers")
