@@ -170,10 +170,14 @@ class _Checker:
         self.defined = set(ext)
         self.fields = len(ext)        # slot fields seen: nslots may not exceed them
         self.depth = depth            # nesting of sub-programs
+        self.n = 0                    # the instruction being checked
+        self.last = None              # slot -> last instruction naming it (release_points)
 
     def slot(self, s, where, must_exist=True):
         """``s`` as a slot in range (and defined, unless ``must_exist`` is False)."""
         self.fields += 1
+        if self.last is not None:
+            self.last[s] = self.n
         if type(s) is not int or not 0 <= s < self.nslots:
             raise ProgramError(f"{where}: slot {s!r} out of range (program has {self.nslots} "
                                "slots)")
@@ -372,7 +376,29 @@ def _check_instructions(instrs, c, table, prefix=""):
             raise ProgramError(f"{prefix}instruction {n} ({kind}): expected {arity} fields, "
                                f"got {len(ins)}")
         named = kind in ("op", "custom") and isinstance(ins[1], str)
+        c.n = n
         check(ins, c, f"{prefix}instruction {n} ({kind}{' ' + ins[1][:40] if named else ''})")
+
+
+def release_points(structure):
+    """For each instruction of a validated program, the slots no later instruction names:
+    a worker drops its references there, so a step holds each temporary (activations
+    outside the graph, optimizer intermediates) only while it is needed. Kept slots are
+    never dropped.
+
+    Example::
+
+        release_points({"instrs": [["fetch", 0]], "nslots": 1, "ext": [0], "keep": []})  # [[0]]
+    """
+    c = _Checker(structure["nslots"], structure["ext"])
+    c.last = {}
+    _check_instructions(structure["instrs"], c, INSTRUCTIONS)
+    keep = set(structure["keep"])
+    drops = [[] for _ in structure["instrs"]]
+    for s, n in c.last.items():
+        if s not in keep:
+            drops[n].append(s)
+    return drops
 
 
 def validate(structure):

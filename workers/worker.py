@@ -104,14 +104,16 @@ class Worker:
             prog.validate(structure)
             if prog.structure_key(structure) != key:
                 raise prog.ProgramError("program key does not match its structure")
-            self.cache[key] = structure
+            drops = prog.release_points(structure)
+            self.cache[key] = (structure, drops)
             self.cache.move_to_end(key)  # a re-sent program is the most recently used
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         else:
-            structure = self.cache.get(key)
-            if structure is None:
+            entry = self.cache.get(key)
+            if entry is None:
                 raise prog.ProgramError(f"program {key} {prog.NOT_CACHED}")
+            structure, drops = entry
             self.cache.move_to_end(key)
             self.stats["cache_hits"] += 1
         bind = msg["bind"]
@@ -140,6 +142,8 @@ class Worker:
                     if _rewrappable(e):         # name the instruction: the op and its index
                         raise type(e)(f"{_describe(ins, n)}: {e}") from e
                     raise
+                for s in drops[n]:              # last use: the temporary can go now
+                    env[s] = None
         if phase is not None:
             self.span(phase, start)
         for s, vid in zip(keep, bind[len(ext):]):
