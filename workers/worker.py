@@ -137,7 +137,7 @@ class Worker:
                         self.span(phase, start)
                     phase, start = now, time.time()
                 try:
-                    self._step(ins, env, inputs, fetched, scalars)
+                    self._step(ins, env, inputs, fetched, scalars, dying=drops[n])
                 except Exception as e:
                     if _rewrappable(e):         # name the instruction: the op and its index
                         raise type(e)(f"{_describe(ins, n)}: {e}") from e
@@ -201,9 +201,10 @@ class Worker:
         return _backend.to_device(a, self.device) if self.device != "cpu" else a
 
     # ------------------------------------------------------------------ instructions
-    def _step(self, ins, env, inputs, fetched, scalars, traced=False):
+    def _step(self, ins, env, inputs, fetched, scalars, traced=False, dying=()):
         """Run one instruction. ``traced``: inside a sub-program (a custom backward or a
-        hook), whose ops record a graph exactly when the backward pass asks for one."""
+        hook), whose ops record a graph exactly when the backward pass asks for one.
+        ``dying``: slots no later instruction reads."""
         kind = ins[0]
         if kind == "op":
             name, args, attrs, out, grad_enabled = ins[1:6]
@@ -234,10 +235,17 @@ class Worker:
             t._store.version += 1
         elif kind == "assign":
             _, target, src = ins
-            t = env[target]
+            t, v = env[target], env[src]
+            if src in dying and _can_take(t, v):
+                # An optimizer update: the fresh result becomes the value and the undo log
+                # keeps the old array, so the step costs no copy at all.
+                self.undo.write(t, copy=False)
+                t._store.array = v._store.array
+                t._store.version += 1
+                return
             self.undo.write(t)
-            with engine.no_grad() if not env[src].requires_grad else contextlib.nullcontext():
-                t._write(env[src], "assign")
+            with engine.no_grad() if not v.requires_grad else contextlib.nullcontext():
+                t._write(v, "assign")
         elif kind == "fetch":
             v = env[ins[1]]
             fetched[ins[1]] = _backend.to_numpy(v._store.array if isinstance(v, Tensor) else v)
@@ -412,6 +420,18 @@ class TracedNode(engine.Node):
         self.captured = ()
 
 
+def _can_take(t, v):
+    """May ``t`` take ``v``'s array instead of a copy of it? Only a fresh result that
+    nothing else reads (``v`` dies here, owns its memory, has no views and no graph) of
+    exactly ``t``'s layout, into a ``t`` that no other array views."""
+    a, b = t._store.array, v._store.array
+    return (type(a) is np.ndarray and type(b) is np.ndarray and b.flags.owndata
+            and a.shape == b.shape and a.dtype == b.dtype and a.strides == b.strides
+            and not v.requires_grad and v._store is not t._store
+            and getattr(t, "_view_of", None) is None and not t.__dict__.get("_views")
+            and not v.__dict__.get("_views"))
+
+
 def _run_hook(run, structure, captured, scalars, grad):
     return run(structure, captured, [grad], scalars)[0]
 
@@ -439,11 +459,13 @@ class UndoLog:
     def __init__(self):
         self.arrays, self.grads, self.values = {}, {}, {}
 
-    def write(self, t):
-        """Before the first in-place write of ``t`` in this program: keep its contents."""
+    def write(self, t, copy=True):
+        """Before the first in-place write of ``t`` in this program: keep its contents
+        (``copy=False``: the array itself, which the write replaces rather than changes)."""
         key = id(t._store)
         if key not in self.arrays:
-            self.arrays[key] = (t, t._store, t._store.array.copy(), t._store.version,
+            a = t._store.array
+            self.arrays[key] = (t, t._store, a.copy() if copy else a, t._store.version,
                                 t.grad_fn, t.requires_grad)
 
     def grad(self, leaf):
