@@ -6,7 +6,7 @@ all-reduce, comparable across world sizes).
 
 For each world size one set of processes (multiprocessing 'spawn', no Ray)
 hosts every backend. Per size, after warm-up, the backends are timed in
-interleaved blocks (A B C D A B C D ...) of ``reps`` back-to-back all-reduces of
+interleaved blocks (A B C D D C B A ...) of ``reps`` back-to-back all-reduces of
 a float32 array, so they see the same machine load; per block the slowest
 rank's mean counts, and the median block is reported. Prints a markdown table;
 with ``--save [DIR]`` also writes it to ``DIR/allreduce.md``, the raw times to
@@ -151,8 +151,9 @@ def _worker(names, rank, ws, sizes, quick, blocks, q, rdvs, slot_bytes):
                 bufs[b.name] = b.make(nbytes // 4)
                 for _ in range(2):
                     b.allreduce(bufs[b.name])
-            for _ in range(blocks):
-                for b in backends:
+            for k in range(blocks):
+                # ABC then CBA: no backend always runs right after the same other one
+                for b in (backends if k % 2 == 0 else backends[::-1]):
                     x = bufs[b.name]
                     b.barrier()
                     t0 = time.perf_counter()
