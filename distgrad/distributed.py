@@ -454,23 +454,27 @@ class Cluster:
         rank = 0
         for p in placements:
             if isinstance(p, Shard):
-                rank = int(np.argmax(p.sizes))
+                rank = max(range(len(p.sizes)), key=p.sizes.__getitem__)   # the largest shard
                 break
         local, key_local = [], []
         for a, p, s, st in zip(args, placements, shapes, stores):
             if not isinstance(st, LazyStorage):
                 # A message scalar's value does not change shapes: keyed by kind only.
                 local.append(st if a[0] == "k" else a[1])
-                key_local.append("k" if a[0] == "k" else a[1])
+                key_local.append("k" if a[0] == "k" else (type(a[1]), a[1]))   # True != 1 here
                 continue
             s = list(s)
             if isinstance(p, Shard):
                 s[p.dim] = p.sizes[rank]
             local.append((tuple(s), st.dtype.str))
             key_local.append(local[-1])
-        key = (op.name, repr(key_local),
-               repr({k: "k" if type(v) is float else v for k, v in attrs.items()}))
-        hit = self._infer_cache.get(key)
+        key = (op.name, tuple(key_local),
+               tuple((k, "k" if type(v) is float else v) for k, v in attrs.items()))
+        try:
+            hit = self._infer_cache.get(key)
+        except TypeError:             # an unhashable attr (a list, an index array): by its text
+            key = repr(key)
+            hit = self._infer_cache.get(key)
         if hit is None:
             arrays = [np.zeros(x[0], np.dtype(x[1])) if isinstance(x, tuple) else x for x in local]
             try:
