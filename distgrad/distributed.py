@@ -469,7 +469,7 @@ class Cluster:
             local.append((tuple(s), st.dtype.str))
             key_local.append(local[-1])
         key = (op.name, tuple(key_local),
-               tuple((k, "k" if type(v) is float else v) for k, v in attrs.items()))
+               tuple((k, "k" if type(v) is float else (type(v), v)) for k, v in attrs.items()))
         try:
             hit = self._infer_cache.get(key)
         except TypeError:             # an unhashable attr (a list, an index array): by its text
