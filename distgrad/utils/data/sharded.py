@@ -60,7 +60,8 @@ class ShardedBatches:
         sizes = data[0].placement.sizes
         owner = np.searchsorted(np.cumsum(sizes), rows, side="right")
         order = np.argsort(owner, kind="stable")
-        index = self.cluster.shard(rows[order], sizes=np.bincount(owner, minlength=len(sizes)))
+        counts = np.bincount(owner, minlength=len(sizes)).tolist()
+        index = self.cluster.shard(rows[order], sizes=counts)
         return [t.apply("take_rows", index) for t in data]
 
 
