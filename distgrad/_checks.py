@@ -180,8 +180,8 @@ def shard_args(data, dim, sizes, world_size):
     if sizes is None or (isinstance(sizes, str) and sizes == "auto"):
         return dim
     if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
-        raise TypeError(f"{w}: sizes must be None, 'auto' or a list of {world_size} ints, "
-                        f"got {sizes!r}")
+        raise (ValueError if isinstance(sizes, str) else TypeError)(
+            f"{w}: sizes must be None, 'auto' or a list of {world_size} ints, got {sizes!r}")
     if len(sizes) != world_size:
         raise ValueError(f"{w}: sizes must have one entry per worker ({world_size}), got "
                          f"{len(sizes)}")
