@@ -34,6 +34,10 @@ class SequentialSampler(Sampler):
     def __len__(self):
         return len(self.data_source)
 
+    def order(self):
+        """This epoch's indices as one array (what ``__iter__`` yields one by one)."""
+        return np.arange(len(self.data_source))
+
 
 class RandomSampler(Sampler):
     """A fresh random permutation every epoch (or ``num_samples`` draws with replacement),
@@ -56,14 +60,16 @@ class RandomSampler(Sampler):
         return len(self.data_source) if self._num_samples is None else self._num_samples
 
     def __iter__(self):
+        return iter(self.order().tolist())
+
+    def order(self):
+        """This epoch's indices as one array (what ``__iter__`` yields one by one)."""
         n = len(self.data_source)
         if self.replacement:
-            draw = random.integers(0, n, (self.num_samples,), generator=self.generator)
-            return iter(draw.tolist())
+            return random.integers(0, n, (self.num_samples,), generator=self.generator)._store.array
         reps, rest = divmod(self.num_samples, n)
         perms = [random.permutation(n, self.generator) for _ in range(reps + (rest > 0))]
-        order = np.concatenate(perms)[:self.num_samples] if perms else np.zeros(0, np.int64)
-        return iter(order.tolist())
+        return np.concatenate(perms)[:self.num_samples] if perms else np.zeros(0, np.int64)
 
     def __len__(self):
         return self.num_samples
@@ -94,6 +100,13 @@ class BatchSampler(Sampler):
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, bool(drop_last)
 
     def __iter__(self):
+        if hasattr(self.sampler, "order"):
+            # The whole epoch's order at once: slices of it, not 60,000 Python-level yields.
+            order = self.sampler.order()
+            stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+            for start in range(0, stop, self.batch_size):
+                yield order[start:start + self.batch_size].tolist()
+            return
         batch = []
         for i in self.sampler:
             batch.append(i)
