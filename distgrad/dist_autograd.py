@@ -31,7 +31,7 @@ from .autograd.function import FunctionCtx
 from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
 from .recording import LazyNode, Recording
-from .tensor import Tensor, Variable
+from .tensor import Tensor, Variable, _to_array
 
 
 # ---------------------------------------------------------------- tracing
@@ -187,7 +187,7 @@ def _seed_for(cluster, g, store, i, who):
     """The upstream gradient ``g`` of root ``i``, placed as that root's cotangent is seeded:
     sharded like a sharded root, whole on every worker otherwise (a replicated root's seed
     is cut to rank 0 by the worker). A seed that requires grad stays differentiable."""
-    g = g if isinstance(g, Tensor) else Tensor(g)
+    g = g if isinstance(g, Tensor) else Tensor._from_array(_to_array(g))
     if tuple(g.shape) != store.shape:
         raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} does not match "
                            f"output {i} of shape {store.shape}")

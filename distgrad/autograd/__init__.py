@@ -3,7 +3,7 @@ from .engine import enable_grad, is_grad_enabled, no_grad, run_backward, set_gra
 
 
 def _seeds(tensors, grad_tensors, create_graph, who):
-    from ..tensor import Tensor
+    from ..tensor import Tensor, _to_array
     seeds = []
     for i, t in enumerate(tensors):
         g = grad_tensors[i] if grad_tensors is not None else None
@@ -15,7 +15,7 @@ def _seeds(tensors, grad_tensors, create_graph, who):
             seeds.append(Tensor._from_array(_ones_like(xp_arr)))
             continue
         if not isinstance(g, Tensor):
-            g = Tensor(g)
+            g = Tensor._from_array(_to_array(g))     # data, never a legacy size
         if tuple(g.shape) != tuple(t.shape):
             raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} does not match "
                                f"output {i} of shape {tuple(t.shape)}")

@@ -54,11 +54,11 @@ class FunctionNode(engine.Node):
         if len(grads) != self.n_inputs:
             raise RuntimeError(f"{self.fn_cls.__name__}.backward returned {len(grads)} gradients, "
                                f"but forward took {self.n_inputs} inputs")
-        from ..tensor import Tensor
+        from ..tensor import Tensor, _to_array
         out = []
         for g, nxt in zip(grads, self.next_nodes):
             if g is not None and not isinstance(g, Tensor):
-                g = Tensor(g)
+                g = Tensor._from_array(_to_array(g))   # data, never a legacy size
             out.append(g if nxt is not None else None)
         return out
 
