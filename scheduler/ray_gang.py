@@ -136,11 +136,13 @@ class RayGang:
         if short and self._local:
             # A local Ray instance never grows: waiting cannot help (a cluster may autoscale).
             fit = min(int(total.get(k, 0) // v) for k, v in self.bundle.items() if v)
-            raise ResizeError(
-                f"could not place {count} {more}workers ({each} each): this Ray instance has "
-                f"{describe_resources(total)} in all, room for {fit} worker(s). Ask for fewer "
-                "workers" + (", or run where a GPU is (device='cuda' takes one per worker)"
-                             if "GPU" in short else ", or fewer CPUs per worker") + ".")
+            head = (f"could not place {count} {more}workers ({each} each): this Ray instance has "
+                    f"{describe_resources(total)} in all")
+            if "GPU" in short:
+                raise ResizeError(f"{head}, and device='cuda' takes a GPU per worker: use "
+                                  f"device='cpu', or run where {count} GPUs are.")
+            raise ResizeError(f"{head}, room for {fit} worker(s): ask for at most {fit}, or fewer "
+                              "CPUs per worker (num_cpus_per_worker).")
         pg = placement_group([dict(self.bundle) for _ in range(count)], strategy=self.strategy)
         try:
             ray.get(pg.ready(), timeout=self.place_timeout_s)
@@ -263,6 +265,18 @@ class RayGang:
         # the extra slack lets them report that, so only the culprit counts as hung.
         try:
             replies = self._get(refs, "its program", time.time() + self.timeout_s * 1.5 + 5)
+        except WorkerError as e:
+            e.ranks = tuple(ranks[i] for i in e.ranks)
+            raise
+        return [prog.decode(data, side) for data, side in replies]
+
+    def add_source(self, payloads, ranks):
+        """Register a data source on workers ``ranks``: ``payloads[i]`` is (msgpack bytes,
+        side arrays, the object only Ray's serializer carries, or None). Returns the replies."""
+        refs = [self.actors[r].add_source.remote(data, obj, *[ray.put(a) for a in side])
+                for r, (data, side, obj) in zip(ranks, payloads)]
+        try:
+            replies = self._get(refs, "data source setup")
         except WorkerError as e:
             e.ranks = tuple(ranks[i] for i in e.ranks)
             raise

@@ -30,7 +30,8 @@ class WorkerActor:
     def threads(self):
         """The BLAS thread pools of this worker (threadpoolctl's view)."""
         from threadpoolctl import threadpool_info
-        return [{"library": p["internal_api"], "threads": p["num_threads"]} for p in threadpool_info()]
+        return [{"api": p["user_api"], "library": p["internal_api"], "threads": p["num_threads"]}
+                for p in threadpool_info()]
 
     def node_id(self):
         import ray
@@ -92,6 +93,10 @@ class WorkerActor:
         # Arrays that came through the object store are read-only views: the worker copies
         # on write (Tensor._write), so they are used as they are.
         return self.worker.execute(payload, [np.asarray(a) for a in side])
+
+    def add_source(self, payload, obj, *side):
+        """Register a data source (see ``Worker.add_source``)."""
+        return self.worker.add_source(payload, [np.asarray(a) for a in side], obj)
 
     def stats(self):
         return self.worker.get_stats()
