@@ -20,7 +20,7 @@ def cupy_module():
             import cupy  # noqa: PLC0415  (imported only when CUDA is asked for)
         except ImportError as e:
             raise DeviceError(
-                "device='cuda' needs cupy and an NVIDIA GPU: pip install 'distgrad[gpu]' "
+                "device='cuda' needs cupy and an NVIDIA GPU: pip install cupy-cuda12x "
                 f"(import cupy failed: {e})") from None
         try:
             count = cupy.cuda.runtime.getDeviceCount()

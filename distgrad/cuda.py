@@ -1,6 +1,6 @@
 """``dg.cuda``: what scripts ask of ``torch.cuda`` (is a GPU there, how many, seeding).
 
-GPUs are reached through cupy (``pip install 'distgrad[gpu]'``); without it, or without a
+GPUs are reached through cupy (``pip install cupy-cuda12x``); without it, or without a
 GPU, ``is_available()`` is False and nothing here raises except asking for a GPU tensor.
 
 Example::

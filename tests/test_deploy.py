@@ -372,11 +372,12 @@ def test_dockerfile_copy_set_builds_a_wheel(tmp_path):
 
     r = build(ctx, tmp_path / "whl")
     if r.returncode != 0:
+        # No skip here: a skip would hide a real failure (an old setuptools in the test venv
+        # is one: `pip install ".[test]"` brings a current one).
         full = build(REPO, tmp_path / "whl-full")
         if full.returncode != 0:
-            errors = [ln.strip() for ln in full.stderr.splitlines()
-                      if ln.strip().startswith("error:") and "subprocess-exited" not in ln]
-            pytest.skip("the project itself does not build a wheel yet: " + (errors[0] if errors else full.stderr[-300:]))
+            pytest.fail("the project does not build a wheel (is setuptools >= 70.1 installed?):\n"
+                        + full.stderr[-2000:])
         pytest.fail("the repo builds but the Dockerfile's COPY set does not:\n" + r.stderr[-2000:])
     import zipfile
     (whl,) = (tmp_path / "whl").glob("*.whl")
@@ -534,6 +535,9 @@ class _Head:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         env = _clean_env()
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file), RAY_USAGE_STATS_ENABLED="0")
+        # Jobs that say `python` (as the README's do) get this interpreter, as on a cluster
+        # whose image has distgrad's Python first on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         # The job server listens on 127.0.0.1 only. (`ray start` maps a loopback
         # --node-ip-address to the machine's address anyway, so GCS and the
         # other ports take the free ports picked here, behind the token.)
@@ -687,3 +691,54 @@ def test_submit_the_demo(ray_head):
     r = _submit(ray_head, "--working-dir", str(REPO), "--timeout", "300", "--", entry, timeout=420)
     assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
     assert "SUCCEEDED" in r.stderr
+
+
+def _readme_cluster_block():
+    """The shell block of README.md's cluster section that its marker comment says is run here."""
+    text = (REPO / "README.md").read_text()
+    marker = "tests/test_deploy.py::test_readme_cluster_commands"
+    assert marker in text, "README.md lost the marker of its tested cluster commands"
+    return re.search(r"```bash\n(.*?)```", text.split(marker, 1)[1], re.S).group(1)
+
+
+def test_docs_do_not_install_distgrad_from_a_package_index():
+    """distgrad is not on a package index: no `pip install distgrad[...]` or runtime-env
+    `"pip": ["distgrad"]` in the docs, nor in the hints that errors print."""
+    texts = {p: p.read_text() for p in [REPO / "README.md", DEPLOY / "README.md",
+                                        *sorted((REPO / "distgrad").rglob("*.py"))]}
+    bad = re.compile(r"pip install ['\"]?distgrad\[|\"pip\":\s*\[[^\]]*\"distgrad")
+    offenders = [str(p.relative_to(REPO)) for p, t in texts.items() if bad.search(t)]
+    assert not offenders, f"these tell users to pip-install distgrad from an index: {offenders}"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_readme_cluster_commands(ray_head):
+    """README.md's cluster commands, run as written from the checkout against a Ray head with
+    token auth; only the job server's address changes (this head listens on a free port,
+    not on the forwarded 8265). The token sits where the README says: ~/.ray/auth_token."""
+    block = _readme_cluster_block()
+    assert "http://127.0.0.1:8265" in block and "ray job submit" in block
+    home = ray_head.tmp / "home"
+    (home / ".ray").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ray_head.token_file, home / ".ray" / "auth_token")
+    env = _clean_env()
+    env["HOME"] = str(home)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    r = subprocess.run(["bash", "-euc", block.replace("http://127.0.0.1:8265", ray_head.address)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert re.search(r"held-out accuracy [\d.]+%", out) and "(match)" in out, out[-5000:]
+    assert "succeeded" in out, out[-3000:]
+    assert ray_head.token not in out
+
+
+def test_helm_steps_add_the_repo_and_pin_the_operator():
+    readme = (DEPLOY / "README.md").read_text()
+    assert re.search(r"^helm repo add kuberay https://\S+", readme, re.M)
+    install = re.search(r"^helm install kuberay-operator kuberay/kuberay-operator --version (\d+)\.(\d+)\.(\d+)",
+                        readme, re.M)
+    assert install, "deploy/README.md must pin the KubeRay operator chart with --version"
+    minimum = re.search(r"KubeRay operator, (\d+)\.(\d+)\.(\d+) or later", readme)
+    assert minimum and tuple(map(int, install.groups())) >= tuple(map(int, minimum.groups()))
