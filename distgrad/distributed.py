@@ -31,6 +31,7 @@ from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
 from . import dist_autograd
 from .recording import LazyNode, Recording
 from .tensor import Tensor, Variable, set_lazy_dispatch
+from .utils.data import sources as data_sources
 
 log = logging.getLogger("distgrad")
 __all__ = ["init", "Cluster", "Shard", "Replicate", "Partial", "PlacementError", "RemoteError"]
@@ -127,6 +128,7 @@ class Cluster:
         self._leaf_objects = {}    # vid -> weakref(driver tensor whose .grad receives gradients)
         self._infer_cache = {}
         self._sources = {}         # vid -> (per-worker pieces, requires_grad) of live shards
+        self._data_sources = weakref.WeakValueDictionary()   # id -> worker-side dataset source
         self._lost = {}            # vid -> why its value is gone from the workers
         self.fault_tolerant = True
         self.max_retries = 3
@@ -199,6 +201,49 @@ class Cluster:
             if t._grad is not None and not t._grad._store.lazy:
                 t._grad = self.replicate(t._grad.detach())
         return obj
+
+    def shard_dataset(self, data, batch_size, shuffle=False, seed=0, columns=None,
+                      drop_last=False, dtypes=None, timeout_s=None):
+        """A dataset the WORKERS read, in global batches of ``batch_size`` rows split across
+        them: the rows never pass through the driver. Iterate it once per epoch; each batch
+        is a tuple of ``Shard(0)`` values, one per column.
+
+        ``data``: a ``ray.data.Dataset`` (each worker streams its ``streaming_split``;
+        needs ``distgrad[data]``); a ``.parquet`` path (read with Ray Data); a ``.npy``
+        file, a directory of ``.npy`` shards, or a dict / list of them (one per column,
+        memory-mapped by the workers: on several nodes, paths every node can read); or
+        in-memory arrays / a TensorDataset (sent to the workers once). ``shuffle``: a new
+        order every epoch from ``seed``; for all but Ray Data the batches are the same for
+        any worker count, and resizes and recoveries keep the position. ``columns``
+        selects and orders columns; ``dtypes`` ({column: dtype}) is checked before any
+        step. Missing files or columns, shards of another shape: one DataError naming
+        the file or column and the worker, raised here.
+
+        Example::
+
+            train = cluster.shard_dataset({"x": "data/x", "y": "data/y.npy"},
+                                          batch_size=256, shuffle=True, seed=0)
+            for xb, yb in train:
+                loss = F.cross_entropy(model(xb), yb)
+            acc = train.evaluate(lambda x, y: model(x).argmax(dim=1) == y)
+        """
+        return data_sources.shard_dataset(self, data, batch_size, shuffle, seed, columns,
+                                          drop_last, dtypes, timeout_s)
+
+    def shard_from(self, fn, rows, batch_size, shuffle=False, seed=0, drop_last=False):
+        """A dataset of ``rows`` rows computed on the workers: row i is ``fn(i, rng)``
+        (an array or a tuple of arrays, one per column), ``rng`` a numpy Generator seeded
+        by ``(seed, i)``, so the global batches are the same for any number of workers.
+        ``fn`` travels to the workers once (it must be importable or picklable there).
+
+        Example::
+
+            ds = cluster.shard_from(lambda i, rng: (rng.standard_normal(20, np.float32), i % 2),
+                                    rows=10_000, batch_size=128, shuffle=True)
+            for xb, yb in ds:
+                ...
+        """
+        return data_sources.shard_from(self, fn, rows, batch_size, shuffle, seed, drop_last)
 
     def sync(self):
         """Run everything recorded so far on the workers and wait for it."""
@@ -661,6 +706,7 @@ class Cluster:
             if not errors:
                 self.messages_sent += 1
                 self._measure_speed(rec, results)
+                self._observe_streams(results)
                 return results
             missed = [r for r, e in errors if prog.NOT_CACHED in e]
             waited = [r for r, e in errors if "CollectiveTimeoutError" in e]
@@ -694,6 +740,14 @@ class Cluster:
                 self.gang.repair()
         except Exception as e:        # a dead worker is replaced (and re-hydrated) anyway
             log.warning("could not roll workers %s back: %s", ranks, e)
+
+    def _observe_streams(self, results):
+        """Each reply says how far the workers' data streams have read ahead."""
+        for r, res in enumerate(results):
+            for sid, status in (res.get("data") or {}).items():
+                src = self._data_sources.get(sid)
+                if src is not None and src.streaming and src.active:
+                    src.observe(r, status)
 
     def _reset_mirrors(self, ranks=None):
         """Forget what those workers cache; they are told to empty their caches too."""
@@ -808,6 +862,12 @@ class Cluster:
                     per = _resplit([rec.inputs[r][idx] for r in range(old)], store.placement.dim, n)
                 for r in range(n):
                     inputs[r].append(per[r])
+            for idx, src, rows, stores in rec.source_reads:
+                per, sizes = src.split(rows, n)       # the same rows, split over n workers
+                for r in range(n):
+                    inputs[r][idx] = per[r]
+                for store in stores:
+                    store.placement = Shard(0, sizes)
             rec.inputs = inputs
         self._rec = Recording(n)
         self._sent_keys = [collections.OrderedDict() for _ in range(n)]
@@ -837,7 +897,15 @@ class Cluster:
         for r, values in imports.items():
             if values:
                 self._control([r], {"control": "import", "values": values})
+        broken = []
+        for src in list(self._data_sources.values()):
+            try:
+                src.rehydrate(list(shard_ranks), resharded)
+            except RecoveryError as e:      # a stream cannot resume: the others still can
+                broken.append(e)
         self._reset_mirrors()
+        if broken:
+            raise broken[0]
 
     def resize(self, n):
         """Grow or shrink the gang to ``n`` workers between steps; shards are re-split
@@ -853,6 +921,8 @@ class Cluster:
         if not hasattr(self.gang, "resize"):
             raise ResizeError(f"resize: the {type(self.gang).__name__} backend cannot resize")
         self._flush()
+        for src in list(self._data_sources.values()):
+            src.check_resize()
         old = self.world_size
         self.gang.resize(n)               # raises ResizeError (with the reason) if impossible
         self._set_world(n)

@@ -43,6 +43,7 @@ class Recording:
             self.scalars = []         # float operands and attrs: inputs, not constants
             self.replayed = {}        # id(local node) -> (node, distributed result)
             self.shard_puts = []      # (input index, store) of sharded inputs
+            self.source_reads = []    # (input index, data source, batch rows, stores)
 
     def new_slot(self, vid=None):
         s = self.nslots

@@ -56,6 +56,20 @@ class LocalGang:
                                          f"within {self.timeout_s:g}s", ranks=[r]) from None
         return results
 
+    def add_source(self, payloads, ranks):
+        """Register a data source on workers ``ranks`` (see ``RayGang.add_source``)."""
+        futures = [self._pools[r].submit(self.workers[r].add_source, data, side, obj)
+                   for r, (data, side, obj) in zip(ranks, payloads)]
+        deadline = time.monotonic() + self.timeout_s
+        out = []
+        for r, f in zip(ranks, futures):
+            try:
+                out.append(prog.decode(*f.result(timeout=max(deadline - time.monotonic(), 0))))
+            except cf.TimeoutError:
+                raise WorkerTimeoutError(f"worker {r} (local thread) did not set up its data "
+                                         f"source within {self.timeout_s:g}s", ranks=[r]) from None
+        return out
+
     def repair(self):
         """A new collective group (a timed-out one stays broken): each worker switches to
         it after whatever it runs now, before any later message."""

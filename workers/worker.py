@@ -19,6 +19,7 @@ from distgrad.collective_ops import use_communicator
 from distgrad.tensor import Tensor, Variable, apply_op
 
 from .bucketing import Bucketer, OrderedComm
+from .sources import make_table
 
 
 class Worker:
@@ -40,6 +41,7 @@ class Worker:
             raise ValueError(f"compress must be None or 'fp16', got {compress!r}")
         self.compress = compress
         self.values = {}
+        self.sources = {}              # source id -> table (workers/sources.py)
         self.undo = UndoLog()          # the last program's writes, until the next message commits it
         self.fail_after = None         # test hook: (kind, seconds) -> crash or hang in the next program
         self.slowdown_s = 0.0          # test hook: extra compute time per program (a slow worker)
@@ -78,6 +80,9 @@ class Worker:
             reply = {"fetched": fetched, "error": None, "busy_s": busy}
         except Exception as e:          # reported to the driver; the worker stays usable
             reply = {"fetched": {}, "error": f"{type(e).__name__}: {e}"}
+        streams = {sid: t.status() for sid, t in self.sources.items() if t.streaming}
+        if streams:                     # how far each stream has read ahead: the driver plans by it
+            reply["data"] = streams
         self.stats["programs"] += 1
         self.stats["bytes_in"] += len(payload)
         self.stats["run_s"] += time.perf_counter() - t0
@@ -153,6 +158,8 @@ class Worker:
             if vid in self.values:
                 self.undo.table(self.values, vid)
                 del self.values[vid]
+            elif vid in self.sources:     # a data source the driver no longer uses
+                self.sources.pop(vid).close()
         return fetched
 
     # ------------------------------------------------------------------ recovery
@@ -178,6 +185,9 @@ class Worker:
             return {}
         if control == "ping":
             return {}
+        if control == "source_wait":   # a stream's read-ahead, once it holds `want` rows
+            table = self._source(msg["sid"])
+            return {"status": table.wait(msg["want"], msg.get("timeout_s"))}
         raise prog.ProgramError(f"unknown control message {control!r}")
 
     def inject_failure(self, kind, seconds=0.0):
@@ -255,6 +265,17 @@ class Worker:
             if requires_grad:
                 t._init_requires_grad(True)
             env[out] = t
+        elif kind == "source":
+            _, outs, sid, idx = ins
+            table = self._source(sid)
+            arrays = table.read(np.asarray(_backend.to_numpy(inputs[idx]), dtype=np.int64))
+            if len(arrays) != len(outs):
+                raise prog.ProgramError(f"data source {sid} has {len(arrays)} columns, the "
+                                        f"program reads {len(outs)}")
+            if table.streaming:          # a rolled-back step gives its rows back
+                self.undo.on_restore(functools.partial(table.unread, arrays))
+            for s, a in zip(outs, arrays):
+                env[s] = Variable._from_array(self._to_device(a))
         elif kind == "custom":
             self._custom(ins, env, scalars)
         elif kind == "backward":
@@ -386,6 +407,29 @@ class Worker:
                 env[slot] = g if isinstance(g, Variable) else Variable._from_array(g._store.array)
         self.stats["backward_s"] += time.perf_counter() - t0
 
+    # ------------------------------------------------------------------ data sources
+    def add_source(self, payload, side=(), obj=None):
+        """Register data source ``sid`` (replacing any of that id): ``payload`` is a msgpack
+        spec (workers/sources.py); ``obj`` what only Ray's serializer carries (a generator
+        function, a Ray Data iterator). Replies ``{"schema": ...}`` or ``{"error": ...}``."""
+        try:
+            spec = prog.decode(payload, side, self.max_message_bytes)
+            table = make_table(spec, obj, self.rank, self.comm.timeout_s if self.comm else 60.0)
+            old = self.sources.pop(spec["sid"], None)
+            if old is not None:
+                old.close()
+            self.sources[spec["sid"]] = table
+            reply = {"schema": table.schema(), "error": None}
+        except Exception as e:
+            reply = {"schema": None, "error": f"{type(e).__name__}: {e}"}
+        return prog.encode(reply), []
+
+    def _source(self, sid):
+        table = self.sources.get(sid)
+        if table is None:
+            raise prog.ProgramError(f"data source {sid} is not registered on worker {self.rank}")
+        return table
+
     def get_stats(self):
         comm_bytes = self.comm.bytes if self.comm is not None else 0
         return dict(self.stats, values=len(self.values), cached_programs=len(self.cache),
@@ -398,6 +442,9 @@ class Worker:
         if self.comm is not None:
             self.comm.close()
         self.values.clear()
+        for table in self.sources.values():
+            table.close()
+        self.sources.clear()
 
 
 class TracedNode(engine.Node):
@@ -458,6 +505,11 @@ class UndoLog:
 
     def __init__(self):
         self.arrays, self.grads, self.values = {}, {}, {}
+        self.restores = []
+
+    def on_restore(self, fn):
+        """Call ``fn()`` at a rollback (a stream puts back the rows it gave out)."""
+        self.restores.append(fn)
 
     def write(self, t, copy=True):
         """Before the first in-place write of ``t`` in this program: keep its contents
@@ -485,6 +537,8 @@ class UndoLog:
                 values.pop(vid, None)
             else:
                 values[vid] = old
+        for fn in reversed(self.restores):
+            fn()
 
 
 def _phase(ins):
@@ -496,4 +550,4 @@ def _phase(ins):
     if kind == "assign":
         return "optimizer step"
     return {"backward": "backward", "grad": "backward", "custom": "forward",
-            "fetch": "fetch"}.get(kind, "inputs")
+            "fetch": "fetch", "source": "data"}.get(kind, "inputs")

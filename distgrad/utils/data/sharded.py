@@ -2,13 +2,13 @@
 
 Two ways, chosen by the dataset:
 
-- A ``TensorDataset`` (default collate) is RESIDENT: on first use each of its tensors is
-  sent once, worker r keeping samples r, r + W, r + 2W... (its shard). Each step then
-  sends one small index per worker: the positions, in its shard, of the batch's samples
-  it holds, and the workers pick those rows (the ``take_rows`` op). A batch holds the
-  same samples as without a cluster, grouped by worker: a worker holds the batch's
-  samples that live on it, so the split of a batch follows the data (a shuffled batch of
-  B gives each worker about B/W rows; an unshuffled one exactly an even split).
+- A ``TensorDataset`` (default collate) is a worker-side source like any other
+  (:mod:`distgrad.utils.data.sources`): on first use its arrays are sent once, worker r
+  keeping samples r, r + W, r + 2W...; each step then sends only which rows each worker
+  reads (the ``source`` instruction). A batch holds the same samples as without a cluster,
+  grouped by worker: a worker reads the batch's samples it holds, so the split of a batch
+  follows the data (a shuffled batch of B gives each worker about B/W rows; an
+  unshuffled one exactly an even split).
 - Anything else is STREAMED: the batch is collated here and each tensor in it is split
   evenly (``cluster.shard``) and sent with the step.
 
@@ -18,8 +18,8 @@ a mean loss over it is the mean over all its samples, whatever the worker count.
 """
 import numpy as np
 
-from ... import _backend
 from ...tensor import Tensor
+from .sources import ArraySource
 
 
 class ShardedBatches:
@@ -35,34 +35,14 @@ class ShardedBatches:
 
     def __init__(self, cluster, rows=None):
         self.cluster, self.rows = cluster, rows
-        self._resident = None           # ([distributed tensors], position of each sample)
+        self._source = None             # opened on the workers at the first batch
 
     def batch(self, indices, fetch):
         if self.rows is not None and indices is not None:
-            return self._take(indices)
+            if self._source is None:
+                self._source = ArraySource(self.cluster, self.rows.tensors)
+            return list(self._source.read(np.asarray(indices, dtype=np.int64)))
         return shard_batch(self.cluster, fetch())
-
-    def _ship(self):
-        """Send the dataset once; worker r keeps samples r, r + W, ... (its even share)."""
-        if self._resident is None:
-            n, w = len(self.rows), self.cluster.world_size
-            order = np.concatenate([np.arange(r, n, w) for r in range(w)])
-            position = np.empty(n, np.int64)
-            position[order] = np.arange(n)
-            data = [self.cluster.shard(_host(t)[order]) for t in self.rows.tensors]
-            self._resident = (data, position)
-        return self._resident
-
-    def _take(self, indices):
-        data, position = self._ship()
-        rows = position[np.asarray(indices, dtype=np.int64)]
-        # Who holds each row now (a resize re-splits the shards; positions stay valid).
-        sizes = data[0].placement.sizes
-        owner = np.searchsorted(np.cumsum(sizes), rows, side="right")
-        order = np.argsort(owner, kind="stable")
-        counts = np.bincount(owner, minlength=len(sizes)).tolist()
-        index = self.cluster.shard(rows[order], sizes=counts)
-        return [t.apply("take_rows", index) for t in data]
 
 
 def shard_batch(cluster, batch):
@@ -82,6 +62,3 @@ def shard_batch(cluster, batch):
         return type(batch)(shard_batch(cluster, v) for v in batch)
     return batch
 
-
-def _host(t):
-    return _backend.to_numpy(t._store.array)
