@@ -129,6 +129,7 @@ class Cluster:
         self._infer_cache = {}
         self._sources = {}         # vid -> (per-worker pieces, requires_grad) of live shards
         self._data_sources = weakref.WeakValueDictionary()   # id -> worker-side dataset source
+        self._data_reads = {}      # vid -> (source, batch rows, vids of the read) of live batches
         self._lost = {}            # vid -> why its value is gone from the workers
         self.fault_tolerant = True
         self.max_retries = 3
@@ -746,7 +747,7 @@ class Cluster:
         for r, res in enumerate(results):
             for sid, status in (res.get("data") or {}).items():
                 src = self._data_sources.get(sid)
-                if src is not None and src.streaming and src.active:
+                if src is not None and src.streaming and src.active is not None:
                     src.observe(r, status)
 
     def _reset_mirrors(self, ranks=None):
@@ -883,8 +884,10 @@ class Cluster:
         exported = self._control([source], {"control": "export", "vids": replicated})[0] if new_ranks else {}
         shard_ranks = range(self.world_size) if resharded else new_ranks
         imports = {r: dict(exported) if r in new_ranks else {} for r in shard_ranks}
+        # Datasets the workers read: opened again where needed, batches still held read again.
+        broken, reread = data_sources.rehydrate(self, live, list(shard_ranks), resharded)
         for vid, st in live.items():
-            if isinstance(st.placement, Replicate):
+            if isinstance(st.placement, Replicate) or vid in reread:
                 continue
             src = self._sources.get(vid) if isinstance(st.placement, Shard) else None
             if src is None:
@@ -897,12 +900,6 @@ class Cluster:
         for r, values in imports.items():
             if values:
                 self._control([r], {"control": "import", "values": values})
-        broken = []
-        for src in list(self._data_sources.values()):
-            try:
-                src.rehydrate(list(shard_ranks), resharded)
-            except RecoveryError as e:      # a stream cannot resume: the others still can
-                broken.append(e)
         self._reset_mirrors()
         if broken:
             raise broken[0]

@@ -275,12 +275,25 @@ class RayGang:
         side arrays, the object only Ray's serializer carries, or None). Returns the replies."""
         refs = [self.actors[r].add_source.remote(data, obj, *[ray.put(a) for a in side])
                 for r, (data, side, obj) in zip(ranks, payloads)]
-        try:
-            replies = self._get(refs, "data source setup")
-        except WorkerError as e:
-            e.ranks = tuple(ranks[i] for i in e.ranks)
-            raise
-        return [prog.decode(data, side) for data, side in replies]
+        deadline, out = time.time() + self.timeout_s, []
+        for r, ref in zip(ranks, refs):
+            try:
+                out.append(prog.decode(*ray.get(ref, timeout=max(deadline - time.time(), 0.1))))
+            except ray.exceptions.GetTimeoutError:
+                raise WorkerTimeoutError(f"worker {r} did not set up its data source within the "
+                                         "timeout", ranks=[r], nodes=[self.nodes[r]]) from None
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ActorUnavailableError) as e:
+                raise WorkerError(f"worker {r} (node {self.nodes[r]}) died during data source "
+                                  f"setup: {type(e).__name__}", ranks=[r], nodes=[self.nodes[r]]) from None
+            except ray.exceptions.RayTaskError as e:
+                # The object could not be loaded in the worker (say, a function whose module
+                # it cannot import): an error about the source, not a dead worker.
+                last = [line for line in str(e).splitlines() if line.strip()][-1].strip()
+                out.append({"schema": None, "error": f"worker {r}: the object sent with the data "
+                            f"source could not be loaded there ({last}): define the function in "
+                            "the script you run, or make its module importable on the workers"})
+        return out
 
     def repair(self):
         """Re-form the collective group (a timed-out one stays broken); the actors join it

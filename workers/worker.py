@@ -185,6 +185,12 @@ class Worker:
             return {}
         if control == "ping":
             return {}
+        if control == "source_read":   # a batch held across a failure or resize, read again
+            arrays = self._source(msg["sid"]).read(np.asarray(msg["rows"], dtype=np.int64))
+            for vid, a in zip(msg["vids"], arrays):
+                if vid >= 0:
+                    self.values[vid] = Variable._from_array(self._to_device(a))
+            return {}
         if control == "source_wait":   # a stream's read-ahead, once it holds `want` rows
             table = self._source(msg["sid"])
             return {"status": table.wait(msg["want"], msg.get("timeout_s"))}

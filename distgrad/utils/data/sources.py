@@ -156,19 +156,50 @@ class DataSource:
             stores.append(store)
         rec.instrs.append(["source", slots, self.sid, idx])
         rec.source_reads.append((idx, self, rows, stores))
+        if rows is not None:          # re-readable after a failure or resize (see rehydrate)
+            group = tuple(st.vid for st in stores)
+            for st in stores:
+                cluster._data_reads[st.vid] = (self, rows, group)
+                weakref.finalize(st, cluster._data_reads.pop, st.vid, None)
         return tuple(out)
 
     def rehydrate(self, ranks, resharded):
         """After a failure or a resize: open the source on the workers that lack it."""
         if self.schema is None:
             return                       # never used: opened on first read
-        self.register(None if resharded or not self.anywhere else ranks)
+        self.register(None if resharded else ranks)   # a new split: every worker's rows change
 
     def check_resize(self):
         """Raise if the source cannot follow a change of the world size now."""
 
     def close(self):
         self.cluster._data_sources.pop(self.sid, None)
+
+
+def rehydrate(cluster, live, ranks, resharded):
+    """After a failure or a resize: open every source on the workers that need it, then
+    read again the batches still held (their rows are known), split for the world as it
+    is now. Returns (RecoveryErrors of sources that cannot resume, vids read again)."""
+    broken = []
+    for src in list(cluster._data_sources.values()):
+        try:
+            src.rehydrate(ranks, resharded)
+        except RecoveryError as e:      # a stream cannot resume: the others still can
+            broken.append(e)
+    reread, world = set(), cluster.world_size
+    groups = {group: (src, rows) for vid, (src, rows, group) in list(cluster._data_reads.items())
+              if vid in live}
+    for group, (src, rows) in groups.items():
+        per, sizes = src.split(rows, world)
+        vids = [vid if vid in live else -1 for vid in group]
+        for vid in vids:
+            if vid >= 0:
+                live[vid].placement = Shard(0, tuple(sizes))
+                reread.add(vid)
+        for r in (range(world) if resharded else ranks):
+            cluster._control([r], {"control": "source_read", "sid": src.sid, "rows": per[r],
+                                   "vids": vids})
+    return broken, reread
 
 
 def _release(cluster_ref, sid):
@@ -265,7 +296,7 @@ class StreamSource(DataSource):
         self.schema = [(n, d, s) for n, (d, s) in zip(self.names, self.kinds)]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.timeout_s = timeout_s
-        self.active = False
+        self.active = None            # the token of the epoch being read, if any
         self.iterators = None
 
     @property
@@ -275,7 +306,8 @@ class StreamSource(DataSource):
         return self.rows
 
     def start_epoch(self, epoch):
-        """A fresh split of the stream for ``epoch``, opened on every worker."""
+        """A fresh split of the stream for ``epoch``, opened on every worker; returns the
+        epoch's token (an iterator of an older epoch stops)."""
         world = self.cluster.world_size
         self.iterators = self.ray_data.split(self.ds, world, epoch, self.shuffle, self.seed,
                                              getattr(self.cluster.gang, "nodes", None))
@@ -286,7 +318,8 @@ class StreamSource(DataSource):
         self.ended = [False] * world
         self.errors = [None] * world
         self.register()
-        self.active = True
+        self.active = token = object()
+        return token
 
     def payload(self, rank, world):
         shuffle_rows = max(4 * self.share, 1024) if self.shuffle else 0
@@ -310,15 +343,18 @@ class StreamSource(DataSource):
         while True:
             for r, err in enumerate(self.errors):
                 if err and self.known[r] == 0:
-                    self.active = False
                     raise DataError(err)
             give = _fill(want, [self.known[r] if self.ended[r] else None for r in range(world)])
             if give is None or (drop_last and sum(give) < want):
-                self.active = False
                 return None
             short = [r for r in range(world) if not self.ended[r] and give[r] > self.known[r]]
             if not short:
                 return give
+            if self.cluster._rec.instrs:
+                # Reads recorded but not run yet: run them, so that what the workers say
+                # they hold is what is left for this batch (each reply carries it).
+                self.cluster.sync()
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DataError(f"worker(s) {short} got no rows from their split of the dataset "
@@ -349,15 +385,15 @@ class StreamSource(DataSource):
         return [np.zeros(0, np.int64)] * world, (0,) * world
 
     def rehydrate(self, ranks, resharded):
-        if self.active:
-            self.active = False
+        if self.active is not None:
+            self.active = None
             raise RecoveryError(f"worker(s) {list(ranks)} lost their split of the Ray Data "
                                 "stream mid-epoch (the rows they had read ahead are gone): "
                                 "start the epoch again (files, arrays and generators resume "
                                 "exactly)")
 
     def check_resize(self):
-        if self.active:
+        if self.active is not None:
             raise ResizeError("a Ray Data stream is split over the workers for the whole epoch: "
                               "resize between epochs (after the loop over the dataset ends)")
 
@@ -487,17 +523,11 @@ class ShardedDataset:
 
     def _stream_epoch(self):
         src = self.source
-        src.start_epoch(self.epoch)
-        try:
-            while True:
-                give = src.next_split(self.batch_size, self.drop_last)
-                if give is None:
-                    break
-                batch = src.take(give)
-                self.step += 1
-                yield batch
-        finally:
-            src.active = False
+        self.step = 0
+        for batch in _stream_batches(src, src.start_epoch(self.epoch), self.batch_size,
+                                     self.drop_last):
+            self.step += 1
+            yield batch
         self.epoch, self.step = self.epoch + 1, 0
 
     def evaluate(self, metric):
@@ -531,17 +561,26 @@ class ShardedDataset:
                 pos = np.arange(k * self.batch_size, min((k + 1) * self.batch_size, src.rows))
                 yield src.read(pos)
             return
-        if src.active:
+        if src.active is not None:
             raise DataError("evaluate: this stream is in the middle of an epoch")
-        src.start_epoch(-1 - self.epoch)
-        try:
-            while True:
-                give = src.next_split(self.batch_size)
-                if give is None:
-                    return
-                yield src.take(give)
-        finally:
-            src.active = False
+        yield from _stream_batches(src, src.start_epoch(-1 - self.epoch), self.batch_size)
+
+
+def _stream_batches(src, token, batch_size, drop_last=False):
+    """The global batches of one epoch of a stream, until it ends or another epoch (or a
+    failure) supersedes it."""
+    try:
+        while True:
+            if src.active is not token:
+                raise DataError("this epoch of the Ray Data stream was ended (a new epoch "
+                                "started, or a worker was lost): start the epoch again")
+            give = src.next_split(batch_size, drop_last)
+            if give is None:
+                return
+            yield src.take(give)
+    finally:
+        if src.active is token:
+            src.active = None
 
 
 # ---------------------------------------------------------------- entry points (Cluster's)
