@@ -9,8 +9,10 @@ records from ops on distributed values and what every worker runs. Instructions:
     ["assign", target_slot, source_slot]                in-place write (optimizer steps)
     ["backward", root, seed, root_placement, retain, [[leaf, prev_grad, new_grad, replicated]..]]
     ["fetch", slot]                                     send the local value back
-    ["source", [slot, ...], source_id, input_index]     rows of a worker-side data source:
-                                                        the input names which rows (one slot per column)
+    ["source", [slot, ...], source_id, input_index, ahead_index]
+                                                        rows of a worker-side data source (one slot
+                                                        per column); the input names which rows, the
+                                                        ahead input (-1: none) the next step's
 
 Slots listed in ``ext`` are bound to values of earlier programs; slots in ``keep`` are
 stored for later programs. The structure (instructions, slot count, ext, keep) is
@@ -244,13 +246,15 @@ def _check_fetch(ins, c, where):
 
 
 def _check_source(ins, c, where):
-    _, outs, sid, idx = ins
+    _, outs, sid, idx, ahead = ins
     if not _list(outs, where, "column slots"):
         raise ProgramError(f"{where}: a data source read defines at least one column")
     for s in outs:
         c.define(s, where)
     c.index(sid, where, "data source id")
     c.index(idx, where)
+    if ahead != -1:
+        c.index(ahead, where)
 
 
 def _list(v, where, what):
@@ -364,7 +368,7 @@ INSTRUCTIONS = {
     "grad": (9, _check_grad),
     "custom": (7, _check_custom),
     "detach": (4, _check_detach),
-    "source": (4, _check_source),
+    "source": (5, _check_source),
 }
 # What a traced sub-program may hold: no inputs, fetches or nested backward passes.
 SUBPROGRAM_INSTRUCTIONS = {k: INSTRUCTIONS[k] for k in ("op", "assign", "custom", "detach")}

@@ -77,14 +77,16 @@ def test_a_stream_batch_takes_what_each_worker_has_evenly(want, caps):
 
 
 def test_the_source_instruction_is_validated():
-    good = {"instrs": [["source", [0, 1], 7, 0], ["fetch", 1]], "nslots": 2, "ext": [], "keep": []}
+    good = {"instrs": [["source", [0, 1], 7, 0, -1], ["source", [2], 7, 1, 2], ["fetch", 1]],
+            "nslots": 3, "ext": [], "keep": []}
     assert prog.validate(good) is good
-    for instrs, match in [([["source", [], 7, 0]], "at least one column"),
-                          ([["source", 0, 7, 0]], "column slots must be a list"),
-                          ([["source", [5], 7, 0]], "out of range"),
-                          ([["source", [0], -1, 0]], "bad data source id"),
-                          ([["source", [0], 7, "x"]], "bad input index"),
-                          ([["source", [0], 7]], "expected 4 fields")]:
+    for instrs, match in [([["source", [], 7, 0, -1]], "at least one column"),
+                          ([["source", 0, 7, 0, -1]], "column slots must be a list"),
+                          ([["source", [5], 7, 0, -1]], "out of range"),
+                          ([["source", [0], -1, 0, -1]], "bad data source id"),
+                          ([["source", [0], 7, "x", -1]], "bad input index"),
+                          ([["source", [0], 7, 0, -2]], "bad input index"),
+                          ([["source", [0], 7, 0]], "expected 5 fields")]:
         with pytest.raises(prog.ProgramError, match=match):
             prog.validate({"instrs": instrs, "nslots": 1, "ext": [], "keep": []})
 

@@ -21,6 +21,7 @@ Example::
     x, = table.read(np.array([5, 2]))
 """
 import collections
+import concurrent.futures as cf
 import os
 import threading
 import time
@@ -51,12 +52,34 @@ def make_table(spec, obj=None, rank=0, timeout_s=60.0):
 
 
 class Table:
-    """What every source kind provides; ``streaming`` kinds also report ``status()``."""
+    """What every source kind provides; ``streaming`` kinds also report ``status()``.
+    ``fetch`` reads the rows of this step and starts reading the next step's in a thread,
+    so the read overlaps the step's compute."""
 
     streaming = False
 
     def __init__(self, rank):
         self.rank = rank
+        self._pool = None
+        self._ahead = None            # (rows as bytes, future) of the rows read ahead
+
+    def fetch(self, rows, ahead=None):
+        """``read(rows)``, from the read-ahead when it holds those rows; then read ``ahead``."""
+        got, pending = None, self._ahead
+        self._ahead = None
+        if pending is not None:
+            key, future = pending
+            if key == rows.tobytes():
+                got = future.result()     # its error, if any, is this read's error
+            else:
+                cf.wait([future])         # one read at a time: a user's function need not be thread-safe
+        if got is None:
+            got = self.read(rows)
+        if ahead is not None and len(ahead):
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-read-{self.rank}")
+            self._ahead = (ahead.tobytes(), self._pool.submit(self.read, ahead))
+        return got
 
     def schema(self):
         raise NotImplementedError
@@ -68,7 +91,10 @@ class Table:
         return None
 
     def close(self):
-        pass
+        self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def fail(self, what):
         raise SourceError(f"worker {self.rank}: {what}")
@@ -153,6 +179,7 @@ class NpyTable(Table):
         return out
 
     def close(self):
+        super().close()
         self.shards = []
 
 
@@ -330,6 +357,7 @@ class StreamTable(Table):
             self.cond.notify_all()
 
     def close(self):
+        super().close()
         with self.cond:
             self.stop = True
             self.chunks.clear()

@@ -272,9 +272,10 @@ class Worker:
                 t._init_requires_grad(True)
             env[out] = t
         elif kind == "source":
-            _, outs, sid, idx = ins
+            _, outs, sid, idx, ahead = ins
             table = self._source(sid)
-            arrays = table.read(np.asarray(_backend.to_numpy(inputs[idx]), dtype=np.int64))
+            arrays = table.fetch(*(None if i < 0 else np.asarray(_backend.to_numpy(inputs[i]), np.int64)
+                                   for i in (idx, ahead)))
             if len(arrays) != len(outs):
                 raise prog.ProgramError(f"data source {sid} has {len(arrays)} columns, the "
                                         f"program reads {len(outs)}")

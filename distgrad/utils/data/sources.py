@@ -127,15 +127,19 @@ class DataSource:
         sizes = split_sizes(len(rows), world)
         return np.split(rows, np.cumsum(sizes)[:-1]), sizes
 
-    def read(self, rows):
-        """Global rows ``rows`` (in batch order) as one Shard(0) Variable per column."""
+    def read(self, rows, ahead=None):
+        """Global rows ``rows`` (in batch order) as one Shard(0) Variable per column;
+        ``ahead``: the next batch's rows, which the workers start reading now."""
         rows = np.asarray(rows, dtype=np.int64)
-        per, sizes = self.split(rows, self.cluster.world_size)
-        return self.record(per, sizes, rows)
+        world = self.cluster.world_size
+        per, sizes = self.split(rows, world)
+        if ahead is not None:
+            ahead = self.split(np.asarray(ahead, dtype=np.int64), world)[0]
+        return self.record(per, sizes, rows, ahead)
 
-    def record(self, per, sizes, rows=None):
-        """Record the read of ``per[r]`` on worker r; ``rows`` (the batch, for a re-split
-        after a resize) None where the split cannot change (streams)."""
+    def record(self, per, sizes, rows=None, ahead=None):
+        """Record the read of ``per[r]`` on worker r (and of ``ahead[r]`` ahead); ``rows``
+        (the batch, for a re-split after a resize) None where the split cannot change."""
         cluster = self.cluster
         cluster._check_open()
         if cluster._tracing:
@@ -145,6 +149,8 @@ class DataSource:
             self.register()
         rec = cluster._rec
         idx = rec.add_input([np.ascontiguousarray(p, dtype=np.int64) for p in per])
+        ahead_idx = -1 if ahead is None else rec.add_input(
+            [np.ascontiguousarray(p, dtype=np.int64) for p in ahead])
         out, slots, stores = [], [], []
         total = int(sum(sizes))
         for _name, dtype, shape in self.schema:
@@ -154,7 +160,7 @@ class DataSource:
             t._store = store
             out.append(t)
             stores.append(store)
-        rec.instrs.append(["source", slots, self.sid, idx])
+        rec.instrs.append(["source", slots, self.sid, idx, ahead_idx])
         rec.source_reads.append((idx, self, rows, stores))
         if rows is not None:          # re-readable after a failure or resize (see rehydrate)
             group = tuple(st.vid for st in stores)
@@ -512,7 +518,8 @@ class ShardedDataset:
         epoch = self.epoch
         while self.step < len(self):
             k = self.step
-            batch = self.source.read(self.batch_rows(epoch, k))
+            ahead = self.batch_rows(epoch, k + 1) if k + 1 < len(self) else None
+            batch = self.source.read(self.batch_rows(epoch, k), ahead)
             self.step = k + 1
 
             def restore(k=k):        # the step failed and was rolled back: read it again
@@ -557,9 +564,11 @@ class ShardedDataset:
     def _pass(self):
         src = self.source
         if not src.streaming:
-            for k in range(-(-src.rows // self.batch_size)):
-                pos = np.arange(k * self.batch_size, min((k + 1) * self.batch_size, src.rows))
-                yield src.read(pos)
+            starts = range(0, src.rows, self.batch_size)
+            for a in starts:
+                b = a + self.batch_size
+                yield src.read(np.arange(a, min(b, src.rows)),
+                               np.arange(b, min(b + self.batch_size, src.rows)) if b < src.rows else None)
             return
         if src.active is not None:
             raise DataError("evaluate: this stream is in the middle of an epoch")
