@@ -96,8 +96,17 @@ def child(args):
         for _ in range(args.child_steps):
             step(*next(batches))
         seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": peak_kb / 1024, "samples_s": args.child_steps * args.batch / seconds}))
+    print(json.dumps({"peak_mb": peak_rss_mb(), "samples_s": args.child_steps * args.batch / seconds}))
+
+
+def peak_rss_mb():
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and
+    exec, so a child would report its parent's RSS at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(kind, folder, steps, args):
