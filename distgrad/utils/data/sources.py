@@ -34,7 +34,7 @@ import weakref
 
 import numpy as np
 
-from ... import _backend, program as prog
+from ... import _backend, _hints, program as prog
 from ...autograd import no_grad
 from ...errors import RecoveryError, ResizeError
 from ...placement import Shard, split_sizes
@@ -147,6 +147,8 @@ class DataSource:
                                "outside traced functions and hooks")
         if self.schema is None or self.registered_world != cluster.world_size:
             self.register()
+        for _name, dtype, _shape in self.schema:      # float64 data, float32 model: warn once
+            _hints.check_sharded(cluster, np.empty(0, dtype))
         rec = cluster._rec
         idx = rec.add_input([np.ascontiguousarray(p, dtype=np.int64) for p in per])
         ahead_idx = -1 if ahead is None else rec.add_input(
