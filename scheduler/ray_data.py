@@ -24,14 +24,15 @@ def _ray_data():
 
 
 def read_parquet(paths):
-    """A Ray dataset over Parquet files (a file, a directory or a list of them)."""
+    """A Ray dataset over Parquet files (a file, a directory or a list of them).
+    Example: ``read_parquet("train/")``."""
     return _ray_data().read_parquet(paths)
 
 
 def prepare(ds, columns=None):
     """(the dataset with only ``columns``, names, [(dtype, row shape)]) from its schema,
     checked here, before any worker reads: missing and non-numeric columns are errors
-    naming the column."""
+    naming the column. Example: ``prepare(ds, ["x", "y"])[1] == ["x", "y"]``."""
     _ray_data()
     schema = ds.schema()
     if schema is None:
@@ -68,7 +69,7 @@ def _kind(name, t):
 def split(ds, n, epoch, shuffle, seed, nodes):
     """``n`` iterators over one epoch of ``ds`` (no row dropped), for the workers on
     ``nodes``; ``shuffle``: blocks in a fresh random order each epoch (each worker also
-    shuffles rows in a local buffer)."""
+    shuffles rows in a local buffer). Example: ``split(ds, 2, 0, True, 0, gang.nodes)``."""
     if shuffle:
         ds = ds.randomize_block_order(seed=(int(seed) * 1_000_003 + int(epoch)) % 2 ** 31)
     hints = list(nodes) if nodes and len(nodes) == n and all(nodes) else None

@@ -418,7 +418,8 @@ class Worker:
     def add_source(self, payload, side=(), obj=None):
         """Register data source ``sid`` (replacing any of that id): ``payload`` is a msgpack
         spec (workers/sources.py); ``obj`` what only Ray's serializer carries (a generator
-        function, a Ray Data iterator). Replies ``{"schema": ...}`` or ``{"error": ...}``."""
+        function, a Ray Data iterator). Replies ``{"schema": ...}`` or ``{"error": ...}``.
+        Example: ``w.add_source(prog.encode({"sid": 3, "kind": "npy", "columns": cols}))``."""
         try:
             spec = prog.decode(payload, side, self.max_message_bytes)
             table = make_table(spec, obj, self.rank, self.comm.timeout_s if self.comm else 60.0)

@@ -223,7 +223,10 @@ def _describe(schema):
 
 class ArraySource(DataSource):
     """Arrays sent to the workers once, worker r keeping rows r, r + W, r + 2W...; a batch
-    is split by who holds its rows (a shuffled batch of B gives each about B/W)."""
+    is split by who holds its rows (a shuffled batch of B gives each about B/W).
+
+    Example: ``xb, yb = ArraySource(cluster, [X, y]).read([5, 0, 3])``.
+    """
 
     anywhere = False
 
@@ -259,7 +262,10 @@ def _host(a):
 
 class NpySource(DataSource):
     """Columns of ``.npy`` files, each a file or a directory of shards (in name order),
-    memory-mapped on the workers. On several nodes the paths must be readable on each."""
+    memory-mapped on the workers. On several nodes the paths must be readable on each.
+
+    Example: ``NpySource(cluster, [("x", ["/data/x"]), ("y", ["/data/y.npy"])])``.
+    """
 
     def __init__(self, cluster, columns):
         super().__init__(cluster)
@@ -271,7 +277,10 @@ class NpySource(DataSource):
 
 class GeneratorSource(DataSource):
     """Rows computed on the workers: row i is ``fn(i, rng)``, ``rng`` a numpy Generator
-    seeded by (seed, i), so the data do not depend on which worker computes a row."""
+    seeded by (seed, i), so the data do not depend on which worker computes a row.
+
+    Example: ``GeneratorSource(cluster, lambda i, rng: rng.random(3), rows=100, seed=0)``.
+    """
 
     def __init__(self, cluster, fn, rows, seed):
         super().__init__(cluster)
@@ -292,6 +301,12 @@ class StreamSource(DataSource):
     row is read once per epoch; the rows of a batch follow Ray Data's scheduling, so
     unlike files they depend on the worker count. A stream cannot hand a lost worker's
     split to another mid-epoch: a failure or resize then ends the epoch with an error.
+
+    Example (what ``ShardedDataset`` does each epoch)::
+
+        token = src.start_epoch(0)
+        while (give := src.next_split(256)) is not None:
+            xb, yb = src.take(give)
     """
 
     streaming = True
@@ -488,7 +503,7 @@ class ShardedDataset:
 
     @property
     def columns(self):
-        """The column names, in the order of each batch's tuple."""
+        """The column names, in the order of each batch's tuple. Example: ``['x', 'y']``."""
         return [n for n, _d, _s in self.source.schema]
 
     def __len__(self):
@@ -496,11 +511,13 @@ class ShardedDataset:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def state_dict(self):
-        """The position in the data: ``{"epoch": e, "step": batches of e already read}``."""
+        """The position in the data: ``{"epoch": e, "step": batches of e already read}``.
+        Example: ``cluster.save_checkpoint(path, model, opt, data=train.state_dict())``."""
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
 
     def load_state_dict(self, state):
-        """Resume at a saved position (the next iteration continues that epoch)."""
+        """Resume at a saved position (the next iteration continues that epoch).
+        Example: ``train.load_state_dict(cluster.load_checkpoint(path)["data"])``."""
         if self.source.streaming and state.get("step", 0):
             raise DataError("a Ray Data stream cannot resume mid-epoch; save between epochs")
         self.epoch, self.step = int(state["epoch"]), int(state.get("step", 0))
@@ -511,7 +528,8 @@ class ShardedDataset:
         return self._index_epoch()
 
     def batch_rows(self, epoch, k):
-        """The global rows of batch ``k`` of ``epoch`` (the same for any worker count)."""
+        """The global rows of batch ``k`` of ``epoch`` (the same for any worker count).
+        Example: ``X[train.batch_rows(0, 0)]`` is the first batch, read in this process."""
         n = self.source.rows
         pos = np.arange(k * self.batch_size, min((k + 1) * self.batch_size, n), dtype=np.int64)
         return Shuffle(n, self.seed, epoch)(pos) if self.shuffle else pos
