@@ -117,8 +117,9 @@ def test_every_row_once_per_epoch_and_the_same_batches_for_any_worker_count(file
                 epochs.append([sorted(b[0][:, 0].astype(int)) for b in batches])
             assert epochs[0] != epochs[1]                      # a new order every epoch
             got[workers] = epochs
-            for xb, _, _ in batches:           # the rows themselves, as stored
-                np.testing.assert_array_equal(xb, X[xb[:, 0].astype(int)]) if kind != "generator" else None
+            if kind != "generator":
+                for xb, _, _ in batches:       # the rows themselves, as stored
+                    np.testing.assert_array_equal(xb, X[xb[:, 0].astype(int)])
     assert got[1] == got[2] == got[3] == got[4]
 
 
@@ -265,18 +266,25 @@ def test_bad_files_fail_before_training_naming_the_file_and_the_worker(tmp_path,
         assert sum(xb.shape[0] for xb, _ in ds) == 203
 
 
-def test_a_file_another_worker_cannot_read_is_named_with_its_rank(files, monkeypatch):
+def test_a_file_another_worker_cannot_read_is_named_with_its_rank(files, monkeypatch, tmp_path):
+    """Worker 1 stands for a node whose copy of the files is missing, then different."""
     paths, X, y = files
     from distgrad.workers import sources as wsources
     real = wsources.NpyTable.__init__
+    np.save(tmp_path / "other.npy", X[:, :4])
+    node_1 = {"x": paths["x"] + ".gone"}
 
-    def worker_1_lacks_it(self, spec, rank):
+    def on_node_1(self, spec, rank):
         if rank == 1:
-            spec = {"columns": [[n, [p + ".gone" for p in ps]] for n, ps in spec["columns"]]}
+            spec = {"columns": [[n, [node_1.get(n, p) for p in ps]] for n, ps in spec["columns"]]}
         real(self, spec, rank)
-    monkeypatch.setattr(wsources.NpyTable, "__init__", worker_1_lacks_it)
+    monkeypatch.setattr(wsources.NpyTable, "__init__", on_node_1)
     with dg.init(workers=2, backend="local") as cluster:
         with pytest.raises(DataError, match=r"^worker 1: column 'x': no such file .*x\.gone"):
+            cluster.shard_dataset(paths, batch_size=8)
+        node_1["x"] = str(tmp_path / "other.npy")
+        with pytest.raises(DataError, match=r"^worker 1 sees the dataset as x: float64 rows of shape "
+                                            r"\(4,\).*but worker 0 as x: float64 rows of shape \(5,\)"):
             cluster.shard_dataset(paths, batch_size=8)
 
 

@@ -95,23 +95,22 @@ class DataSource:
                 err = rep["error"].split(": ", 1)[-1] if rep["error"].startswith("SourceError") \
                     else rep["error"]
                 raise DataError(err if err.startswith("worker ") else f"worker {r}: {err}")
-        seen = [(r, rep["schema"]) for r, rep in zip(ranks, replies)]
+        seen = [(f"worker {r}", rep["schema"]) for r, rep in zip(ranks, replies)]
         if self.schema is not None:        # what the driver knows (a stream's length it does not)
             rows = -1 if self.streaming or self.rows is None else self.rows
-            seen.insert(0, ("the driver's", [[n, d.str, list(s), rows] for n, d, s in self.schema]))
-        ref_rank, ref = seen[0]
-        for r, got in seen[1:]:
+            seen.insert(0, ("the driver", [[n, d.str, list(s), rows] for n, d, s in self.schema]))
+        ref_who, ref = seen[0]
+        for who, got in seen[1:]:
             if got != ref:
-                raise DataError(f"worker {r} sees the dataset as {_describe(got)}, but worker "
-                                f"{ref_rank} as {_describe(ref)}: are the files the same on "
-                                "every node?")
+                raise DataError(f"{who} sees the dataset as {_describe(got)}, but {ref_who} as "
+                                f"{_describe(ref)}: are the files the same on every node?")
         if self.schema is None:
             self.schema = _schema(ref)
             self.rows = ref[0][3] if ref[0][3] >= 0 else None
         self.registered_world = world
 
-    def check(self, columns=None, dtypes=None):
-        """The columns and dtypes the caller expects, checked before any step."""
+    def check(self, dtypes=None):
+        """The dtypes the caller expects ({column: dtype}), checked before any step."""
         names = [n for n, _d, _s in self.schema]
         if dtypes:
             for name, want in dict(dtypes).items():
