@@ -210,7 +210,7 @@ class Cluster:
         is a tuple of ``Shard(0)`` values, one per column.
 
         ``data``: a ``ray.data.Dataset`` (each worker streams its ``streaming_split``;
-        needs ``distgrad[data]``); a ``.parquet`` path (read with Ray Data); a ``.npy``
+        needs Ray Data: the ``data`` extra); a ``.parquet`` path (read with Ray Data); a ``.npy``
         file, a directory of ``.npy`` shards, or a dict / list of them (one per column,
         memory-mapped by the workers: on several nodes, paths every node can read); or
         in-memory arrays / a TensorDataset (sent to the workers once). ``shuffle``: a new

@@ -1,6 +1,6 @@
 """Ray Data on the driver side of a worker-side stream: the dataset's schema, the per-epoch
 ``streaming_split`` handed to the workers, Parquet files. Imported only when a Ray
-dataset or a Parquet path is given (``distgrad[data]`` installs Ray Data).
+dataset or a Parquet path is given (the ``data`` extra installs Ray Data).
 
 Example::
 
@@ -12,7 +12,7 @@ import numpy as np
 from distgrad.utils.data.sources import DataError
 
 INSTALL = ("Ray Data is not installed (it needs pandas and pyarrow): "
-           "pip install 'distgrad[data]' (or pip install 'ray[data]')")
+           "pip install 'ray[data]' (or, in the distgrad checkout, pip install '.[data]')")
 
 
 def _ray_data():

@@ -308,6 +308,13 @@ def test_a_bad_generator_is_named_with_the_row_and_the_worker():
             next(iter(ds))[0].numpy()
 
 
+def test_without_ray_data_a_parquet_path_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray.data", None)       # as if pandas/pyarrow were missing
+    with dg.init(workers=2, backend="local") as cluster:
+        with pytest.raises(ImportError, match=r"Ray Data is not installed .*pip install 'ray\[data\]'"):
+            cluster.shard_dataset(str(tmp_path / "train.parquet"), batch_size=8)
+
+
 # ---------------------------------------------------------------- on Ray workers
 
 @pytest.mark.ray
