@@ -59,6 +59,16 @@ def _host_call(fn, array, *args):
     return _backend.to_device(out, device)
 
 
+def _memory_order(a):
+    """``a`` flattened in the order its elements lie in memory: a view for any contiguous
+    array. Column-major gradients (nn.Linear's weights) flattened in C order would be
+    transposed copies, in and out of every bucket; every rank has the same layouts, so
+    the sums line up either way."""
+    if a.flags.f_contiguous and not a.flags.c_contiguous:
+        return a.T.reshape(-1)
+    return a.reshape(-1)
+
+
 class Bucketer:
     """Collects final leaf gradients and all-reduces them in buckets of ``cap_bytes``."""
 
@@ -99,18 +109,22 @@ class Bucketer:
             # The bucket lives in the shared segment: copy in once, read the shared result.
             comm.reset_buckets()          # the previous bucket finished on every rank
             bucket = comm.bucket((n,), dtype)
-            np.concatenate([a.ravel() for a in arrays], out=bucket.input)
+            np.concatenate([_memory_order(a) for a in arrays], out=bucket.input)
             total = comm.allreduce_bucket(bucket, "sum")
         else:
             xp = _backend.array_module(arrays[0])
-            flat = xp.concatenate([a.astype(dtype, copy=False).ravel() for a in arrays])
+            flat = xp.concatenate([_memory_order(a.astype(dtype, copy=False)) for a in arrays])
             if self.compress:
                 total = _host_call(comm.allreduce, flat.astype(np.float16), "sum").astype(dtype)
             else:
                 total = _host_call(comm.allreduce, flat, "sum")
         offset = 0
         for a in arrays:
-            a[...] = total[offset:offset + a.size].reshape(a.shape)
+            flat_a = _memory_order(a)
+            if flat_a.size and np.shares_memory(flat_a, a):
+                flat_a[...] = total[offset:offset + a.size]
+            else:                         # not contiguous: element by element, in C order
+                a[...] = total[offset:offset + a.size].reshape(a.shape)
             offset += a.size
         self.comm.bytes += n * dtype.itemsize
         if self.on_span is not None:
