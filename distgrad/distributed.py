@@ -30,7 +30,7 @@ from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
 from . import dist_autograd
 from .recording import LazyNode, Recording
-from .tensor import Tensor, Variable, set_lazy_dispatch
+from .tensor import Storage, Tensor, Variable, set_lazy_dispatch
 from .utils.data import sources as data_sources
 
 log = logging.getLogger("distgrad")
@@ -62,13 +62,7 @@ class LazyStorage:
     def assign(self, result):
         self.cluster._record_assign(self, result)
 
-    @property
-    def version(self):
-        return self.counter[0]
-
-    @version.setter
-    def version(self, value):
-        self.counter[0] = value
+    version = Storage.version     # the same counter protocol as a local storage
 
     def bring_home(self, array):
         """Become the storage of a local tensor holding ``array`` (at shutdown)."""
