@@ -71,9 +71,11 @@ class LazyStorage:
         self.__class__ = HomeStorage
 
     def __del__(self):
-        cluster = self.cluster
-        if cluster is not None and not cluster._closed:
-            cluster._release(self.vid)
+        # getattr: a Ctrl-C may land inside __init__, before the slot is set.
+        cluster = getattr(self, "cluster", None)
+        vid = getattr(self, "vid", None)
+        if cluster is not None and vid is not None and not cluster._closed:
+            cluster._release(vid)
 
 
 class HomeStorage(LazyStorage):
