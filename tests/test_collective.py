@@ -611,3 +611,44 @@ def test_shm_zero_copy_buckets(ws):
         assert len(out[r]) == 8 and all(ok for _, ok, _ in out[r]), out[r]
         assert [d for *_, d in out[r]] == [d for *_, d in out[0]]
     assert not _our_segments(name)
+
+
+def test_gradient_buckets_refuse_layouts_that_differ_between_ranks():
+    """A column-major gradient goes into a bucket without a transposed copy; if one rank
+    holds it row-major, the bucket's signature element says so and the sum is refused
+    (never elements of different positions added together)."""
+    import threading
+    from types import SimpleNamespace
+    from distgrad.workers.bucketing import Bucketer, OrderedComm
+    from distgrad.workers.collective.base import CollectiveMismatchError
+    from distgrad.workers.collective.inprocess import InProcessGroup
+
+    def run(layouts):
+        group = InProcessGroup(2, timeout_s=10)
+        out, errors = [None, None], [None, None]
+
+        def rank(r):
+            comm = OrderedComm(group.communicator(r), 10)
+            g = np.arange(6.0).reshape(2, 3) * (r + 1)
+            g = np.asfortranarray(g) if layouts[r] == "F" else np.ascontiguousarray(g)
+            leaf = SimpleNamespace(_grad=SimpleNamespace(_store=SimpleNamespace(array=g)))
+            b = Bucketer(comm, 1 << 20, {id(leaf)})
+            try:
+                b.add(leaf)
+                b.finish()
+                out[r] = g
+            except CollectiveMismatchError as e:
+                errors[r] = e
+            comm.close()
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return out, errors
+    out, errors = run(["F", "F"])
+    assert errors == [None, None]
+    for g in out:
+        np.testing.assert_array_equal(g, np.arange(6.0).reshape(2, 3) * 3)
+    _, errors = run(["F", "C"])
+    assert all(isinstance(e, CollectiveMismatchError) for e in errors)

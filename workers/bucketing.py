@@ -9,6 +9,8 @@ import numpy as np
 
 from distgrad import _backend
 
+from .collective.base import CollectiveMismatchError
+
 
 class OrderedComm:
     """Serialises every collective of one worker on a single thread, in submission order.
@@ -59,14 +61,21 @@ def _host_call(fn, array, *args):
     return _backend.to_device(out, device)
 
 
-def _memory_order(a):
-    """``a`` flattened in the order its elements lie in memory: a view for any contiguous
-    array. Column-major gradients (nn.Linear's weights) flattened in C order would be
-    transposed copies, in and out of every bucket; every rank has the same layouts, so
-    the sums line up either way."""
-    if a.flags.f_contiguous and not a.flags.c_contiguous:
-        return a.T.reshape(-1)
-    return a.reshape(-1)
+def _layouts(arrays, compress):
+    """Which gradients go into the bucket in column-major order (nn.Linear's weights: in C
+    order each would be a transposed copy, in and out of every bucket), and a signature
+    of that choice. The signature travels as the bucket's last element: its sum tells
+    every rank whether all of them chose alike, so a layout that differs on one worker
+    (say after a recovery) fails the step instead of summing mismatched elements."""
+    flips = [a.ndim > 1 and a.flags.f_contiguous and not a.flags.c_contiguous for a in arrays]
+    sig = float(sum((i + 1) ** 2 for i, f in enumerate(flips) if f))
+    if compress or sig > 2 ** 20:     # not exact in the wire format: plain C order
+        return [False] * len(arrays), 0.0
+    return flips, sig
+
+
+def _flat(a, flip):
+    return a.T.reshape(-1) if flip else a.reshape(-1)
 
 
 class Bucketer:
@@ -104,27 +113,35 @@ class Bucketer:
         dtype = np.result_type(*arrays)
         n = sum(a.size for a in arrays)
         comm = self.comm.comm
-        zero_copy = self._zero_copy(comm, arrays, n * dtype.itemsize)
+        flips, sig = _layouts(arrays, self.compress)
+        zero_copy = self._zero_copy(comm, arrays, (n + 1) * dtype.itemsize)
         if zero_copy:
             # The bucket lives in the shared segment: copy in once, read the shared result.
             comm.reset_buckets()          # the previous bucket finished on every rank
-            bucket = comm.bucket((n,), dtype)
-            np.concatenate([_memory_order(a) for a in arrays], out=bucket.input)
+            bucket = comm.bucket((n + 1,), dtype)
+            np.concatenate([_flat(a, f) for a, f in zip(arrays, flips)] + [np.full(1, sig, dtype)],
+                           out=bucket.input)
             total = comm.allreduce_bucket(bucket, "sum")
         else:
             xp = _backend.array_module(arrays[0])
-            flat = xp.concatenate([_memory_order(a.astype(dtype, copy=False)) for a in arrays])
+            flat = xp.concatenate([_flat(a.astype(dtype, copy=False), f) for a, f in zip(arrays, flips)]
+                                  + [xp.full(1, sig, dtype)])
             if self.compress:
                 total = _host_call(comm.allreduce, flat.astype(np.float16), "sum").astype(dtype)
             else:
                 total = _host_call(comm.allreduce, flat, "sum")
+        if float(total[n]) != sig * self.comm.world_size:
+            # Ranks flattened some gradient in different orders: the sums are mixed up.
+            raise CollectiveMismatchError(
+                f"gradient bucket {index}: worker {self.comm.rank} holds its gradients in other "
+                "memory layouts than its peers (the step is rolled back)")
         offset = 0
-        for a in arrays:
-            flat_a = _memory_order(a)
-            if flat_a.size and np.shares_memory(flat_a, a):
-                flat_a[...] = total[offset:offset + a.size]
-            else:                         # not contiguous: element by element, in C order
-                a[...] = total[offset:offset + a.size].reshape(a.shape)
+        for a, f in zip(arrays, flips):
+            part = total[offset:offset + a.size]
+            if f:                         # column-major: written back through its transpose
+                a.T[...] = part.reshape(a.T.shape)
+            else:
+                a[...] = part.reshape(a.shape)
             offset += a.size
         self.comm.bytes += n * dtype.itemsize
         if self.on_span is not None:
