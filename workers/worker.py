@@ -8,6 +8,7 @@ usable. Replicated leaves' gradients are all-reduced in buckets during backward.
 import collections
 import contextlib
 import functools
+import sys
 import threading
 import time
 
@@ -476,15 +477,17 @@ class TracedNode(engine.Node):
 
 
 def _can_take(t, v):
-    """May ``t`` take ``v``'s array instead of a copy of it? Only a fresh result that
-    nothing else reads (``v`` dies here, owns its memory, has no views and no graph) of
-    exactly ``t``'s layout, into a ``t`` that no other array views."""
+    """May ``t`` take ``v``'s array instead of a copy of it? Only when nothing else sees
+    either buffer: ``v`` is a fresh result (it dies here, owns its memory, is not viewed,
+    aliased or in a graph) of exactly ``t``'s layout, and no view shares ``t``'s version
+    counter (a view of ``t``'s old buffer would go stale where a local write updates it)."""
     a, b = t._store.array, v._store.array
     return (type(a) is np.ndarray and type(b) is np.ndarray and b.flags.owndata
             and a.shape == b.shape and a.dtype == b.dtype and a.strides == b.strides
             and not v.requires_grad and v._store is not t._store
-            and getattr(t, "_view_of", None) is None and not t.__dict__.get("_views")
-            and not v.__dict__.get("_views"))
+            # reference counts: the slot plus the call's argument (plus the local ``b``)
+            and sys.getrefcount(t._store.counter) == 2 and sys.getrefcount(v._store) == 2
+            and sys.getrefcount(b) == 3)
 
 
 def _run_hook(run, structure, captured, scalars, grad):
