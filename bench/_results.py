@@ -85,3 +85,27 @@ def timings(fn, repeat, warmup=0):
         fn()
         out.append(time.perf_counter() - start)
     return out
+
+
+def paired(fn_a, fn_b, seconds, rounds, block=5, clock=time.perf_counter):
+    """Time ``fn_a`` against ``fn_b`` in alternating blocks of ``block`` calls; return
+    (best seconds per call of a, best of b, median of the per-round ratios a/b).
+
+    The two blocks of one round see the same load on a shared machine, so their ratio is a
+    paired measurement; its median over at least ``rounds`` rounds (and ``seconds`` of
+    wall time) is the figure to report. Both are called twice first (allocations, caches).
+
+    Example: ``best_d, best_t, ratio = paired(d_step, t_step, seconds=5, rounds=10)``.
+    """
+    for fn in (fn_a, fn_b):
+        fn(), fn()
+    deadline = time.perf_counter() + seconds
+    times = {fn_a: [], fn_b: []}
+    while len(times[fn_a]) < rounds or time.perf_counter() < deadline:
+        for fn in (fn_a, fn_b):
+            start = clock()
+            for _ in range(block):
+                fn()
+            times[fn].append((clock() - start) / block)
+    ratios = sorted(a / b for a, b in zip(times[fn_a], times[fn_b]))
+    return min(times[fn_a]), min(times[fn_b]), ratios[len(ratios) // 2]

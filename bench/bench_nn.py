@@ -120,19 +120,9 @@ def measure(name, torch, build, x, y, seconds, rounds):
     each library's blocks is shown in ms for scale).
     """
     t_step, d_step = _step_fns(torch, build, x, y)
-    for fn in (t_step, d_step):
-        fn(), fn()                              # warm-up (allocations, caches)
     clock = time.process_time if ARGS.clock == "cpu" else time.perf_counter
-    deadline = time.perf_counter() + seconds
-    blocks = {d_step: [], t_step: []}
-    while len(blocks[d_step]) < rounds or time.perf_counter() < deadline:
-        for fn in (d_step, t_step):
-            start = clock()
-            for _ in range(5):
-                fn()
-            blocks[fn].append((clock() - start) / 5)
-    ratios = sorted(d / t for d, t in zip(blocks[d_step], blocks[t_step]))
-    return name, min(blocks[d_step]), min(blocks[t_step]), ratios[len(ratios) // 2]
+    best_d, best_t, ratio = _results.paired(d_step, t_step, seconds, rounds, clock=clock)
+    return name, best_d, best_t, ratio
 
 
 def main():

@@ -436,7 +436,7 @@ def test_bench_lists_its_scripts_and_refuses_an_unknown_one():
     assert r.returncode == 2 and "no benchmark matches --only 'nosuch'" in r.stderr
 
 
-@pytest.mark.parametrize("script", ["bench_nn", "allreduce"])
+@pytest.mark.parametrize("script", ["bench_nn", "allreduce", "engine_overhead"])
 def test_bench_without_its_baseline_refuses_in_one_line(script, tmp_path):
     r = subprocess.run([sys.executable, "-m", f"distgrad.bench.{script}", "--quick"], capture_output=True,
                        text=True, timeout=300, env=_hide_torch(tmp_path), cwd=tmp_path)
@@ -445,6 +445,30 @@ def test_bench_without_its_baseline_refuses_in_one_line(script, tmp_path):
     assert "cannot measure the baseline" in r.stderr and "pip install torch==2.13.0" in r.stderr
     assert r.stdout == ""                                                   # no ratio printed
     assert list(tmp_path.iterdir()) == [tmp_path / "hide"]                  # and nothing written
+
+
+def test_engine_overhead_baseline_computes_what_distgrad_computes():
+    # The hand-written NumPy MLP is the floor the engine is measured against: it must give
+    # distgrad's loss gradients (mlp_case asserts it), or the ratio means nothing.
+    from distgrad.bench import engine_overhead
+    d_step, n_step = engine_overhead.mlp_case(np.random.default_rng(1))
+    x = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float64)
+    y = np.array([0, 2, 1])
+    r = np.random.default_rng(3)
+    layers = [(r.standard_normal((4, 5)), r.standard_normal(4)),
+              (r.standard_normal((3, 4)), r.standard_normal(3))]
+    loss, grads = engine_overhead.numpy_mlp_step(x, y, layers)
+    torch = pytest.importorskip("torch")
+    tx = torch.tensor(x)
+    ws = [torch.tensor(w, requires_grad=True) for w, _ in layers]
+    bs = [torch.tensor(b, requires_grad=True) for _, b in layers]
+    h = torch.relu(tx @ ws[0].T + bs[0])
+    tl = torch.nn.functional.cross_entropy(h @ ws[1].T + bs[1], torch.tensor(y))
+    tl.backward()
+    assert np.isclose(loss, tl.item())
+    for (gw, gb), w, b in zip(grads, ws, bs):
+        np.testing.assert_allclose(gw, w.grad.numpy(), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(gb, b.grad.numpy(), rtol=1e-10, atol=1e-14)
 
 
 def test_distgrad_bench_reports_the_scripts_that_could_not_run(tmp_path):
