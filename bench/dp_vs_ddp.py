@@ -5,10 +5,21 @@ the same model, data, global batch and optimizer, measured in one run in alterna
 blocks; the ratio is the median of paired per-block ratios (samples/s of distgrad over
 DDP's). Models: the MLP 784-1024-1024-10 (global batch 512, SGD), a LeNet-size CNN
 (global batch 256, SGD momentum), and a wide MLP with 64 MB of gradients (batch 256).
-The per-phase breakdown of distgrad's step comes from the workers' timeline.
+The per-phase breakdown of distgrad's step comes from the workers' timeline; beside it,
+the gloo all-reduce of the same gradient bytes timed alone in the DDP processes.
+
+``--nodes K`` simulates K machines: a ``ray.cluster_utils.Cluster`` of K nodes on this
+host (workers/K CPUs each), the workers spread over them, so distgrad all-reduces over
+its TCP ring between nodes (shm inside a node that holds several workers); DDP's gloo
+runs over loopback TCP (``GLOO_SOCKET_IFNAME=lo``; gloo has no shared-memory transport
+for CPU tensors). Both transports are checked, not assumed: each worker reports its
+communicator's topology, and the TCP connections between each side's processes are
+counted; a run whose workers did not talk over TCP reports no ratio.
 
     python bench/dp_vs_ddp.py [--workers 2] [--models mlp,cnn,wide] [--quick] [--save]
+    python bench/dp_vs_ddp.py --nodes 2 [--models mlp,cnn,wide] [--quick] [--save]
 """
+import contextlib
 import multiprocessing as mp
 import os
 import socket
@@ -54,7 +65,11 @@ def build(m, name):
 
 # ---------------------------------------------------------------- DDP side
 
-def _ddp_worker(rank, world, port, name, conn):
+BLOCK_TIMEOUT_S = 600        # a block of steps on a loaded machine; past it DDP is hung
+
+
+def _ddp_worker(rank, world, port, name, env, conn):
+    os.environ.update(env)            # before gloo makes its device (GLOO_SOCKET_IFNAME)
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -68,12 +83,23 @@ def _ddp_worker(rank, world, port, name, conn):
     x, y = torch.from_numpy(X[rows]), torch.from_numpy(Y[rows])
     conn.send("ready")
     while True:
-        steps = conn.recv()
-        if steps is None:
+        cmd = conn.recv()
+        if cmd is None:
             break
+        if isinstance(cmd, tuple):    # ("allreduce", reps): the gradient bytes, alone
+            flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+            cap = (25 << 20) // 4     # DDP's default bucket_cap_mb
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(cmd[1]):
+                for lo in range(0, flat.numel(), cap):
+                    dist.all_reduce(flat[lo:lo + cap])
+            dist.barrier()
+            conn.send(((time.perf_counter() - t0) / cmd[1], flat.numel() * 4))
+            continue
         dist.barrier()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(cmd):
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
@@ -85,9 +111,10 @@ def _ddp_worker(rank, world, port, name, conn):
 
 
 class DDPGang:
-    """N DDP processes that run a block of steps on command (and wait in between)."""
+    """N DDP processes that run a block of steps on command (and wait in between).
+    ``env``: variables set in each process before gloo starts."""
 
-    def __init__(self, n, name):
+    def __init__(self, n, name, env=None):
         ctx = mp.get_context("spawn")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -95,27 +122,102 @@ class DDPGang:
         self.conns, self.procs = [], []
         for r in range(n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_ddp_worker, args=(r, n, port, name, child), daemon=True)
+            p = ctx.Process(target=_ddp_worker, args=(r, n, port, name, dict(env or {}), child),
+                            daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
-        for c in self.conns:
-            if not c.poll(120) or c.recv() != "ready":
-                raise RuntimeError("DDP (gloo) did not start: no baseline, no ratio")
+        try:
+            for c in self.conns:
+                if self._recv(c, 120, "start") != "ready":
+                    raise RuntimeError("DDP (gloo) did not start")
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv(self, conn, timeout, what):
+        if not conn.poll(timeout):
+            raise RuntimeError(f"DDP (gloo): no answer to {what} within {timeout} s: no "
+                               "baseline, no ratio")
+        return conn.recv()
+
+    @property
+    def pids(self):
+        return [p.pid for p in self.procs]
 
     def block(self, steps):
         for c in self.conns:
             c.send(steps)
-        return max(c.recv() for c in self.conns)
+        return max(self._recv(c, BLOCK_TIMEOUT_S, f"{steps} steps") for c in self.conns)
+
+    def allreduce(self, reps):
+        """Seconds of one gloo all-reduce of the model's gradient bytes, and those bytes."""
+        for c in self.conns:
+            c.send(("allreduce", reps))
+        got = [self._recv(c, BLOCK_TIMEOUT_S, "all-reduce") for c in self.conns]
+        return max(t for t, _ in got), got[0][1]
 
     def close(self):
         for c in self.conns:
-            c.send(None)
+            with contextlib.suppress(OSError):
+                c.send(None)
         for p in self.procs:
             p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
 
 
 # ---------------------------------------------------------------- distgrad side
+
+class SimulatedNodes:
+    """``k`` Ray nodes of ``cpus`` CPUs each on this host (a ``ray.cluster_utils.Cluster``;
+    the head holds no CPU, so no worker lands on it), with this process connected."""
+
+    def __init__(self, k, cpus):
+        import ray
+        from ray.cluster_utils import Cluster
+        self.cluster = Cluster(initialize_head=True,
+                               head_node_args={"num_cpus": 0, "include_dashboard": False})
+        try:
+            for _ in range(k):
+                self.cluster.add_node(num_cpus=cpus)
+            import distgrad       # the workers import distgrad from where this process does
+            root = os.path.dirname(os.path.dirname(os.path.abspath(distgrad.__file__)))
+            ray.init(address=self.cluster.address, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                         q for q in [root, os.environ.get("PYTHONPATH", "")] if q)}})
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        import ray
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+def _topologies(cluster):
+    """What each worker's communicator really uses ("shm", "tcp", "hierarchical"), asked
+    of the communicator inside the worker (the lambda travels by value)."""
+    import ray
+    refs = [a.__ray_call__.remote(lambda actor: getattr(actor.comm, "topology", None) or type(
+        actor.comm).__name__.replace("Communicator", "").lower()) for a in cluster.gang.actors]
+    return ray.get(refs, timeout=60)
+
+
+def _tcp_links(pids):
+    """Established TCP connections with both ends among the processes ``pids``, and the
+    local addresses they use: what the processes really talk over."""
+    import ray  # noqa: F401  (Ray ships psutil in its thirdparty_files and puts it on the path)
+    import psutil
+    conns = {pid: [c for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.raddr] for pid in pids}
+    owner = {(c.laddr.ip, c.laddr.port): pid for pid, cs in conns.items() for c in cs}
+    ends = [c for pid, cs in conns.items() for c in cs
+            if owner.get((c.raddr.ip, c.raddr.port), pid) != pid]
+    return len(ends) // 2, sorted({c.laddr.ip for c in ends})
+
 
 def _breakdown(cluster, since, steps):
     """Seconds per step on worker 0's timeline after ``since``, by phase."""
@@ -128,63 +230,114 @@ def _breakdown(cluster, since, steps):
     return phases
 
 
+def _load():
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--workers", type=int, default=2, help="workers on each side")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="workers on each side (default: 2, or one per node with --nodes)")
+    ap.add_argument("--nodes", type=int, default=None,
+                    help="simulate this many machines (a ray.cluster_utils.Cluster, TCP "
+                         "between them)")
     ap.add_argument("--models", default="mlp,cnn,wide", help="comma-separated: mlp, cnn, wide")
     ap.add_argument("--rounds", type=int, default=None, help="alternating blocks per model")
     args = ap.parse_args()
+    nodes = args.nodes
+    workers = args.workers or nodes or 2
+    if nodes is not None and (nodes < 2 or workers % nodes):
+        ap.error("--nodes needs at least 2 nodes and a worker count it divides")
     require_baseline("torch", "PyTorch DDP with gloo")
     import distgrad as dg
     import distgrad.nn.functional as F
     rounds = args.rounds or (3 if args.quick else 7)
     steps = 3 if args.quick else 8
-    lines = [f"| model ({args.workers} workers vs {args.workers} DDP processes x 1 thread) | "
-             "distgrad samples/s | DDP samples/s | ratio (median of paired blocks) |",
+    load_start = _load()
+    if nodes:
+        per = workers // nodes
+        # one gloo device on the loopback interface: DDP's all-reduce is TCP through lo
+        ddp_env = {"GLOO_SOCKET_IFNAME": "lo"}
+        who = (f"{nodes} simulated nodes x {per} worker{'s' * (per > 1)}, TCP between nodes, vs "
+               f"{workers} DDP processes x 1 thread, gloo over loopback TCP")
+        expect = "tcp" if per == 1 else "hierarchical"
+        init_kw = {"strategy": "STRICT_SPREAD" if per == 1 else "SPREAD"}
+    else:
+        ddp_env, expect, init_kw = {}, None, {}
+        who = f"{workers} workers vs {workers} DDP processes x 1 thread"
+    lines = [f"| model ({who}) | distgrad samples/s | DDP samples/s | "
+             "ratio (median of paired blocks) |",
              "|---|---|---|---|"]
-    detail = []
-    for name in args.models.split(","):
-        batch = MODELS[name][1]
-        X, Y = data(name, batch)
-        ddp = DDPGang(args.workers, name)
-        try:
-            with dg.init(workers=args.workers, timeout_s=120) as cluster:
-                dg.manual_seed(0)
-                model = cluster.replicate(build(dg, name))
-                opt = dg.optim.SGD(model.parameters(), **MODELS[name][2])
-                record = []
+    detail, transport = [], None
+    with contextlib.ExitStack() as stack:
+        if nodes:
+            stack.callback(SimulatedNodes(nodes, per).close)
+        for name in args.models.split(","):
+            batch = MODELS[name][1]
+            X, Y = data(name, batch)
+            ddp = DDPGang(workers, name, ddp_env)
+            try:
+                with dg.init(workers=workers, timeout_s=120, **init_kw) as cluster:
+                    topo = _topologies(cluster)
+                    where = len(set(cluster.gang.nodes))
+                    if expect and (set(topo) != {expect} or where != nodes):
+                        raise SystemExit(
+                            f"dp_vs_ddp: the workers use {topo} on {where} Ray node(s), not "
+                            f"'{expect}' on {nodes}: this is not the TCP setup asked for, no ratio")
+                    dg.manual_seed(0)
+                    model = cluster.replicate(build(dg, name))
+                    opt = dg.optim.SGD(model.parameters(), **MODELS[name][2])
+                    record = []
 
-                def block(n):
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        r0 = time.perf_counter()
-                        loss = F.cross_entropy(model(cluster.shard(X)), cluster.shard(Y))
-                        opt.zero_grad()
-                        loss.backward()
-                        opt.step()
-                        record.append(time.perf_counter() - r0)
-                        loss.item()
-                    return time.perf_counter() - t0
-                block(2)
-                ddp.block(2)                                   # warm-up
-                ours, theirs, since = [], [], None
-                for _ in range(rounds):
-                    since = time.time()
-                    ours.append(block(steps))
-                    theirs.append(ddp.block(steps))
-                phases = _breakdown(cluster, since, steps)
-        finally:
-            ddp.close()
-        ratios = [t / o for o, t in zip(ours, theirs)]
-        sps = batch * steps / statistics.median(ours)
-        ddp_sps = batch * steps / statistics.median(theirs)
-        lines.append(f"| {name} (batch {batch}) | {sps:.0f} | {ddp_sps:.0f} | "
-                     f"{statistics.median(ratios):.2f}x |")
-        step_s = statistics.median(ours) / steps
-        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
-        detail.append(f"- {name}: step {step_s * 1e3:.1f} ms; worker 0 per step (ms): {parts}; "
-                      f"driver recording {statistics.median(record) * 1e3:.2f} ms")
-    publish("dp_vs_ddp", "\n".join(lines + ["", "Breakdown (distgrad):"] + detail), args.save)
+                    def block(n):
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            r0 = time.perf_counter()
+                            loss = F.cross_entropy(model(cluster.shard(X)), cluster.shard(Y))
+                            opt.zero_grad()
+                            loss.backward()
+                            opt.step()
+                            record.append(time.perf_counter() - r0)
+                            loss.item()
+                        return time.perf_counter() - t0
+                    block(2)
+                    ddp.block(2)                                   # warm-up
+                    ours, theirs, since = [], [], None
+                    for _ in range(rounds):
+                        since = time.time()
+                        ours.append(block(steps))
+                        theirs.append(ddp.block(steps))
+                    phases = _breakdown(cluster, since, steps)
+                    links = _tcp_links([cluster.gang.pid(r) for r in range(workers)])
+                gloo_s, grad_bytes = ddp.allreduce(3 if args.quick else 5)
+                ddp_links = _tcp_links(ddp.pids)
+            finally:
+                ddp.close()
+            if nodes and (links[0] == 0 or ddp_links[0] == 0):
+                raise SystemExit(f"dp_vs_ddp: no TCP connection seen between the distgrad workers "
+                                 f"({links[0]}) or the DDP processes ({ddp_links[0]}): no ratio")
+            transport = (f"distgrad: {'/'.join(sorted(set(topo)))} collective on {where} Ray "
+                         f"node(s), {links[0]} TCP connections between the workers "
+                         f"({', '.join(links[1]) or 'none'}); DDP: gloo, {ddp_links[0]} TCP "
+                         f"connections between its processes ({', '.join(ddp_links[1]) or 'none'})"
+                         + (", GLOO_SOCKET_IFNAME=lo" if ddp_env else ""))
+            ratios = [t / o for o, t in zip(ours, theirs)]
+            sps = batch * steps / statistics.median(ours)
+            ddp_sps = batch * steps / statistics.median(theirs)
+            lines.append(f"| {name} (batch {batch}) | {sps:.0f} | {ddp_sps:.0f} | "
+                         f"{statistics.median(ratios):.2f}x |")
+            step_s = statistics.median(ours) / steps
+            parts = ", ".join(f"{k} {v * 1e3:.1f}"
+                              for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
+            detail.append(f"- {name}: step {step_s * 1e3:.1f} ms; worker 0 per step (ms): {parts}; "
+                          f"driver recording {statistics.median(record) * 1e3:.2f} ms; gloo "
+                          f"all-reduce of the same {grad_bytes / 2**20:.1f} MB alone (DDP's 25 MB "
+                          f"buckets, no compute beside it) {gloo_s * 1e3:.1f} ms")
+    text = lines + ["", "Breakdown (distgrad):"] + detail + [
+        "", f"Transport (last model): {transport}.",
+        f"Load average at the start: {load_start}; at the end: {_load()} "
+        f"({os.cpu_count()} CPUs)."]
+    publish(f"dp_vs_ddp_{nodes}nodes" if nodes else "dp_vs_ddp", "\n".join(text), args.save)
 
 
 if __name__ == "__main__":
