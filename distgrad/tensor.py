@@ -15,7 +15,7 @@ import numpy as np
 from . import _backend
 from ._printing import format_tensor, parse_type_name, type_name
 from .autograd import engine
-from .ops import get_op
+from .ops.registry import get_op
 
 DEFAULT_DTYPE = np.dtype(np.float32)
 MaxResult = collections.namedtuple("MaxResult", ["values", "indices"])
@@ -172,7 +172,7 @@ def apply_op(name, *inputs, **attrs):
             cls = Variable
             break
     result = cls._from_array(out, grad_fn=node, requires_grad=node is not None)
-    if name in _VIEW_OPS and getattr(out, "base", None) is not None \
+    if op.view is not None and getattr(out, "base", None) is not None \
             and xp.may_share_memory(out, arrays[0]):
         # A view of its input (numpy/cupy basic indexing, reshape...): share the version
         # counter, and remember how it was taken so an in-place write through it can
@@ -189,34 +189,20 @@ def apply_op(name, *inputs, **attrs):
     return result
 
 
-# Ops whose output may be a view of input 0 (expand's is read-only: never written through).
-_VIEW_OPS = frozenset({"reshape", "transpose", "permute", "squeeze", "unsqueeze", "getitem"})
-# In-place ops whose VJPs never read input 0's values: no snapshot of it is needed.
-_INPLACE_NO_SNAPSHOT = frozenset({"add", "sub", "neg", "exp", "sqrt", "relu", "mask_fill",
-                                  "copy_from", "index_put"})
-
-
 def _rebase(view):
     """After a recorded in-place write through ``view``, give its base the new history.
 
     The base's values already changed (shared memory); its ``grad_fn`` becomes a node
-    that puts the view's gradient back into place: index_put for an indexed view, the
-    inverse reshape/transpose/permute otherwise. Repeats up a chain of views; then every
-    other live view of a changed tensor takes its history from it again.
+    that puts the view's gradient back into place, as the view op's ``view`` fact says
+    (index_put for an indexed view, the inverse reshape/transpose/permute otherwise).
+    Repeats up a chain of views; then every other live view of a changed tensor takes
+    its history from it again.
     """
     changed = [view]
     while getattr(view, "_view_of", None) is not None:
         base, name, attrs = view._view_of
-        if name == "getitem":
-            op, inputs, at = get_op("index_put"), (base, view), {"index": attrs["index"]}
-        elif name == "transpose":
-            op, inputs, at = get_op("transpose"), (view,), attrs
-        elif name == "permute":
-            inverse = tuple(np.argsort([d % view.ndim for d in attrs["dims"]]).tolist())
-            op, inputs, at = get_op("permute"), (view,), {"dims": inverse}
-        else:
-            op, inputs, at = get_op("reshape"), (view,), {"shape": tuple(base.shape)}
-        node = engine.make_node(op, inputs, at, None)   # these VJPs read no values
+        back, inputs, at = get_op(name).view(base, view, attrs)
+        node = engine.make_node(get_op(back), inputs, at, None)   # these VJPs read no values
         if node is None:
             break
         base.grad_fn, base.requires_grad = node, True
@@ -446,10 +432,9 @@ class Tensor:
         self._init_requires_grad(requires_grad)
         store = self._store
         if store.lazy and bool(requires_grad) != bool(store.leaves):
-            # A new leaf on the workers too (the driver's flag alone would not reach them).
+            # A new leaf on the workers too (the driver's flag alone would not reach them),
+            # whose gradients the cluster delivers to self.grad.
             self._store = store.cluster.record_detach(self, bool(requires_grad))
-            if requires_grad:
-                store.cluster._leaf_objects[self._store.vid] = weakref.ref(self)
         return self
 
     def _init_requires_grad(self, flag):
@@ -894,10 +879,14 @@ class Tensor:
             if root.requires_grad and root.is_leaf:
                 raise RuntimeError(f"a view of a leaf Variable that requires grad is being used in "
                                    f"an in-place operation ({name}); wrap it in dg.no_grad()")
-        if self._fast_inplace(name, recording, args, attrs):
+        op = get_op(name)
+        if not op.inplace:
+            raise NotImplementedError(f"op '{name}' has no in-place form: declare inplace= in its "
+                                      f"defop ({op.defined_at[0]})")
+        if self._fast_inplace(op, recording, args, attrs):
             return self
         src = self
-        if (recording and name not in _INPLACE_NO_SNAPSHOT and not self._store.lazy
+        if (recording and op.snapshot and not self._store.lazy
                 and (self.requires_grad or any(isinstance(a, Tensor) and a.requires_grad
                                                for a in args))):
             # The VJP reads the value before the write (mul_, pow_, clamp_...): save a copy
@@ -911,12 +900,11 @@ class Tensor:
             _rebase(self)
         return self
 
-    def _fast_inplace(self, name, recording, args, attrs):
+    def _fast_inplace(self, op, recording, args, attrs):
         """Run the op's own in-place kernel when there is no graph to record and every
         operand is a local array on this device; False means take the general path."""
-        op = get_op(name)
         store = self._store
-        if op.inplace is None or store.lazy:
+        if op.kernel is None or store.lazy:
             return False
         if recording and (self.requires_grad or any(isinstance(a, Tensor) and a.requires_grad
                                                     for a in args)):
@@ -933,7 +921,7 @@ class Tensor:
             others.append(a)
         try:
             # numpy checks casting and broadcasting before it writes anything.
-            op.inplace(_backend.array_module(arr), arr, *others, **attrs)
+            op.kernel(_backend.array_module(arr), arr, *others, **attrs)
         except (TypeError, ValueError):
             return False        # the general path raises the error with a clear message
         store.version += 1
@@ -972,7 +960,7 @@ class Tensor:
     def sqrt_(self): return self._inplace("sqrt")
     def neg_(self): return self._inplace("neg")
     def relu_(self): return self._inplace("relu")
-    # a*self + b*o in one op (ops_nn "axpby"): optimizers' fused update, one dispatch.
+    # a*self + b*o in one op (distgrad/ops/fused.py "axpby"): optimizers' fused update, one dispatch.
     def axpby(self, o, a=1.0, b=1.0): return apply_op("axpby", self, o, a=a, b=b)
     def axpby_(self, o, a=1.0, b=1.0): return self._inplace("axpby", o, a=a, b=b)
     __iadd__ = add_

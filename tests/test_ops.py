@@ -165,6 +165,7 @@ CASES = {
     "sigmoid": [Case(lambda m, a: a.sigmoid(), (2, 3)),
                 Case(lambda m, a: (a * 20).sigmoid(), (6,))],
     "relu": [Case(lambda m, a: a.relu(), D(2, 3)), Case(lambda m, a: m.relu(a), D(7,))],
+    "hardtanh": [Case(lambda m, a: m.nn.functional.hardtanh(a, -0.5, 0.8), D(3, 4))],
     "clamp": [Case(lambda m, a: a.clamp(-0.5, 0.5), D(3, 4)),
               Case(lambda m, a: a.clamp(min=-0.5), D(3, 4)),
               Case(lambda m, a: a.clamp(max=0.5), D(3, 4))],
@@ -319,7 +320,7 @@ CASES["pow"] += [Case(lambda m, a: a.norm(p=3), (2, 3))]
 # ---- TESTED_ELSEWHERE["allreduce"] = "tests/test_collective.py::test_allreduce_gradient"
 TESTED_ELSEWHERE = {}
 
-# Collectives (distgrad/collective_ops.py): outside a worker the world has one rank, so each is
+# Collectives (distgrad/ops/collective.py): outside a worker the world has one rank, so each is
 # the identity and its VJP (its transpose collective) must be too. Multi-rank behaviour is
 # tested in tests/test_collective.py and the distributed tests.
 CASES["allreduce"] = [Case(lambda m, x: x.apply("allreduce") * x, (2, 3),
@@ -338,7 +339,7 @@ CASES["reduce_scatter"] = [Case(lambda m, x: x.apply("reduce_scatter", dim=1, si
                                 (2, 3), torch_fn=lambda m, x: x.sin())]
 
 
-# nn ops (distgrad/ops_nn.py). The *_grad / *_pick ops are what a create_graph backward of
+# nn ops (distgrad/ops/nn.py, linalg.py, fused.py, shape.py). The *_grad / *_pick ops are what a create_graph backward of
 # conv and pooling runs, so their cases differentiate through a first gradient.
 def _grad_of(fn, wrt):
     """d(fn)/d(input ``wrt``) as a differentiable function of the other inputs; the last

@@ -16,7 +16,7 @@ import numpy as np
 
 from distgrad import _backend, program as prog
 from distgrad.autograd import engine
-from distgrad.collective_ops import use_communicator
+from distgrad.ops.collective import use_communicator
 from distgrad.tensor import Tensor, Variable, apply_op
 
 from .bucketing import Bucketer, OrderedComm

@@ -41,6 +41,11 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
     return where(input > 0, input, input * negative_slope)
 
 
+def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
+    """x clamped to [min_val, max_val]; gradient 1 strictly inside. Example: ``F.hardtanh(x)``."""
+    return input.apply("hardtanh", min_val=float(min_val), max_val=float(max_val))
+
+
 def sigmoid(input):
     """1 / (1 + exp(-x)), stable for large |x|. Example: ``F.sigmoid(x)``."""
     return input.sigmoid()

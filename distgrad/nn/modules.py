@@ -37,7 +37,7 @@ class Linear(Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         # Stored column-major (a transposed view of an (in, out) array): x @ weight.T is
         # then a plain GEMM, which OpenBLAS runs ~10% faster than the transposed one, and
-        # the weight gradient comes in the same layout (ops_nn._column_major). Values,
+        # the weight gradient comes in the same layout (distgrad/ops/linalg.py _column_major). Values,
         # shape and indexing are as in PyTorch; only the strides differ.
         self.weight = Parameter(_empty(in_features, out_features, device=device, dtype=dtype).t())
         self.bias = Parameter(_empty(out_features, device=device, dtype=dtype)) if bias else None

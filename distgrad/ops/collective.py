@@ -1,4 +1,5 @@
-"""Collectives as registry ops, with their transposes as VJPs (DESIGN.md section 4).
+"""Collectives as registry ops, with their transposes as VJPs (DESIGN.md section 4),
+and the thread's communicator that runs them.
 
 A worker sets the thread's communicator with ``use_communicator``; outside a worker
 the world has one rank and the collectives are identities, so they can be
@@ -18,7 +19,8 @@ gradient-checked like any other op.
 import threading
 from contextlib import contextmanager
 
-from .ops import defop
+from .. import placement as P
+from .registry import LINEAR_ALL, defop
 
 _ctx = threading.local()
 
@@ -37,12 +39,16 @@ _SOLO = _SoloCommunicator()
 
 
 def current():
-    """The communicator of the worker running on this thread (a 1-rank one elsewhere)."""
+    """The communicator of the worker running on this thread (a 1-rank one elsewhere).
+
+    Example: ``current().rank`` is 0 outside a worker.
+    """
     return getattr(_ctx, "comm", None) or _SOLO
 
 
 @contextmanager
 def use_communicator(comm):
+    """Run the collectives of this thread on ``comm``. Example: ``with use_communicator(c): ...``."""
     prev = getattr(_ctx, "comm", None)
     _ctx.comm = comm
     try:
@@ -86,17 +92,18 @@ def _to_partial(xp, x):
     return x if current().rank == 0 else xp.zeros_like(x)
 
 
-defop("allreduce", _allreduce, lambda g, ans, x: g.apply("allreduce"), placement="allreduce")
+defop("allreduce", _allreduce, lambda g, ans, x: g.apply("allreduce"),
+      placement=P.rule_allreduce, linear_in=LINEAR_ALL)
 defop("allgather", _allgather,
       lambda g, ans, x, dim, sizes: g.apply("reduce_scatter", dim=dim, sizes=sizes),
-      placement="allgather")
+      placement=P.rule_allgather)
 defop("reduce_scatter", _reduce_scatter,
       lambda g, ans, x, dim, sizes: g.apply("allgather", dim=dim, sizes=sizes),
-      placement="reduce_scatter")
-defop("to_partial", _to_partial, lambda g, ans, x: g.apply("to_partial"), placement="to_partial")
+      placement=P.rule_reduce_scatter, linear_in=LINEAR_ALL)
+defop("to_partial", _to_partial, lambda g, ans, x: g.apply("to_partial"), placement=P.rule_to_partial)
 defop("shard_rows", _own_rows,
       lambda g, ans, x, dim, sizes: g.apply("unshard_rows", dim=dim, sizes=sizes),
-      placement="shard_rows")
+      placement=P.rule_shard_rows)
 defop("unshard_rows", _unshard_rows,
       lambda g, ans, x, dim, sizes: g.apply("shard_rows", dim=dim, sizes=sizes),
-      placement="unshard_rows")
+      placement=P.rule_unshard_rows)

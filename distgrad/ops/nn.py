@@ -1,87 +1,21 @@
-"""Neural-network ops, registered in the one op registry (``distgrad.ops.OPS``).
+"""Neural-network ops: convolution, pooling, nll_loss and cross_entropy.
 
-Each op's forward (against ``xp``) sits beside its VJPs, as in ``ops.py``. The VJPs
-are written with registered ops, and each family is closed under differentiation
+Each op's forward (against ``xp``) sits beside its VJPs and its placement rule. The
+VJPs are written with registered ops, and each family is closed under differentiation
 (conv2d / conv2d_input_grad / conv2d_weight_grad are bilinear transposes of one
 another; the pooling ops pair with their scatter/gather twins), so
 ``create_graph=True`` gives second derivatives.
 
 Convolutions use im2col through ``as_strided`` views and one batched matmul; the
 transposed direction (col2im) loops over kernel offsets only, never over pixels.
-Conv and pool ops work independently per sample along dim 0: placement
-``"batch_local"``.
+Conv and pool ops work independently per sample along dim 0: ``rule_batch_local``.
 """
 import numpy as np
 
-from . import _backend
-from .collective_ops import current
-from .ops import _log_softmax, _softmax, defop, shape_of, unbroadcast  # noqa: F401  (unbroadcast: the one broadcast undoer)
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-# ---------------------------------------------------------------- linear
-
-def _linear(xp, x, w, b=None):
-    out = xp.matmul(x, w.T)
-    if b is not None:
-        out += b
-    return out
-
-
-def _flat2(t, n):
-    """``t`` as a matrix with ``n`` columns (no op when it already is one)."""
-    return t if len(t._store.shape) == 2 else t.reshape(-1, n)
-
-
-def _column_major(t):
-    """Whether tensor ``t`` is stored column-major (nn.Linear's weights are: see there)."""
-    store = t._store
-    flags = None if store.lazy else getattr(store.array, "flags", None)
-    return flags is not None and flags.f_contiguous and not flags.c_contiguous
-
-
-def _linear_vjp_w(g, ans, x, w, b=None):
-    from .tensor import apply_op
-    # The gradient in the weight's own layout: the optimizer's in-place updates then run
-    # over two arrays of one layout (mixed layouts make numpy stride across rows).
-    out_features, in_features = w._store.shape
-    return apply_op("linear_weight_grad", _flat2(g, out_features), _flat2(x, in_features),
-                    f_order=_column_major(w))
-
-
-def _linear_vjp_b(g, ans, x, w, b=None):
-    return _flat2(g, w._store.shape[0]).sum(dim=0)
-
-
-# y = x @ w.T + b in one op: the MLP hot path pays one dispatch instead of three.
-defop("linear", _linear,
-      lambda g, ans, x, w, b=None: g @ w,
-      _linear_vjp_w, _linear_vjp_b, placement="linear")
-
-
-def _lwg_vjp_g(gw, ans, g, x):
-    from .tensor import apply_op
-    return apply_op("linear", x, gw, None)           # x @ gw.T
-
-
-def _linear_weight_grad(xp, g, x, f_order=False):
-    if not f_order:
-        return xp.matmul(g.T, x)
-    # (x.T @ g).T written straight into a column-major array that owns its memory (a
-    # transposed view would be copied, C-ordered, when it becomes a leaf's .grad).
-    out = xp.empty((g.shape[1], x.shape[1]), dtype=xp.result_type(g, x), order="F")
-    xp.matmul(x.T, g, out=out.T)
-    return out
-
-
-# g.T @ x for 2-D g (N, out) and x (N, in): the weight gradient of linear, one dispatch
-# (no transpose op). Contracting the batch of two batch-sharded operands gives a Partial sum.
-defop("linear_weight_grad", _linear_weight_grad,
-      lambda gw, ans, g, x, f_order=False: _lwg_vjp_g(gw, ans, g, x),
-      lambda gw, ans, g, x, f_order=False: g @ gw, placement="batch_reduce")
+from .. import placement as P
+from .linalg import rule_batch_reduce
+from .math import log_softmax_forward, softmax_forward
+from .registry import defop
 
 
 # ---------------------------------------------------------------- im2col helpers
@@ -228,46 +162,40 @@ def _conv_attrs(a):
 
 
 def _conv_vjp_x(g, ans, x, w, b=None, **a):
-    from .tensor import apply_op
-    return apply_op("conv2d_input_grad", g, w, in_hw=tuple(x.shape[-2:]), **_conv_attrs(a))
+    return g.apply("conv2d_input_grad", w, in_hw=tuple(x.shape[-2:]), **_conv_attrs(a))
 
 
 def _conv_vjp_w(g, ans, x, w, b=None, **a):
-    from .tensor import apply_op
-    return apply_op("conv2d_weight_grad", x, g, w_shape=tuple(w.shape), **_conv_attrs(a))
+    return x.apply("conv2d_weight_grad", g, w_shape=tuple(w.shape), **_conv_attrs(a))
 
 
 defop("conv2d", _conv2d, _conv_vjp_x, _conv_vjp_w,
       lambda g, ans, x, w, b=None, **a: g.sum(dim=(0, 2, 3)),
-      placement="batch_local")
+      placement=P.rule_batch_local)
 
 
 def _cig_vjp_g(gx, ans, g, w, in_hw=None, **a):
-    from .tensor import apply_op
-    return apply_op("conv2d", gx, w, None, **_conv_attrs(a))
+    return gx.apply("conv2d", w, None, **_conv_attrs(a))
 
 
 def _cig_vjp_w(gx, ans, g, w, in_hw=None, **a):
-    from .tensor import apply_op
-    return apply_op("conv2d_weight_grad", gx, g, w_shape=tuple(w.shape), **_conv_attrs(a))
+    return gx.apply("conv2d_weight_grad", g, w_shape=tuple(w.shape), **_conv_attrs(a))
 
 
-defop("conv2d_input_grad", _conv2d_input_grad, _cig_vjp_g, _cig_vjp_w, placement="batch_local")
+defop("conv2d_input_grad", _conv2d_input_grad, _cig_vjp_g, _cig_vjp_w, placement=P.rule_batch_local)
 
 
 def _cwg_vjp_x(gw, ans, x, g, w_shape=None, **a):
-    from .tensor import apply_op
-    return apply_op("conv2d_input_grad", g, gw, in_hw=tuple(x.shape[-2:]), **_conv_attrs(a))
+    return g.apply("conv2d_input_grad", gw, in_hw=tuple(x.shape[-2:]), **_conv_attrs(a))
 
 
 def _cwg_vjp_g(gw, ans, x, g, w_shape=None, **a):
-    from .tensor import apply_op
-    return apply_op("conv2d", x, gw, None, **_conv_attrs(a))
+    return x.apply("conv2d", gw, None, **_conv_attrs(a))
 
 
 # Output is a weight gradient summed over the batch: per-sample inputs give a Partial sum.
 defop("conv2d_weight_grad", _conv2d_weight_grad, _cwg_vjp_x, _cwg_vjp_g,
-      placement="batch_reduce")
+      placement=rule_batch_reduce)
 
 
 # ---------------------------------------------------------------- max pooling
@@ -337,18 +265,15 @@ def _max_pool2d_pick(xp, h, x, kernel_size, stride, padding=(0, 0), dilation=(1,
 
 
 def _mp_grad(g, ans, x, **a):
-    from .tensor import apply_op
-    return apply_op("max_pool2d_grad", g, x, **a)
+    return g.apply("max_pool2d_grad", x, **a)
 
 
 def _mp_pick(gg, ans, g, x, **a):
-    from .tensor import apply_op
-    return apply_op("max_pool2d_pick", gg, x, **a)
+    return gg.apply("max_pool2d_pick", x, **a)
 
 
 def _pick_vjp(g, ans, h, x, **a):
-    from .tensor import apply_op
-    return apply_op("max_pool2d_grad", g, x, **a)
+    return g.apply("max_pool2d_grad", x, **a)
 
 
 def _no_grad_through_argmax(*args, **a):
@@ -356,11 +281,11 @@ def _no_grad_through_argmax(*args, **a):
     return None
 
 
-defop("max_pool2d", _max_pool2d, _mp_grad, placement="batch_local")
+defop("max_pool2d", _max_pool2d, _mp_grad, placement=P.rule_batch_local)
 defop("max_pool2d_grad", _max_pool2d_grad, _mp_pick, _no_grad_through_argmax,
-      placement="batch_local")
+      placement=P.rule_batch_local)
 defop("max_pool2d_pick", _max_pool2d_pick, _pick_vjp, _no_grad_through_argmax,
-      placement="batch_local")
+      placement=P.rule_batch_local)
 
 
 # ---------------------------------------------------------------- average pooling
@@ -404,17 +329,15 @@ def _avg_pool2d_grad(xp, g, in_hw=None, kernel_size=(1, 1), stride=(1, 1), paddi
 
 
 def _ap_vjp(g, ans, x, **a):
-    from .tensor import apply_op
-    return apply_op("avg_pool2d_grad", g, in_hw=tuple(x.shape[-2:]), **a)
+    return g.apply("avg_pool2d_grad", in_hw=tuple(x.shape[-2:]), **a)
 
 
 def _apg_vjp(gg, ans, g, in_hw=None, **a):
-    from .tensor import apply_op
-    return apply_op("avg_pool2d", gg, **a)
+    return gg.apply("avg_pool2d", **a)
 
 
-defop("avg_pool2d", _avg_pool2d, _ap_vjp, placement="batch_local")
-defop("avg_pool2d_grad", _avg_pool2d_grad, _apg_vjp, placement="batch_local")
+defop("avg_pool2d", _avg_pool2d, _ap_vjp, placement=P.rule_batch_local)
+defop("avg_pool2d_grad", _avg_pool2d_grad, _apg_vjp, placement=P.rule_batch_local)
 
 
 # ---------------------------------------------------------------- nll_loss
@@ -480,14 +403,33 @@ def _nll_loss_grad(xp, g, target, weight=None, shape=None, ignore_index=-100, re
 
 
 def _nll_vjp(g, ans, logp, target, weight=None, **a):
-    from .tensor import apply_op
-    return apply_op("nll_loss_grad", g, target, weight, shape=tuple(logp.shape), **a)
+    return g.apply("nll_loss_grad", target, weight, shape=tuple(logp.shape), **a)
 
 
 def _nll_grad_vjp(gg, ans, g, target, weight=None, shape=None, **a):
-    from .tensor import apply_op
     # nll_loss_grad is linear in g with exactly nll_loss's coefficients.
-    return apply_op("nll_loss", gg, target, weight, **a)
+    return gg.apply("nll_loss", target, weight, **a)
+
+
+def rule_nll_loss(op, placements, shapes, attrs, out_ndim):
+    """Log-probabilities and targets sharded alike along the batch: a 'sum' is Partial."""
+    s = [p for p in placements[:2] if isinstance(p, P.Shard)]
+    if not s:
+        return P.Decision(P.non_shard_out(placements), attrs)
+    if len(s) != 2 or any(p.dim != 0 for p in s):
+        P.fail(op, placements, "log-probabilities and targets must both be sharded on dim 0")
+    reduction = attrs.get("reduction", "mean")
+    if reduction == "mean":
+        # The mean's divisor (targets not ignored) is global data: F.nll_loss divides a
+        # 'sum' by an all-reduced count instead.
+        P.fail(op, placements, "reduction='mean' needs a global divisor; use 'sum'")
+    return P.Decision(P.PARTIAL if reduction == "sum" else s[0], attrs)
+
+
+def rule_like_target(op, placements, shapes, attrs, out_ndim):
+    """A loss gradient is placed like the targets (input 1)."""
+    pt = placements[1]
+    return P.Decision(pt if isinstance(pt, P.Shard) else P.non_shard_out(placements), attrs)
 
 
 def _no_grad_for_targets(*args, **a):
@@ -496,9 +438,9 @@ def _no_grad_for_targets(*args, **a):
 
 
 defop("nll_loss", _nll_loss, _nll_vjp, _no_grad_for_targets, _no_grad_for_targets,
-      placement="nll_loss")
+      placement=rule_nll_loss)
 defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
-      _no_grad_for_targets, placement="like_target")
+      _no_grad_for_targets, placement=rule_like_target)
 
 
 # ---------------------------------------------------------------- cross_entropy
@@ -507,195 +449,38 @@ defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
 # weighted one-hot, times the per-sample coefficient) as one more: two dispatches per
 # classifier step instead of four. F.cross_entropy uses it for class-index targets.
 def _cross_entropy(xp, logits, target, weight=None, ignore_index=-100, reduction="mean"):
-    return _nll_loss(xp, _log_softmax(xp, logits, 1), target, weight, ignore_index, reduction)
+    return _nll_loss(xp, log_softmax_forward(xp, logits, 1), target, weight, ignore_index, reduction)
 
 
 def _cross_entropy_grad(xp, g, logits, target, weight=None, ignore_index=-100, reduction="mean"):
     # coef * (onehot - softmax) per sample, where coef = -g * w / denom (nll_loss's).
     safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction)
-    out = _softmax(xp, logits, 1)
+    out = softmax_forward(xp, logits, 1)
     out *= -(coef if coef.ndim == 0 else xp.expand_dims(coef, 1))
     _add_at_class(xp, out, safe_t, coef)
     return out
 
 
 def _ce_vjp(g, ans, logits, target, weight=None, **a):
-    from .tensor import apply_op
-    return apply_op("cross_entropy_grad", g, logits, target, weight, **a)
+    return g.apply("cross_entropy_grad", logits, target, weight, **a)
 
 
 def _ce_grad_vjp_g(gg, ans, g, logits, target, weight=None, **a):
-    from .tensor import apply_op
-    from .factories import ones_like
     # Linear in g: the cotangent contracted with the gradient for a unit g.
-    unit = apply_op("cross_entropy_grad", ones_like(g), logits, target, weight, **a)
+    unit = g.apply("full_like", value=1).apply("cross_entropy_grad", logits, target, weight, **a)
     per_sample = (gg * unit).sum(dim=1)
     return per_sample.sum() if g.ndim == 0 else per_sample
 
 
 def _ce_grad_vjp_logits(gg, ans, g, logits, target, weight=None, **a):
-    from .tensor import apply_op
     # out = c * (p - onehot) per sample, so d out/d logits = c * (diag(p) - p p^T).
-    picked = apply_op("nll_loss_grad", g, target, weight, shape=tuple(logits.shape), **a)
+    picked = g.apply("nll_loss_grad", target, weight, shape=tuple(logits.shape), **a)
     coef = -picked.sum(dim=1, keepdim=True)
     p = logits.softmax(1)
     return coef * p * (gg - (gg * p).sum(dim=1, keepdim=True))
 
 
 defop("cross_entropy", _cross_entropy, _ce_vjp, _no_grad_for_targets, _no_grad_for_targets,
-      placement="nll_loss")
+      placement=rule_nll_loss)
 defop("cross_entropy_grad", _cross_entropy_grad, _ce_grad_vjp_g, _ce_grad_vjp_logits,
-      _no_grad_for_targets, _no_grad_for_targets, placement="like_target")
-
-
-# ---------------------------------------------------------------- fused optimizer arithmetic
-
-# a*x + b*y in one op: optimizers update parameters and state with it (one dispatch per
-# update instead of three), and the distributed recorder sees an ordinary elementwise op.
-def _axpby(xp, x, y, a=1.0, b=1.0):
-    if np.broadcast_shapes(np.shape(x), np.shape(y)) != np.shape(x):
-        return (a * x + b * y).astype(np.result_type(x, y), copy=False)
-    # Two passes and no temporary when either coefficient is 1 (SGD's two updates).
-    if b == 1.0 or a != 1.0:
-        out = xp.multiply(x, a, dtype=x.dtype)
-        out += y if b == 1.0 else xp.multiply(y, b, dtype=x.dtype)
-    else:
-        out = xp.multiply(y, b, dtype=x.dtype)
-        out += x
-    return out
-
-
-def _axpby_inplace(xp, x, y, a=1.0, b=1.0):
-    if a != 1.0:
-        xp.multiply(x, a, out=x)
-    xp.add(x, y if b == 1.0 else xp.multiply(y, b, dtype=x.dtype), out=x)
-
-
-defop("axpby", _axpby,
-      lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * a, shape_of(x)),
-      lambda g, ans, x, y, a=1.0, b=1.0: unbroadcast(g * b, shape_of(y)),
-      inplace=_axpby_inplace)
-
-
-# ---------------------------------------------------------------- rows picked by index (data loading)
-# ``take_rows(x, index)`` is ``x[index]`` along dim 0 with the index as a tensor INPUT, so
-# a loader's per-step indices travel as program inputs (the cached program is reused).
-# On a worker holding rows ``sizes`` of a dim-0 shard, the index holds global row
-# numbers of rows this worker owns; ``sizes=()`` means the whole of x is at hand.
-
-
-def _row_offset(sizes):
-    return sum(sizes[:current().rank]) if sizes else 0
-
-
-def _local_rows(index, sizes, n):
-    local = index - _row_offset(sizes) if sizes else index
-    if local.size and (int(local.min()) < 0 or int(local.max()) >= n):
-        raise IndexError(f"take_rows: row indices {int(index.min())}..{int(index.max())} are "
-                         f"not all among the {n} rows held here (from row {_row_offset(sizes)})")
-    return local
-
-
-def _take_rows(xp, x, index, sizes=()):
-    return xp.take(x, _local_rows(index, sizes, x.shape[0]), axis=0)
-
-
-def _put_rows(xp, g, index, rows, sizes=()):
-    n = sizes[current().rank] if sizes else rows
-    out = xp.zeros((n,) + tuple(g.shape[1:]), dtype=g.dtype)
-    _backend.add_at(out, _local_rows(index, sizes, n), g)      # repeated rows accumulate
-    return out
-
-
-defop("take_rows", _take_rows,
-      lambda g, ans, x, index, sizes=(): g.apply(
-          "put_rows", index, rows=sum(sizes) if sizes else x.shape[0], sizes=sizes),
-      _no_grad_for_targets, placement="take_rows")
-defop("put_rows", _put_rows,
-      lambda gg, ans, g, index, rows, sizes=(): gg.apply("take_rows", index, sizes=sizes),
-      _no_grad_for_targets, placement="put_rows")
-
-
-# ---------------------------------------------------------------- placement rules
-
-def _register_placement_rules():
-    """Rules for the placement categories only nn ops use, kept beside those ops."""
-    try:
-        from . import placement as P
-    except ImportError:          # a build without the distributed layer
-        return
-
-    def shards(placements):
-        return [p for p in placements if isinstance(p, P.Shard)]
-
-    def rule_linear(op, placements, shapes, attrs, out_ndim):
-        # x @ w.T + b: only the input may be sharded, and not along its feature dim.
-        px = placements[0]
-        if shards(placements[1:]):
-            P._fail(op, placements, "weight and bias must be replicated")
-        if isinstance(px, P.Shard):
-            if px.dim == len(shapes[0]) - 1:
-                P._fail(op, placements, "the input is sharded along its feature dim")
-            return P.Decision(px, attrs)
-        return P.Decision(P._non_shard_out(placements), attrs)
-
-    def rule_batch_reduce(op, placements, shapes, attrs, out_ndim):
-        # Sums over the batch of batch-sharded operands (a conv weight gradient): Partial.
-        s = shards(placements)
-        if not s:
-            return P.Decision(P._non_shard_out(placements), attrs)
-        if len(s) != sum(p is not None for p in placements) or any(
-                p.dim != 0 or p.sizes != s[0].sizes for p in s):
-            P._fail(op, placements, "every operand must be sharded along the batch (dim 0)")
-        return P.Decision(P.PARTIAL, attrs)
-
-    def rule_nll_loss(op, placements, shapes, attrs, out_ndim):
-        s = shards(placements[:2])
-        if not s:
-            return P.Decision(P._non_shard_out(placements), attrs)
-        if len(s) != 2 or any(p.dim != 0 for p in s):
-            P._fail(op, placements, "log-probabilities and targets must both be sharded on dim 0")
-        reduction = attrs.get("reduction", "mean")
-        if reduction == "mean":
-            # The mean's divisor (targets not ignored) is global data: F.nll_loss divides a
-            # 'sum' by an all-reduced count instead.
-            P._fail(op, placements, "reduction='mean' needs a global divisor; use 'sum'")
-        return P.Decision(P.PARTIAL if reduction == "sum" else s[0], attrs)
-
-    def rule_like_target(op, placements, shapes, attrs, out_ndim):
-        pt = placements[1]
-        return P.Decision(pt if isinstance(pt, P.Shard) else P._non_shard_out(placements), attrs)
-
-    def rule_take_rows(op, placements, shapes, attrs, out_ndim):
-        # Each worker picks rows of its own shard (or of its whole copy) with its own part
-        # of a dim-0 sharded index; the result is sharded like the index.
-        px, pi = placements
-        if isinstance(px, P.Shard) and px.dim != 0:
-            P._fail(op, placements, "the rows are sharded along a dim other than 0")
-        if not isinstance(pi, P.Shard):
-            if isinstance(px, P.Shard):
-                P._fail(op, placements, "each worker needs the indices of its own rows: shard "
-                                        "the index like the batch (DataLoader(..., cluster=))")
-            return P.Decision(P._non_shard_out(placements), attrs)
-        if pi.dim != 0:
-            P._fail(op, placements, "the index must be sharded along dim 0")
-        sizes = tuple(px.sizes) if isinstance(px, P.Shard) else ()
-        return P.Decision(P.Shard(0, pi.sizes), dict(attrs, sizes=sizes))
-
-    def rule_put_rows(op, placements, shapes, attrs, out_ndim):
-        # take_rows' transpose: a sharded source gets a sharded gradient; a whole copy on
-        # every worker gets per-worker terms to be summed (Partial).
-        if not shards(placements):
-            return P.Decision(P._non_shard_out(placements), attrs)
-        if any(not isinstance(p, P.Shard) or p.dim != 0 for p in placements):
-            P._fail(op, placements, "gradient and index must both be sharded along dim 0")
-        sizes = tuple(attrs.get("sizes") or ())
-        return P.Decision(P.Shard(0, sizes) if sizes else P.PARTIAL, attrs)
-
-    for name, rule in [("linear", rule_linear), ("batch_reduce", rule_batch_reduce),
-                       ("nll_loss", rule_nll_loss), ("like_target", rule_like_target),
-                       ("take_rows", rule_take_rows), ("put_rows", rule_put_rows)]:
-        P.RULES.setdefault(name, rule)
-
-
-_register_placement_rules()
+      _no_grad_for_targets, _no_grad_for_targets, placement=rule_like_target)
