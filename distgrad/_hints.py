@@ -37,7 +37,7 @@ def warn_once(key, message):
 
 
 def _model_is_float32(cluster):
-    leaves = (ref() for ref in list(cluster._leaf_objects.values()))
+    leaves = (ref() for ref in list(cluster.recorder.leaf_objects.values()))
     return any(t is not None and t.dtype == np.float32 for t in leaves)
 
 

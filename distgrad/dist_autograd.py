@@ -21,8 +21,6 @@ Example::
         W.register_hook(lambda g: g.clamp(-1, 1))          # traced, exact
         gW, = dg.autograd.grad((X @ W).tanh().sum(), [W])   # a Partial value
 """
-import contextlib
-
 import numpy as np
 
 from . import placement as pl
@@ -30,35 +28,17 @@ from .autograd import engine
 from .autograd.function import FunctionCtx
 from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
-from .recording import LazyNode, Recording
-from .tensor import Tensor, Variable, _to_array
+from .recording import LazyNode
+from .tensor import Tensor, Variable, to_array
 
 
 # ---------------------------------------------------------------- tracing
 
-@contextlib.contextmanager
-def tracing(cluster, what):
-    """Record into a fresh sub-program of the current recording (yields it)."""
-    outer = cluster._rec
-    sub = Recording(cluster.world_size, parent=outer)
-    cluster._rec = sub
-    cluster._tracing.append(what)
-    try:
-        with engine.no_grad():
-            yield sub
-    finally:
-        cluster._rec = outer
-        cluster._tracing.pop()
-        for vid in sub.outputs.values():
-            # Values made inside a trace exist only while the sub-program runs.
-            cluster._lost[vid] = f"was computed inside {what}, which runs on the workers"
-
-
 def placeholder(cluster, shape, dtype, placement):
     """A stand-in for a value the sub-program receives when it runs (a gradient)."""
-    store = cluster._new_storage(shape, dtype, placement)
-    slot = cluster._rec.new_slot(store.vid)
-    t = Variable._from_array(None)
+    store = cluster.recorder.new_storage(shape, dtype, placement)
+    slot = cluster.recorder.rec.new_slot(store.vid)
+    t = Variable.from_array(None)
     t._store = store
     return t, slot
 
@@ -83,7 +63,7 @@ def coerce(cluster, value, shape, placement, who):
     if tuple(value.shape) != tuple(shape):
         raise RuntimeError(f"{who} returned a gradient of shape {tuple(value.shape)} for a value "
                            f"of shape {tuple(shape)}")
-    store = value._store if value._store.lazy else cluster._local_replica(value.detach())
+    store = value._store if value._store.lazy else cluster.recorder.local_replica(value.detach())
     have = store.placement
     if isinstance(placement, Shard):
         if not (isinstance(have, Shard) and have.dim == placement.dim and have.sizes == placement.sizes):
@@ -96,20 +76,20 @@ def coerce(cluster, value, shape, placement, who):
         elif not isinstance(have, Partial):
             raise PlacementError(f"{who} returned a {have!r} gradient for a replicated value")
     elif isinstance(have, Partial):
-        store = cluster._allreduce_partial(store)._store
+        store = cluster.recorder.allreduce_partial(store)._store
     elif not isinstance(have, Replicate):
         raise PlacementError(f"{who} returned a {have!r} gradient for a Partial value")
-    return cluster._rec.ref(store.vid)
+    return cluster.recorder.rec.ref(store.vid)
 
 
 def _wrap(store):
-    t = Tensor._from_array(None)
+    t = Tensor.from_array(None)
     t._store = store
     return t
 
 
 def _store_of(cluster, t):
-    return t._store if t._store.lazy else cluster._local_replica(t)
+    return cluster.recorder.store_of(t)
 
 
 # ---------------------------------------------------------------- custom Functions
@@ -122,7 +102,7 @@ def apply_function(cluster, fn_cls, args, kwargs):
     for i, a in enumerate(args):
         if isinstance(a, Tensor) and a._store.lazy and isinstance(a._store.placement, Partial):
             # A Function is not known to be linear: its inputs are whole values.
-            args[i] = cluster._allreduce_partial(a._store, type(a), a.requires_grad, a)
+            args[i] = cluster.recorder.allreduce_partial(a._store, type(a), a.requires_grad, a)
     ctx = FunctionCtx()
     ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
     with engine.no_grad():
@@ -132,7 +112,7 @@ def apply_function(cluster, fn_cls, args, kwargs):
     if not engine.is_grad_enabled() or not any(ctx.needs_input_grad):
         return out
     out_store = _store_of(cluster, out.detach())
-    with tracing(cluster, f"{name}.backward") as sub:
+    with cluster.recorder.tracing(f"{name}.backward") as sub:
         g, g_slot = placeholder(cluster, out_store.shape, out_store.dtype,
                                 pl.cotangent(out_store.placement))
         grads = fn_cls.backward(ctx, g)
@@ -150,11 +130,11 @@ def apply_function(cluster, fn_cls, args, kwargs):
             results.append(coerce(cluster, gi, a.shape, pl.cotangent(p),
                                   f"{name}.backward (input {i})"))
     captured, structure = subprogram(cluster, sub, [g_slot], results)
-    resolved = [cluster._arg(a) if isinstance(a, Tensor) else None for a in args]
+    resolved = [cluster.recorder.arg(a) if isinstance(a, Tensor) else None for a in args]
     arg_slots = [-1 if r is None else r[0][1] for r in resolved]
     leaves = frozenset().union(*(r[3].leaves for r in resolved if r is not None))
-    rec = cluster._rec
-    store = cluster._new_storage(out_store.shape, out_store.dtype, out_store.placement, leaves,
+    rec = cluster.recorder.rec
+    store = cluster.recorder.new_storage(out_store.shape, out_store.dtype, out_store.placement, leaves,
                                  out_store.device)
     out_slot = rec.ref(out_store.vid)
     res_slot = rec.new_slot(store.vid)
@@ -163,7 +143,7 @@ def apply_function(cluster, fn_cls, args, kwargs):
         tuple(engine.next_node_of(a) if isinstance(a, Tensor) else None for a in args))
     node.vid = store.vid
     cls = Variable if any(isinstance(a, Variable) for a in args) else type(out)
-    result = cls._from_array(None, grad_fn=node, requires_grad=True)
+    result = cls.from_array(None, grad_fn=node, requires_grad=True)
     result._store = store
     return result
 
@@ -187,7 +167,7 @@ def _seed_for(cluster, g, store, i, who):
     """The upstream gradient ``g`` of root ``i``, placed as that root's cotangent is seeded:
     sharded like a sharded root, whole on every worker otherwise (a replicated root's seed
     is cut to rank 0 by the worker). A seed that requires grad stays differentiable."""
-    g = g if isinstance(g, Tensor) else Tensor._from_array(_to_array(g))
+    g = g if isinstance(g, Tensor) else Tensor.from_array(to_array(g))
     if tuple(g.shape) != store.shape:
         raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} does not match "
                            f"output {i} of shape {store.shape}")
@@ -198,7 +178,7 @@ def _seed_for(cluster, g, store, i, who):
         g = g if g.requires_grad else g.detach()
     gp = _store_of(cluster, g).placement
     if isinstance(gp, Partial):
-        g = cluster._allreduce_partial(g._store, type(g), g.requires_grad, g)
+        g = cluster.recorder.allreduce_partial(g._store, type(g), g.requires_grad, g)
         gp = REPLICATE
     if isinstance(p, Shard):
         if isinstance(gp, Replicate):
@@ -213,7 +193,7 @@ def _seed_for(cluster, g, store, i, who):
 
 def _roots_and_seeds(cluster, tensors, grad_tensors, who):
     """Slots of the roots, of their seeds (-1: ones) and the roots' placement codes."""
-    rec = cluster._rec
+    rec = cluster.recorder.rec
     roots, seeds, codes = [], [], []
     for i, root in enumerate(tensors):
         if not root.requires_grad:
@@ -246,12 +226,12 @@ def _trace_hooks(cluster, nodes, leaf_placement):
             store = _store_of(cluster, node.variable)
             placement = leaf_placement(store)
         else:
-            store = cluster._live.get(node.vid) or getattr(node, "hold", None)
+            store = cluster.recorder.live.get(node.vid) or getattr(node, "hold", None)
             if store is None:
                 continue
             placement = pl.cotangent(store.placement)
         what = f"a hook on a {store.placement!r} value of shape {store.shape}"
-        with tracing(cluster, what) as sub:
+        with cluster.recorder.tracing(what) as sub:
             g, g_slot = placeholder(cluster, store.shape, store.dtype, placement)
             for fn in node.pre_hooks:
                 res = fn(g)
@@ -259,7 +239,7 @@ def _trace_hooks(cluster, nodes, leaf_placement):
                     g = res
             result = coerce(cluster, g, store.shape, placement, what)
         captured, structure = subprogram(cluster, sub, [g_slot], [result])
-        entries.append([cluster._rec.ref(store.vid), int(is_leaf), captured, structure])
+        entries.append([cluster.recorder.rec.ref(store.vid), int(is_leaf), captured, structure])
     return entries
 
 
@@ -273,17 +253,17 @@ def _edges(roots, seeds):
 
 def _grad_values(cluster, shapes_dtypes, placements, create_graph, roots, leaves, seeds=None):
     """Driver tensors for gradients the workers compute (requiring grad under create_graph)."""
-    rec = cluster._rec
+    rec = cluster.recorder.rec
     out, slots = [], []
     for (shape, dtype), p in zip(shapes_dtypes, placements):
-        store = cluster._new_storage(shape, dtype, p, leaves if create_graph else frozenset())
+        store = cluster.recorder.new_storage(shape, dtype, p, leaves if create_graph else frozenset())
         slots.append(rec.new_slot(store.vid))
         grad_fn = None
         if create_graph:
             # The workers know the real graph; the driver only needs what it reaches.
             grad_fn = engine.node_class("grad", LazyNode)(_edges(roots, seeds))
             grad_fn.vid = store.vid
-        t = Variable._from_array(None, grad_fn=grad_fn, requires_grad=create_graph)
+        t = Variable.from_array(None, grad_fn=grad_fn, requires_grad=create_graph)
         t._store = store
         out.append(t)
     return out, slots
@@ -291,10 +271,10 @@ def _grad_values(cluster, shapes_dtypes, placements, create_graph, roots, leaves
 
 def record_backward(cluster, tensors, grad_tensors, retain_graph, create_graph, inputs=None):
     """``backward()`` of distributed roots: one instruction; leaves get their ``.grad``."""
-    cluster._check_open()
+    cluster.recorder.check_open()
     retain_graph = create_graph if retain_graph is None else retain_graph
     roots, seeds, codes = _roots_and_seeds(cluster, tensors, grad_tensors, "backward")
-    rec = cluster._rec
+    rec = cluster.recorder.rec
     only = None if inputs is None else {id(x) for x in inputs}
     if only is not None and any(not x.is_leaf for x in inputs):
         raise NotImplementedError("backward(inputs=...) with non-leaf inputs is not supported "
@@ -308,7 +288,7 @@ def record_backward(cluster, tensors, grad_tensors, retain_graph, create_graph, 
         hooks = _trace_hooks(cluster, hooked, lambda store: store.placement)
     leaves = []
     for vid in sorted(leaf_vids):
-        ref = cluster._leaf_objects.get(vid)
+        ref = cluster.recorder.leaf_objects.get(vid)
         obj = ref() if ref is not None else None
         if obj is None or (only is not None and id(obj) not in only):
             continue
@@ -316,7 +296,7 @@ def record_backward(cluster, tensors, grad_tensors, retain_graph, create_graph, 
         prev = obj._grad
         if prev is not None and not prev._store.lazy:
             prev = cluster.replicate(prev.detach())
-        new = cluster._new_storage(leaf_store.shape, leaf_store.dtype, leaf_store.placement,
+        new = cluster.recorder.new_storage(leaf_store.shape, leaf_store.dtype, leaf_store.placement,
                                    leaf_store.leaves | leaf_vids if create_graph else frozenset())
         leaves.append([rec.ref(leaf_store.vid), -1 if prev is None else rec.ref(prev._store.vid),
                        rec.new_slot(new.vid), isinstance(leaf_store.placement, Replicate)])
@@ -324,7 +304,7 @@ def record_backward(cluster, tensors, grad_tensors, retain_graph, create_graph, 
         if create_graph:
             grad_fn = engine.node_class("grad", LazyNode)(_edges(tensors, grad_tensors))
             grad_fn.vid = new.vid
-        grad = Variable._from_array(None, grad_fn=grad_fn, requires_grad=bool(create_graph))
+        grad = Variable.from_array(None, grad_fn=grad_fn, requires_grad=bool(create_graph))
         grad._store = new
         cluster.on_rollback(lambda obj=obj, old=obj._grad: setattr(obj, "_grad", old))
         obj._grad = grad
@@ -336,14 +316,14 @@ def record_grad(cluster, outputs, inputs, grad_outputs, retain_graph, create_gra
     """``dg.autograd.grad`` on distributed outputs: the gradients stay on the workers, as
     distributed values (a replicated input's gradient is Partial: no communication until
     it is used)."""
-    cluster._check_open()
+    cluster.recorder.check_open()
     retain_graph = create_graph if retain_graph is None else retain_graph
     for i, x in enumerate(inputs):
         if not x.requires_grad:
             raise RuntimeError(f"grad: input {i} (shape {tuple(x.shape)}) does not require grad")
     roots, seeds, codes = _roots_and_seeds(cluster, outputs, grad_outputs, "grad")
     nodes = _reachable([t.grad_fn or engine.next_node_of(t) for t in outputs])
-    rec = cluster._rec
+    rec = cluster.recorder.rec
     used, stores = [], []
     for i, x in enumerate(inputs):
         node = x.grad_fn if x.grad_fn is not None else engine.next_node_of(x)

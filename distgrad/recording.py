@@ -44,6 +44,7 @@ class Recording:
             self.replayed = {}        # id(local node) -> (node, distributed result)
             self.shard_puts = []      # (input index, store) of sharded inputs
             self.source_reads = []    # (input index, data source, batch rows, stores)
+            self.rollback = []        # driver-side undo, run if this program fails
 
     def new_slot(self, vid=None):
         s = self.nslots

@@ -19,7 +19,7 @@ def replicas(cluster, t):
     """The value of replicated ``t`` as each worker holds it."""
     vid = t._store.vid
     cluster.sync()
-    return [cluster._control([r], {"control": "export", "vids": [vid]})[0][vid][0]
+    return [cluster.executor.control([r], {"control": "export", "vids": [vid]})[0][vid][0]
             for r in range(cluster.world_size)]
 
 
@@ -100,7 +100,7 @@ def test_a_cache_miss_on_one_worker_runs_the_step_once_everywhere(backend):
             _step(cluster, W, [0, 1, 0, 1, 0, 1])
         # Worker 1 forgets its programs while the driver believes it still has them (as
         # after a restart the driver did not see): it answers "not cached".
-        cluster._reset_cache.add(1)
+        cluster.executor.reset_cache.add(1)
         _step(cluster, W, [0, 1, 0, 1, 0, 1])
         assert_replicas(cluster, W, np.full((3, 2), 3.0))
         for _ in range(2):

@@ -33,8 +33,7 @@ from .module import Module
 def active_cluster():
     """The cluster this process is using: the active one, else a new one with ``dg.init()``'s
     defaults (shut down when the process exits). Example: ``cluster = active_cluster()``."""
-    # distributed keeps at most one open cluster per process (dg.init enforces it).
-    cluster = next((c for c in list(distributed._clusters) if not c._closed), None)
+    cluster = distributed.current_cluster()
     if cluster is None:
         cluster = distributed.init()
         atexit.register(cluster.shutdown)

@@ -65,11 +65,11 @@ class DataSource:
 
     def __init__(self, cluster):
         self.cluster = cluster
-        self.sid = next(cluster._vids)             # an id from the values' space: freed like one
+        self.sid = cluster.recorder.new_id()             # an id from the values' space: freed like one
         self.schema = None                         # [(name, dtype, row shape)]
         self.rows = None
         self.registered_world = None
-        cluster._data_sources[self.sid] = self
+        cluster.recorder.data_sources[self.sid] = self
         weakref.finalize(self, _release, weakref.ref(cluster), self.sid)
 
     def payload(self, rank, world):
@@ -140,24 +140,24 @@ class DataSource:
         """Record the read of ``per[r]`` on worker r (and of ``ahead[r]`` ahead); ``rows``
         (the batch, for a re-split after a resize) None where the split cannot change."""
         cluster = self.cluster
-        cluster._check_open()
-        if cluster._tracing:
-            raise RuntimeError(f"{cluster._tracing[-1]} reads a batch of a dataset: read batches "
+        cluster.recorder.check_open()
+        if cluster.recorder.traced:
+            raise RuntimeError(f"{cluster.recorder.traced[-1]} reads a batch of a dataset: read batches "
                                "outside traced functions and hooks")
         if self.schema is None or self.registered_world != cluster.world_size:
             self.register()
         for _name, dtype, _shape in self.schema:      # float64 data, float32 model: warn once
             _hints.check_sharded(cluster, np.empty(0, dtype))
-        rec = cluster._rec
+        rec = cluster.recorder.rec
         idx = rec.add_input([np.ascontiguousarray(p, dtype=np.int64) for p in per])
         ahead_idx = -1 if ahead is None else rec.add_input(
             [np.ascontiguousarray(p, dtype=np.int64) for p in ahead])
         out, slots, stores = [], [], []
         total = int(sum(sizes))
         for _name, dtype, shape in self.schema:
-            store = cluster._new_storage((total,) + shape, dtype, Shard(0, tuple(sizes)))
+            store = cluster.recorder.new_storage((total,) + shape, dtype, Shard(0, tuple(sizes)))
             slots.append(rec.new_slot(store.vid))
-            t = Variable._from_array(None)
+            t = Variable.from_array(None)
             t._store = store
             out.append(t)
             stores.append(store)
@@ -166,8 +166,8 @@ class DataSource:
         if rows is not None:          # re-readable after a failure or resize (see rehydrate)
             group = tuple(st.vid for st in stores)
             for st in stores:
-                cluster._data_reads[st.vid] = (self, rows, group)
-                weakref.finalize(st, cluster._data_reads.pop, st.vid, None)
+                cluster.recorder.data_reads[st.vid] = (self, rows, group)
+                weakref.finalize(st, cluster.recorder.data_reads.pop, st.vid, None)
         return tuple(out)
 
     def rehydrate(self, ranks, resharded):
@@ -180,7 +180,7 @@ class DataSource:
         """Raise if the source cannot follow a change of the world size now."""
 
     def close(self):
-        self.cluster._data_sources.pop(self.sid, None)
+        self.cluster.recorder.data_sources.pop(self.sid, None)
 
 
 def rehydrate(cluster, live, ranks, resharded):
@@ -188,13 +188,13 @@ def rehydrate(cluster, live, ranks, resharded):
     read again the batches still held (their rows are known), split for the world as it
     is now. Returns (RecoveryErrors of sources that cannot resume, vids read again)."""
     broken = []
-    for src in list(cluster._data_sources.values()):
+    for src in list(cluster.recorder.data_sources.values()):
         try:
             src.rehydrate(ranks, resharded)
         except RecoveryError as e:      # a stream cannot resume: the others still can
             broken.append(e)
     reread, world = set(), cluster.world_size
-    groups = {group: (src, rows) for vid, (src, rows, group) in list(cluster._data_reads.items())
+    groups = {group: (src, rows) for vid, (src, rows, group) in list(cluster.recorder.data_reads.items())
               if vid in live}
     for group, (src, rows) in groups.items():
         per, sizes = src.split(rows, world)
@@ -204,15 +204,15 @@ def rehydrate(cluster, live, ranks, resharded):
                 live[vid].placement = Shard(0, tuple(sizes))
                 reread.add(vid)
         for r in (range(world) if resharded else ranks):
-            cluster._control([r], {"control": "source_read", "sid": src.sid, "rows": per[r],
+            cluster.executor.control([r], {"control": "source_read", "sid": src.sid, "rows": per[r],
                                    "vids": vids})
     return broken, reread
 
 
 def _release(cluster_ref, sid):
     cluster = cluster_ref()
-    if cluster is not None and not cluster._closed:
-        cluster._release(sid)          # the workers drop the source with the next program
+    if cluster is not None and not cluster.closed:
+        cluster.recorder.release(sid)          # the workers drop the source with the next program
 
 
 def _describe(schema):
@@ -372,7 +372,7 @@ class StreamSource(DataSource):
             short = [r for r in range(world) if not self.ended[r] and give[r] > self.known[r]]
             if not short:
                 return give
-            if self.cluster._rec.instrs:
+            if self.cluster.recorder.rec.instrs:
                 # Reads recorded but not run yet: run them, so that what the workers say
                 # they hold is what is left for this batch (each reply carries it).
                 self.cluster.sync()
@@ -382,7 +382,7 @@ class StreamSource(DataSource):
                 raise DataError(f"worker(s) {short} got no rows from their split of the dataset "
                                 f"within {self.timeout_s:g} s")
             wait = min(left, max(self.cluster.gang.timeout_s / 2, 0.1))
-            msgs = [self.cluster._encode({"v": prog.PROTOCOL, "control": "source_wait",
+            msgs = [self.cluster.executor.encode({"v": prog.PROTOCOL, "control": "source_wait",
                                           "sid": self.sid, "want": give[r], "timeout_s": wait})
                     for r in short]
             for r, rep in zip(short, self.cluster.gang.run(msgs, ranks=short)):
