@@ -13,6 +13,9 @@ replicated value's gradient is Partial (a term per worker), a Partial value's is
 replicated. Traced results are brought to that placement (``to_partial`` or an
 all-reduce), so they compose with the engine's exact-gradient rule.
 
+Everything is recorded through the cluster's ``recorder`` (``distgrad.lazy``): its
+current recording, its table of values and its ``tracing`` sub-programs.
+
 Example::
 
     with dg.init(workers=2, backend="local") as cluster:

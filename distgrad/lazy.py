@@ -392,8 +392,8 @@ def infer_local(cache, op, placements, shapes, stores, args, attrs):
     """Local output (shape, dtype) of ``op``, by running it on zeros of one worker's shapes
     (memoized in ``cache`` by the op, the local shapes and dtypes and the attrs).
 
-    Example: ``infer_local({}, get_op("sum"), [Shard(0, (3, 2))], [(5, 4)], ...)`` gives
-    ``((4,), float32)`` for the largest shard's rows summed away.
+    Example: ``sum(dim=1)`` of a float32 value of global shape (5, 4) sharded 3 + 2 rows
+    runs on zeros of shape (3, 4) (the largest shard) and gives ``((3,), float32)``.
     """
     rank = 0
     for p in placements:

@@ -17,7 +17,7 @@ INSTALL = ("Ray Data is not installed (it needs pandas and pyarrow): "
 
 def _ray_data():
     try:
-        import ray.data
+        import ray.data     # here: Ray Data is optional (the data extra), needed only now
     except ImportError as e:
         raise ImportError(f"{INSTALL} ({e})") from None
     return ray.data

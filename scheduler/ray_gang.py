@@ -2,7 +2,7 @@
 
 Besides running programs, the gang can replace dead or hung workers, grow and shrink
 (each change re-forms the collective group), and send recovery control messages; what
-to restore is decided by the driver (``distgrad.distributed.Cluster``).
+to restore is decided by the driver (``distgrad.scheduler.recovery``).
 """
 import logging
 import os

@@ -7,8 +7,8 @@ sent again from the driver's sources, batches of worker-side datasets read again
 value that cannot be restored is marked lost and names why when used. ``resize`` is
 the same re-hydration, asked for between steps.
 
-The workers' side of this protocol is ``workers.worker.Worker.control``: the messages
-``rollback``, ``export``, ``import`` and ``source_read``.
+The workers' side of this protocol is ``Worker._control`` in ``workers/worker.py``: the
+messages ``rollback``, ``export``, ``import`` and ``source_read``.
 
 Example::
 
