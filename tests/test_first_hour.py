@@ -290,7 +290,7 @@ def test_an_interrupt_inside_a_finalizer_is_delivered_after_it():
 
 
 def _new_segments(before):
-    from distgrad.workers.collective.shm import list_segments
+    from distgrad.workers.collective.shm_segment import list_segments
     return sorted(set(list_segments()) - before)
 
 
@@ -311,7 +311,7 @@ def _interrupt_run(args, ready, tmp_path, until_gone=60):
     """Start ``args`` in a session of its own (as a terminal would: Ctrl-C goes to the whole
     group), wait for a line starting with ``ready``, send SIGINT, and return
     (returncode, stdout lines, stderr)."""
-    from distgrad.workers.collective.shm import list_segments
+    from distgrad.workers.collective.shm_segment import list_segments
     before = set(list_segments())
     ray_tmp = Path(tempfile.mkdtemp(prefix="dgint-", dir="/tmp"))
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -365,7 +365,7 @@ def test_every_ctrl_c_lands_and_the_last_one_ends_the_program(backend, interrupt
     stop it at once (none swallowed by a finalizer); the last, uncaught, ends the process
     by SIGINT (a shell shows 130) with the workers gone, though it never calls shutdown()."""
     script = SCRIPTS / "interrupted_training.py"
-    from distgrad.workers.collective.shm import list_segments
+    from distgrad.workers.collective.shm_segment import list_segments
     before = set(list_segments())
     ray_tmp = Path(tempfile.mkdtemp(prefix="dgint-", dir="/tmp"))
     p = subprocess.Popen([sys.executable, str(script), backend, str(interrupts)], stdout=subprocess.PIPE,
@@ -527,3 +527,21 @@ def test_distgrad_bench_runs_from_an_installed_wheel(installed):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "== distgrad.bench.bench_nn" in r.stdout and re.search(r"LeNet .* [\d.]+x", r.stdout)
     assert list(cwd.iterdir()) == []                         # nothing written without --save
+
+
+def test_every_package_folder_is_in_the_wheel():
+    # `pip install .` ships only the packages pyproject.toml lists: a new package folder
+    # missing there works in an editable checkout and breaks every installed copy.
+    import tomllib
+    root = Path(__file__).resolve().parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    folders = {pkg: root / path for pkg, path in setup["package-dir"].items()}
+    found = set()
+    for pkg, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            if not any(part.startswith((".", "_")) or part == "results" for part in rel):
+                found.add(".".join((pkg, *rel)))
+    missing = sorted(found - listed)
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
