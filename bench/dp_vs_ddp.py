@@ -68,7 +68,7 @@ def build(m, name):
 BLOCK_TIMEOUT_S = 600        # a block of steps on a loaded machine; past it DDP is hung
 
 
-def _ddp_worker(rank, world, port, name, env, conn):
+def _ddp_worker(rank, world, port, name, env, bucket_cap_mb, conn):
     os.environ.update(env)            # before gloo makes its device (GLOO_SOCKET_IFNAME)
     import torch
     import torch.distributed as dist
@@ -76,7 +76,8 @@ def _ddp_worker(rank, world, port, name, env, conn):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(build(torch, name))
+    model = torch.nn.parallel.DistributedDataParallel(
+        build(torch, name), **({"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}))
     opt = torch.optim.SGD(model.parameters(), **MODELS[name][2])
     X, Y = data(name, MODELS[name][1])
     rows = np.array_split(np.arange(len(X)), world)[rank]
@@ -88,7 +89,7 @@ def _ddp_worker(rank, world, port, name, env, conn):
             break
         if isinstance(cmd, tuple):    # ("allreduce", reps): the gradient bytes, alone
             flat = torch.zeros(sum(p.numel() for p in model.parameters()))
-            cap = (25 << 20) // 4     # DDP's default bucket_cap_mb
+            cap = int((bucket_cap_mb or 25) * 2**20) // 4     # DDP's bucket_cap_mb
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(cmd[1]):
@@ -114,7 +115,7 @@ class DDPGang:
     """N DDP processes that run a block of steps on command (and wait in between).
     ``env``: variables set in each process before gloo starts."""
 
-    def __init__(self, n, name, env=None):
+    def __init__(self, n, name, env=None, bucket_cap_mb=None):
         ctx = mp.get_context("spawn")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -122,8 +123,8 @@ class DDPGang:
         self.conns, self.procs = [], []
         for r in range(n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_ddp_worker, args=(r, n, port, name, dict(env or {}), child),
-                            daemon=True)
+            p = ctx.Process(target=_ddp_worker, daemon=True,
+                            args=(r, n, port, name, dict(env or {}), bucket_cap_mb, child))
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -219,15 +220,21 @@ def _tcp_links(pids):
     return len(ends) // 2, sorted({c.laddr.ip for c in ends})
 
 
-def _breakdown(cluster, since, steps):
-    """Seconds per step on worker 0's timeline after ``since``, by phase."""
-    phases = {}
+def _breakdown(cluster, since, starts):
+    """Worker 0's timeline after ``since``: seconds per step by phase, all-reduce buckets
+    per step, and the median lag from the driver starting a step (``starts``, wall clock)
+    to the worker decoding its program (recording, the Ray call, the input shards' trip)."""
+    phases, buckets, lags = {}, 0, []
+    steps = len(starts)
     for name, start, end, _thread in cluster.gang.spans()[0]:
         if start < since:
             continue
         key = "all-reduce (comm thread)" if name.startswith("allreduce") else name
+        buckets += key != name
         phases[key] = phases.get(key, 0.0) + (end - start) / steps
-    return phases
+        if name == "decode":
+            lags += [start - s for s in starts[-1::-1] if s <= start][:1]
+    return phases, buckets / steps, statistics.median(lags) if lags else float("nan")
 
 
 def _load():
@@ -243,6 +250,9 @@ def main():
                          "between them)")
     ap.add_argument("--models", default="mlp,cnn,wide", help="comma-separated: mlp, cnn, wide")
     ap.add_argument("--rounds", type=int, default=None, help="alternating blocks per model")
+    ap.add_argument("--bucket-cap-mb", type=float, default=None,
+                    help="gradient bucket size on both sides (default: each side's own: 25 MB, "
+                         "and DDP's 1 MB first bucket)")
     args = ap.parse_args()
     nodes = args.nodes
     workers = args.workers or nodes or 2
@@ -265,6 +275,9 @@ def main():
     else:
         ddp_env, expect, init_kw = {}, None, {}
         who = f"{workers} workers vs {workers} DDP processes x 1 thread"
+    if args.bucket_cap_mb:
+        init_kw["bucket_cap_mb"] = args.bucket_cap_mb
+        who += f", {args.bucket_cap_mb:g} MB buckets on both sides"
     lines = [f"| model ({who}) | distgrad samples/s | DDP samples/s | "
              "ratio (median of paired blocks) |",
              "|---|---|---|---|"]
@@ -275,7 +288,7 @@ def main():
         for name in args.models.split(","):
             batch = MODELS[name][1]
             X, Y = data(name, batch)
-            ddp = DDPGang(workers, name, ddp_env)
+            ddp = DDPGang(workers, name, ddp_env, args.bucket_cap_mb)
             try:
                 with dg.init(workers=workers, timeout_s=120, **init_kw) as cluster:
                     topo = _topologies(cluster)
@@ -287,11 +300,12 @@ def main():
                     dg.manual_seed(0)
                     model = cluster.replicate(build(dg, name))
                     opt = dg.optim.SGD(model.parameters(), **MODELS[name][2])
-                    record = []
+                    record, starts = [], []
 
                     def block(n):
                         t0 = time.perf_counter()
                         for _ in range(n):
+                            starts.append(time.time())
                             r0 = time.perf_counter()
                             loss = F.cross_entropy(model(cluster.shard(X)), cluster.shard(Y))
                             opt.zero_grad()
@@ -305,9 +319,10 @@ def main():
                     ours, theirs, since = [], [], None
                     for _ in range(rounds):
                         since = time.time()
+                        del starts[:]
                         ours.append(block(steps))
                         theirs.append(ddp.block(steps))
-                    phases = _breakdown(cluster, since, steps)
+                    phases, buckets, lag = _breakdown(cluster, since, starts)
                     links = _tcp_links([cluster.gang.pid(r) for r in range(workers)])
                 gloo_s, grad_bytes = ddp.allreduce(3 if args.quick else 5)
                 ddp_links = _tcp_links(ddp.pids)
@@ -330,14 +345,18 @@ def main():
             parts = ", ".join(f"{k} {v * 1e3:.1f}"
                               for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
             detail.append(f"- {name}: step {step_s * 1e3:.1f} ms; worker 0 per step (ms): {parts}; "
-                          f"driver recording {statistics.median(record) * 1e3:.2f} ms; gloo "
-                          f"all-reduce of the same {grad_bytes / 2**20:.1f} MB alone (DDP's 25 MB "
+                          f"{buckets:g} all-reduce bucket(s) per step; driver recording "
+                          f"{statistics.median(record) * 1e3:.2f} ms; driver step start to worker "
+                          f"0 decode {lag * 1e3:.1f} ms; gloo all-reduce of the same "
+                          f"{grad_bytes / 2**20:.1f} MB alone ({args.bucket_cap_mb or 25:g} MB "
                           f"buckets, no compute beside it) {gloo_s * 1e3:.1f} ms")
     text = lines + ["", "Breakdown (distgrad):"] + detail + [
         "", f"Transport (last model): {transport}.",
         f"Load average at the start: {load_start}; at the end: {_load()} "
         f"({os.cpu_count()} CPUs)."]
-    publish(f"dp_vs_ddp_{nodes}nodes" if nodes else "dp_vs_ddp", "\n".join(text), args.save)
+    name = "dp_vs_ddp" + (f"_{nodes}nodes" if nodes else "") + (
+        f"_bucket{args.bucket_cap_mb:g}mb" if args.bucket_cap_mb else "")
+    publish(name, "\n".join(text), args.save)
 
 
 if __name__ == "__main__":
