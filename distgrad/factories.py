@@ -5,8 +5,8 @@ import warnings
 import numpy as np
 
 from . import _backend, random
-from .autograd import engine
-from .tensor import DEFAULT_DTYPE, Tensor, _dims, _to_array, apply_op, legacy_new
+from . import engine
+from .tensor import DEFAULT_DTYPE, Tensor, apply_op, check_dtype, legacy_new, shape_args, to_array
 
 
 def _make(array, dtype, device, requires_grad):
@@ -14,7 +14,7 @@ def _make(array, dtype, device, requires_grad):
         array = array.astype(np.dtype(dtype), copy=False)
     if device is not None and _backend.normalize_device(device) != "cpu":
         array = _backend.to_device(array, device)
-    t = Tensor._from_array(array)
+    t = Tensor.from_array(array)
     if requires_grad:
         t._init_requires_grad(True)
     return t
@@ -22,7 +22,7 @@ def _make(array, dtype, device, requires_grad):
 
 def _factory(np_fn, doc):
     def make(*size, dtype=None, device=None, requires_grad=False):
-        return _make(np_fn(_dims(size), dtype or DEFAULT_DTYPE), dtype, device, requires_grad)
+        return _make(np_fn(shape_args(size), dtype or DEFAULT_DTYPE), dtype, device, requires_grad)
     make.__doc__ = doc
     return make
 
@@ -40,19 +40,19 @@ def full(size, fill_value, dtype=None, device=None, requires_grad=False):
 
 def randn(*size, dtype=None, device=None, requires_grad=False):
     """Standard normal samples. Example: ``dg.randn(3, 4)``."""
-    return _make(random.normal(_dims(size))._store.array, dtype, device, requires_grad)
+    return _make(random.normal(shape_args(size)), dtype, device, requires_grad)
 
 
 def rand(*size, dtype=None, device=None, requires_grad=False):
     """Uniform samples in [0, 1). Example: ``dg.rand(3)``."""
-    return _make(random.uniform(_dims(size))._store.array, dtype, device, requires_grad)
+    return _make(random.uniform(shape_args(size)), dtype, device, requires_grad)
 
 
 def randint(low, high=None, size=(), dtype=None, device=None, generator=None):
     """Random integers in [low, high). Example: ``dg.randint(0, 10, (5,))``."""
     if high is None:
         low, high = 0, low
-    return _make(random.integers(low, high, size, generator=generator)._store.array, dtype,
+    return _make(random.integers(low, high, size, generator=generator), dtype,
                  device, False)
 
 
@@ -87,10 +87,10 @@ def tensor(data, dtype=None, device=None, requires_grad=False):
 
     Python floats give float32; Python ints int64; numpy arrays keep their dtype.
     """
-    arr = _to_array(data, dtype, device)
+    arr = to_array(data, dtype, device)
     if isinstance(data, (Tensor, np.ndarray)) or _backend.is_cupy_array(data):
         arr = arr.copy()
-    t = Tensor._from_array(arr)
+    t = Tensor.from_array(arr)
     if requires_grad:
         t._init_requires_grad(True)
     return t
@@ -100,9 +100,8 @@ def from_numpy(a):
     """A tensor sharing memory with a numpy array. Example: ``dg.from_numpy(np.ones(3))``."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"from_numpy expects a numpy.ndarray, got {type(a).__name__}")
-    from .tensor import _check_dtype
-    _check_dtype(a.dtype)
-    return Tensor._from_array(a)
+    check_dtype(a.dtype)
+    return Tensor.from_array(a)
 
 
 class TensorType:

@@ -1,7 +1,8 @@
 """The global random generator behind ``dg.randn`` / ``dg.rand`` / ``dg.manual_seed``.
 
 Values are drawn on the CPU with numpy's PCG64 and moved to the device, so a seed
-gives the same numbers on every device and every worker.
+gives the same numbers on every device and every worker. The draws are numpy arrays:
+this module sits below the tensor layer (``dg.randn`` and ``Tensor.normal_`` wrap them).
 """
 import threading
 
@@ -61,20 +62,20 @@ def _draw(fn, generator=None):
 
 
 def normal(shape, mean=0.0, std=1.0, dtype=np.float32):
-    from .tensor import Tensor
-    return Tensor._from_array(_draw(lambda g: g.normal(mean, std, size=tuple(shape))).astype(dtype))
+    """Normal samples from the global generator. Example: ``normal((2, 3))`` (an array)."""
+    return _draw(lambda g: g.normal(mean, std, size=tuple(shape))).astype(dtype)
 
 
 def uniform(shape, low=0.0, high=1.0, dtype=np.float32):
-    from .tensor import Tensor
-    return Tensor._from_array(_draw(lambda g: g.uniform(low, high, size=tuple(shape))).astype(dtype))
+    """Uniform samples in [low, high). Example: ``uniform((4,), 0.0, 1.0)`` (an array)."""
+    return _draw(lambda g: g.uniform(low, high, size=tuple(shape))).astype(dtype)
 
 
 def integers(low, high, shape, dtype=np.int64, generator=None):
-    from .tensor import Tensor
-    return Tensor._from_array(_draw(lambda g: g.integers(low, high, size=tuple(shape)),
-                                    generator).astype(dtype))
+    """Integers in [low, high). Example: ``integers(0, 10, (5,))`` (an array)."""
+    return _draw(lambda g: g.integers(low, high, size=tuple(shape)), generator).astype(dtype)
 
 
 def permutation(n, generator=None):
+    """A permutation of 0..n-1. Example: ``permutation(5, g)`` (an array)."""
     return _draw(lambda g: g.permutation(n), generator)

@@ -247,9 +247,9 @@ def _make_hook(map_location, src):
             array = _backend.to_device(array, map_location)
         if kind == "parameter":
             from .nn.module import Parameter
-            return Parameter(Tensor._from_array(array), requires_grad=bool(requires_grad))
+            return Parameter(Tensor.from_array(array), requires_grad=bool(requires_grad))
         cls = Variable if kind == "variable" else Tensor
-        t = cls._from_array(array)
+        t = cls.from_array(array)
         if requires_grad:
             t._init_requires_grad(True)
         return t

@@ -4,18 +4,24 @@ Every operation goes through ``apply_op``, which runs the op's registry forward 
 when a gradient is needed, records a node. ``Variable`` is a ``Tensor`` that prints
 as ``Variable containing:``, as in the classic tutorial; ``.data`` is a plain
 ``Tensor`` sharing the same storage and version counter.
+
+What lives elsewhere: values and version counters in ``storage``, the view and
+in-place bookkeeping in ``views``, graph nodes in ``engine``, what each op is in
+``ops``. Two layers above this one install themselves here at their import:
+``distgrad.autograd`` (``set_backward``: what ``Tensor.backward`` runs) and the
+distributed layer (``set_lazy_dispatch``: the recorder for ops on distributed values).
 """
 import collections
 import numbers
 import warnings
-import weakref
 
 import numpy as np
 
-from . import _backend
+from . import _backend, engine, random, views
 from ._printing import format_tensor, parse_type_name, type_name
-from .autograd import engine
 from .ops.registry import get_op
+from .placement import Shard
+from .storage import StaleStorage, Storage  # noqa: F401  (Storage: the distributed layer reuses its protocol)
 
 DEFAULT_DTYPE = np.dtype(np.float32)
 MaxResult = collections.namedtuple("MaxResult", ["values", "indices"])
@@ -24,75 +30,36 @@ lazy_dispatch = None
 
 
 def set_lazy_dispatch(fn):
-    """Install the recorder for ops on distributed values (``distgrad.distributed``)."""
+    """Install the recorder for ops on distributed values (``distgrad.distributed``).
+
+    Example: ``set_lazy_dispatch(recorder.record_op)`` once, when that layer is imported.
+    """
     global lazy_dispatch
     lazy_dispatch = fn
 
 
-class Storage:
-    """An array and a version counter bumped by every in-place write."""
-
-    __slots__ = ("array", "counter", "__weakref__")
-
-    def __init__(self, array, counter=None):
-        self.array = array
-        # A one-item list, shared by the storages of views of the same memory: an in-place
-        # write through any of them invalidates what the others saved.
-        self.counter = [0] if counter is None else counter
-
-    @property
-    def version(self):
-        return self.counter[0]
-
-    @version.setter
-    def version(self, value):
-        self.counter[0] = value
-
-    @property
-    def shape(self):
-        return self.array.shape
-
-    @property
-    def dtype(self):
-        return self.array.dtype
-
-    lazy = False
+# Set by distgrad.autograd (a layer above) at its import: ``Tensor.backward`` calls it.
+_backward = None
 
 
-class _StaleStorage:
-    """Stands in for a saved tensor modified in place: metadata works, data raises."""
+def set_backward(fn):
+    """Install ``autograd.backward`` as what ``Tensor.backward`` runs.
 
-    __slots__ = ("shape", "dtype", "error")
-    lazy = False
-    version = -1
-
-    def __init__(self, store, error):
-        self.shape, self.dtype, self.error = store.shape, store.dtype, error
-
-    @property
-    def array(self):
-        raise self.error
-
-
-def SavedTensor(tensor, version, node):
-    """A node's saved input, or a stand-in that raises if it was modified in place."""
-    if tensor._store.version == version:
-        return tensor
-    try:
-        engine.check_version(tensor, version, node)
-    except RuntimeError as err:
-        stale = Tensor._from_array(None, grad_fn=tensor.grad_fn, requires_grad=tensor.requires_grad)
-        stale._store = _StaleStorage(tensor._store, err)
-        stale._accum_ref = tensor._accum_ref
-        return stale
+    Example: ``set_backward(backward)`` at the end of ``distgrad/autograd/__init__.py``.
+    """
+    global _backward
+    _backward = fn
 
 
 def _is_tensor(x):
     return isinstance(x, Tensor)
 
 
-def _to_array(data, dtype=None, device=None):
-    """Convert user data (lists, numbers, arrays, tensors) to an array on ``device``."""
+def to_array(data, dtype=None, device=None):
+    """Convert user data (lists, numbers, arrays, tensors) to an array on ``device``.
+
+    Example: ``to_array([1.0, 2.0]).dtype == np.float32`` (Python floats become float32).
+    """
     if isinstance(data, Tensor):
         arr = data._store.array
         if dtype is not None:
@@ -106,13 +73,14 @@ def _to_array(data, dtype=None, device=None):
                 arr = arr.astype(DEFAULT_DTYPE)      # Python floats -> default float32
         if dtype is not None:
             arr = arr.astype(np.dtype(dtype), copy=False)
-    _check_dtype(arr.dtype)
+    check_dtype(arr.dtype)
     if device is not None:
         arr = _backend.to_device(arr, device)
     return arr
 
 
-def _check_dtype(dtype):
+def check_dtype(dtype):
+    """Raise ``TypeError`` for a dtype tensors cannot hold. Example: ``check_dtype(np.float32)``."""
     if np.dtype(dtype).kind not in "biuf":
         raise TypeError(f"unsupported dtype {dtype}: distgrad tensors hold bool, integer or "
                         f"floating-point numbers")
@@ -171,61 +139,29 @@ def apply_op(name, *inputs, **attrs):
         if isinstance(t, Variable):
             cls = Variable
             break
-    result = cls._from_array(out, grad_fn=node, requires_grad=node is not None)
-    if op.view is not None and getattr(out, "base", None) is not None \
-            and xp.may_share_memory(out, arrays[0]):
-        # A view of its input (numpy/cupy basic indexing, reshape...): share the version
-        # counter, and remember how it was taken so an in-place write through it can
-        # update the base's history (``_rebase``).
-        result._store.counter = inputs[0]._store.counter
-        result._view_of = (inputs[0], name, attrs)
-        views = inputs[0].__dict__.get("_views")
-        if views is None:
-            views = inputs[0]._views = weakref.WeakSet()
-        views.add(result)          # refreshed if the base's history changes in place
+    result = cls.from_array(out, grad_fn=node, requires_grad=node is not None)
+    if op.view is not None:
+        views.track_view(result, inputs[0], op, attrs, out, arrays[0], xp)
     if node is not None and op.uses_output:
         # The VJP reads the output: an in-place write to it must fail backward, not corrupt it.
         node.out_store, node.out_version = result._store, result._store.version
     return result
 
 
-def _rebase(view):
-    """After a recorded in-place write through ``view``, give its base the new history.
+def constant_like(t, array):
+    """``array`` (``t``'s global shape, or one that broadcasts against it) as a constant
+    tensor placed like ``t``: on its device, or split across the workers as ``t`` is.
 
-    The base's values already changed (shared memory); its ``grad_fn`` becomes a node
-    that puts the view's gradient back into place, as the view op's ``view`` fact says
-    (index_put for an indexed view, the inverse reshape/transpose/permute otherwise).
-    Repeats up a chain of views; then every other live view of a changed tensor takes
-    its history from it again.
+    Example: ``x * constant_like(x, mask)`` (dropout's mask, the one a single process
+    would draw, so a sharded run drops exactly the same elements).
     """
-    changed = [view]
-    while getattr(view, "_view_of", None) is not None:
-        base, name, attrs = view._view_of
-        back, inputs, at = get_op(name).view(base, view, attrs)
-        node = engine.make_node(get_op(back), inputs, at, None)   # these VJPs read no values
-        if node is None:
-            break
-        base.grad_fn, base.requires_grad = node, True
-        view = base
-        changed.append(base)
-    _refresh_views(changed)
-
-
-def _refresh_views(changed):
-    """Views of tensors whose history changed in place get a node from the new history."""
-    done = set(id(t) for t in changed)
-    todo = list(changed)
-    while todo:
-        t = todo.pop()
-        for v in list(t.__dict__.get("_views", ())):
-            info = getattr(v, "_view_of", None)
-            if id(v) in done or info is None or info[0] is not t:
-                continue
-            done.add(id(v))
-            node = engine.make_node(get_op(info[1]), (t,), info[2], None)
-            if node is not None:
-                v.grad_fn, v.requires_grad = node, True
-            todo.append(v)
+    store = t._store
+    if not store.lazy:
+        return Tensor.from_array(_backend.to_device(array, str(t.device)))
+    p = store.placement
+    if isinstance(p, Shard):
+        return store.cluster.shard(array, dim=p.dim, sizes=p.sizes)
+    return store.cluster.replicate(Tensor.from_array(array))
 
 
 def legacy_new(args, dtype):
@@ -240,7 +176,7 @@ def legacy_new(args, dtype):
         return np.zeros(0, dtype)
     if isinstance(args[0], Size) and len(args) == 1 or all(
             isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in args):
-        return np.zeros(_dims(args), dtype)
+        return np.zeros(shape_args(args), dtype)
     if len(args) > 1:
         raise TypeError(f"expected integer sizes or one piece of data, got arguments of types "
                         f"{', '.join(type(a).__name__ for a in args)}")
@@ -250,8 +186,8 @@ def legacy_new(args, dtype):
     return np.asarray(data, dtype=dtype)
 
 
-def _dims(args):
-    """Accept both f(2, 3) and f((2, 3)) for shape arguments."""
+def shape_args(args):
+    """Accept both f(2, 3) and f((2, 3)) for shape arguments. Example: ``shape_args(((2, 3),))``."""
     if len(args) == 1 and isinstance(args[0], (tuple, list)):
         return tuple(args[0])
     return tuple(args)
@@ -289,7 +225,7 @@ class Tensor:
         if isinstance(data, Tensor) and dtype is None and device is None:
             self._store = data._store            # share storage, as Variable(tensor) does
         else:
-            self._store = Storage(_to_array([] if data is None else data, dtype, device))
+            self._store = Storage(to_array([] if data is None else data, dtype, device))
         self._init_autograd(None, requires_grad)
         self.volatile = bool(volatile)
 
@@ -304,7 +240,11 @@ class Tensor:
         self.volatile = False
 
     @classmethod
-    def _from_array(cls, array, grad_fn=None, requires_grad=False):
+    def from_array(cls, array, grad_fn=None, requires_grad=False):
+        """A tensor on ``array`` itself (no copy, no conversion): the internal constructor.
+
+        Example: ``Tensor.from_array(np.zeros(3))``.
+        """
         t = cls.__new__(cls)
         t._store = Storage(array)
         t._init_autograd(grad_fn, requires_grad)
@@ -419,7 +359,7 @@ class Tensor:
             else:
                 arr = grad._store.array
                 # A copy keeps the gradient's layout (PyTorch matches it to the leaf's).
-                self._grad = Variable._from_array(arr if owned else arr.copy(order="K"))
+                self._grad = Variable.from_array(arr if owned else arr.copy(order="K"))
         elif create_graph or self._grad.requires_grad:
             self._grad = self._grad + grad
         else:
@@ -498,8 +438,7 @@ class Tensor:
 
             out = (x * x).sum(); out.backward()     # x.grad == 2 * x
         """
-        from .autograd import backward
-        backward([self], None if gradient is None else [gradient], retain_graph, create_graph,
+        _backward([self], None if gradient is None else [gradient], retain_graph, create_graph,
                  inputs=inputs)
 
     # ------------------------------------------------------------ conversion
@@ -567,26 +506,26 @@ class Tensor:
         Example: ``x.new_full((2, 3), 7.0)``.
         """
         xp = _backend.xp_for_device(device or self.device)
-        out = Tensor._from_array(xp.full(_dims((size,)), fill_value,
+        out = Tensor.from_array(xp.full(shape_args((size,)), fill_value,
                                          dtype=np.dtype(dtype or self.dtype)))
         return out.requires_grad_(requires_grad) if requires_grad else out
 
     def new_zeros(self, *size, dtype=None, device=None, requires_grad=False):
         """Zeros like ``x.new_zeros(2, 3)``: this tensor's dtype and device."""
-        return self.new_full(_dims(size), 0, dtype, device, requires_grad)
+        return self.new_full(shape_args(size), 0, dtype, device, requires_grad)
 
     def new_ones(self, *size, dtype=None, device=None, requires_grad=False):
         """Ones like ``x.new_ones(2, 3)``: this tensor's dtype and device."""
-        return self.new_full(_dims(size), 1, dtype, device, requires_grad)
+        return self.new_full(shape_args(size), 1, dtype, device, requires_grad)
 
     def new_empty(self, *size, dtype=None, device=None, requires_grad=False):
         """An (initialised to zero) tensor: ``x.new_empty(2, 3)``."""
-        return self.new_full(_dims(size), 0, dtype, device, requires_grad)
+        return self.new_full(shape_args(size), 0, dtype, device, requires_grad)
 
     def new_tensor(self, data, dtype=None, device=None, requires_grad=False):
         """A copy of ``data`` with this tensor's dtype and device: ``x.new_tensor([1, 2])``."""
-        arr = _to_array(data, dtype or self.dtype, device or self.device)
-        out = Tensor._from_array(arr.copy())
+        arr = to_array(data, dtype or self.dtype, device or self.device)
+        out = Tensor.from_array(arr.copy())
         return out.requires_grad_(requires_grad) if requires_grad else out
 
     def to(self, *args, dtype=None, device=None):
@@ -784,7 +723,7 @@ class Tensor:
 
     # ------------------------------------------------------------ shape
     def reshape(self, *shape):
-        shape = _dims(shape)
+        shape = shape_args(shape)
         return self if shape == tuple(self.shape) else apply_op("reshape", self, shape=shape)
 
     view = reshape
@@ -818,7 +757,7 @@ class Tensor:
         return self.transpose(-2, -1)
 
     def permute(self, *dims):
-        return apply_op("permute", self, dims=_dims(dims))
+        return apply_op("permute", self, dims=shape_args(dims))
 
     def squeeze(self, dim=None):
         return apply_op("squeeze", self, dim=dim)
@@ -827,7 +766,7 @@ class Tensor:
         return apply_op("unsqueeze", self, dim=dim)
 
     def expand(self, *sizes):
-        sizes = _dims(sizes)
+        sizes = shape_args(sizes)
         return self if sizes == tuple(self.shape) else apply_op("expand", self, shape=sizes)
 
     def expand_as(self, other):
@@ -873,9 +812,7 @@ class Tensor:
                                f"operation ({name}); wrap it in dg.no_grad() or use .data")
         view = getattr(self, "_view_of", None)
         if view is not None and recording:
-            root = self
-            while getattr(root, "_view_of", None) is not None:
-                root = root._view_of[0]
+            root = views.view_root(self)
             if root.requires_grad and root.is_leaf:
                 raise RuntimeError(f"a view of a leaf Variable that requires grad is being used in "
                                    f"an in-place operation ({name}); wrap it in dg.no_grad()")
@@ -891,13 +828,13 @@ class Tensor:
                                                for a in args))):
             # The VJP reads the value before the write (mul_, pow_, clamp_...): save a copy
             # that carries this tensor's history, not the storage about to be overwritten.
-            src = Tensor._from_array(self._store.array.copy(), grad_fn=self.grad_fn,
+            src = Tensor.from_array(self._store.array.copy(), grad_fn=self.grad_fn,
                                      requires_grad=self.requires_grad)
             src._accum_ref = self._accum_ref
         result = apply_op(name, src, *args, **attrs)
         self._write(result, name)
-        if result.grad_fn is not None and (view is not None or self.__dict__.get("_views")):
-            _rebase(self)
+        if result.grad_fn is not None and views.is_view_or_viewed(self):
+            views.rebase(self)
         return self
 
     def _fast_inplace(self, op, recording, args, attrs):
@@ -942,7 +879,7 @@ class Tensor:
             arr = store.array
             if getattr(arr, "flags", None) is not None and not arr.flags.writeable:
                 store.array = result._store.array.astype(store.dtype, copy=True)
-                self._view_of = None          # no longer shares memory with a base
+                views.detach_from_base(self)      # no longer shares memory with a base
             else:
                 arr[...] = result._store.array
         store.version += 1
@@ -981,16 +918,14 @@ class Tensor:
         return self._inplace("copy_from", src)
 
     def uniform_(self, a=0.0, b=1.0):
-        from .random import uniform
-        return self._inplace_random(uniform(self.shape, a, b))
+        return self._inplace_random(random.uniform(self.shape, a, b))
 
     def normal_(self, mean=0.0, std=1.0):
-        from .random import normal
-        return self._inplace_random(normal(self.shape, mean, std))
+        return self._inplace_random(random.normal(self.shape, mean, std))
 
     def _inplace_random(self, values):
         with engine.no_grad():
-            return self.copy_(values.astype(self.dtype))
+            return self.copy_(Tensor.from_array(values).astype(self.dtype))
 
 
 class Variable(Tensor):
@@ -1033,3 +968,6 @@ def _norm_dims(dim, ndim):
     if dim is None:
         return tuple(range(ndim))
     return tuple(d % ndim for d in ((dim,) if isinstance(dim, numbers.Integral) else dim))
+
+
+engine.register_tensor_type(Tensor)

@@ -179,7 +179,7 @@ class Worker:
             return out
         if control == "import":
             for vid, (array, requires_grad) in msg["values"].items():
-                t = Variable._from_array(self._to_device(array))
+                t = Variable.from_array(self._to_device(array))
                 if requires_grad:
                     t._init_requires_grad(True)
                 self.values[int(vid)] = t
@@ -190,7 +190,7 @@ class Worker:
             arrays = self._source(msg["sid"]).read(np.asarray(msg["rows"], dtype=np.int64))
             for vid, a in zip(msg["vids"], arrays):
                 if vid >= 0:
-                    self.values[vid] = Variable._from_array(self._to_device(a))
+                    self.values[vid] = Variable.from_array(self._to_device(a))
             return {}
         if control == "source_wait":   # a stream's read-ahead, once it holds `want` rows
             table = self._source(msg["sid"])
@@ -240,7 +240,7 @@ class Worker:
                 engine.set_grad_enabled(prev)
         elif kind == "put":
             _, slot, idx, requires_grad = ins
-            t = Variable._from_array(inputs[idx])
+            t = Variable.from_array(inputs[idx])
             if requires_grad:
                 t._init_requires_grad(True)
             env[slot] = t
@@ -283,7 +283,7 @@ class Worker:
             if table.streaming:          # a rolled-back step gives its rows back
                 self.undo.on_restore(functools.partial(table.unread, arrays))
             for s, a in zip(outs, arrays):
-                env[s] = Variable._from_array(self._to_device(a))
+                env[s] = Variable.from_array(self._to_device(a))
         elif kind == "custom":
             self._custom(ins, env, scalars)
         elif kind == "backward":
@@ -316,7 +316,7 @@ class Worker:
         node.run = functools.partial(self._run_subprogram, structure, scalars=scalars)
         node.captured = [env[s] for s in captured]
         node.versions = [c._store.version if isinstance(c, Tensor) else None for c in node.captured]
-        result = Variable._from_array(None, grad_fn=node, requires_grad=True)
+        result = Variable.from_array(None, grad_fn=node, requires_grad=True)
         result._store = out._store         # one version counter, as a local Function's
         env[res_slot] = result
 
@@ -345,7 +345,7 @@ class Worker:
         out = []
         for root, seed_slot, code in zip(roots, seeds, codes):
             seed = (env[seed_slot] if seed_slot >= 0 else
-                    Tensor._from_array(self.xp.ones(root.shape, dtype=root.dtype)))
+                    Tensor.from_array(self.xp.ones(root.shape, dtype=root.dtype)))
             if code == "R":
                 # The cotangent of a replicated value is a sum over workers: rank 0 carries it.
                 seed = apply_op("to_partial", seed)
@@ -386,9 +386,9 @@ class Worker:
                     g = leaf_hooks[id(leaf)](g)
                 if old is not None:
                     g = old if g is None else (old + g if create_graph else
-                                               Variable._from_array(old._store.array + g._store.array))
+                                               Variable.from_array(old._store.array + g._store.array))
                 if g is None:
-                    g = Variable._from_array(self.xp.zeros(leaf.shape, dtype=leaf.dtype))
+                    g = Variable.from_array(self.xp.zeros(leaf.shape, dtype=leaf.dtype))
                 leaf._grad = g
                 env[new_slot] = g
         self.stats["backward_s"] += time.perf_counter() - t0
@@ -409,10 +409,10 @@ class Worker:
         with engine.enable_grad() if create_graph else engine.no_grad():
             for x, g, slot in zip(inputs, grads, out_slots):
                 if g is None:
-                    g = Variable._from_array(self.xp.zeros(x.shape, dtype=x.dtype))
+                    g = Variable.from_array(self.xp.zeros(x.shape, dtype=x.dtype))
                 elif x.grad_fn is None and id(x) in leaf_hooks:
                     g = leaf_hooks[id(x)](g)
-                env[slot] = g if isinstance(g, Variable) else Variable._from_array(g._store.array)
+                env[slot] = g if isinstance(g, Variable) else Variable.from_array(g._store.array)
         self.stats["backward_s"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ data sources

@@ -16,7 +16,8 @@ Example::
 
     z = Exp.apply(x)
 """
-from . import engine
+from .. import engine
+from ..tensor import Tensor, Variable, to_array
 
 
 class FunctionCtx:
@@ -34,11 +35,10 @@ class FunctionCtx:
 
     @property
     def saved_tensors(self):
-        from ..tensor import SavedTensor
         if self._node is not None and self._node.released:
             raise RuntimeError(f"Trying to backward through the graph a second time "
                                f"({self._node.name()}); specify retain_graph=True.")
-        return tuple(None if t is None else SavedTensor(t, v, self._node)
+        return tuple(None if t is None else engine.saved_tensor(t, v, self._node)
                      for t, v in zip(self._saved, self._versions))
 
 
@@ -54,11 +54,10 @@ class FunctionNode(engine.Node):
         if len(grads) != self.n_inputs:
             raise RuntimeError(f"{self.fn_cls.__name__}.backward returned {len(grads)} gradients, "
                                f"but forward took {self.n_inputs} inputs")
-        from ..tensor import Tensor, _to_array
         out = []
         for g, nxt in zip(grads, self.next_nodes):
             if g is not None and not isinstance(g, Tensor):
-                g = Tensor._from_array(_to_array(g))   # data, never a legacy size
+                g = Tensor.from_array(to_array(g))   # data, never a legacy size
             out.append(g if nxt is not None else None)
         return out
 
@@ -80,7 +79,6 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        from ..tensor import Tensor, Variable
         lazy = next((a._store for a in args if isinstance(a, Tensor) and a._store.lazy), None)
         if lazy is not None:
             # Distributed inputs: both rules are traced into the workers' program.
@@ -99,6 +97,6 @@ class Function:
         node.ctx, node.fn_cls, node.n_inputs = ctx, cls, len(args)
         ctx._node = node
         result_cls = Variable if any(isinstance(a, Variable) for a in args) else type(out)
-        result = result_cls._from_array(out._store.array, grad_fn=node, requires_grad=True)
+        result = result_cls.from_array(out._store.array, grad_fn=node, requires_grad=True)
         result._store = out._store       # one version counter: ctx may have saved ``out``
         return result

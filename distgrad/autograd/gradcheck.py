@@ -1,6 +1,10 @@
 """Numerical gradient checking by float64 central differences."""
 import numpy as np
 
+from .._backend import to_numpy
+from ..tensor import Tensor
+from .entry import grad as autograd_grad
+
 
 class GradcheckError(AssertionError):
     pass
@@ -12,7 +16,6 @@ def _as_outputs(out):
 
 def _host(t):
     """A float64 numpy copy (an output may be a view of the input being perturbed)."""
-    from .._backend import to_numpy
     return np.array(to_numpy(t._store.array), dtype=np.float64, copy=True)
 
 
@@ -27,8 +30,6 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=True):
         x = Variable(dg.randn(3, dtype=dg.float64), requires_grad=True)
         assert gradcheck(lambda x: (x * x).sum(), (x,))
     """
-    from ..tensor import Tensor
-    from . import grad as autograd_grad
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     diff = [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
     for x in diff:

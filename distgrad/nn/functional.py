@@ -9,11 +9,11 @@ import warnings
 
 import numpy as np
 
-from .. import _backend
+from .. import _backend, random
 from ..autograd import engine
 from ..compat import missing as _missing
 from ..factories import where
-from ..tensor import Tensor, apply_op
+from ..tensor import Tensor, apply_op, constant_like
 from .module import InputShapeError, _check_not_foreign_array
 
 
@@ -216,26 +216,11 @@ def _dropout(input, p, training, mask_shape):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return input
-    from ..random import uniform
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    # One mask multiply: mask values are 0 or 1/(1-p), drawn from the global generator.
-    mask = ((uniform(mask_shape)._store.array >= p) * scale).astype(input.dtype)
-    if input._store.lazy:
-        return input * _placed_like(input._store, mask)
-    return input * Tensor._from_array(_backend.to_device(mask, str(input.device)))
-
-
-def _placed_like(store, array):
-    """``array`` (global shape) split across a distributed value's workers the same way.
-
-    The mask is the one a single process would draw with the same seed, so a sharded
-    run drops exactly the same elements.
-    """
-    from ..placement import Shard
-    p = store.placement
-    if isinstance(p, Shard):
-        return store.cluster.shard(array, dim=p.dim, sizes=p.sizes)
-    return store.cluster.replicate(Tensor._from_array(array))
+    # One mask multiply: mask values are 0 or 1/(1-p), drawn from the global generator on
+    # the driver, so a sharded run drops exactly the elements a single process would.
+    mask = ((random.uniform(mask_shape) >= p) * scale).astype(input.dtype)
+    return input * constant_like(input, mask)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -299,7 +284,7 @@ def embedding(input, weight, padding_idx=None):
     ``padding_idx``'s row gets no gradient, as in PyTorch.
     """
     if not isinstance(input, Tensor):
-        input = Tensor._from_array(np.asarray(input))
+        input = Tensor.from_array(np.asarray(input))
     if not np.issubdtype(np.dtype(input.dtype), np.integer):
         raise TypeError(f"embedding: expected an integer index tensor, got {input.dtype}")
     out = weight[input]
@@ -314,7 +299,7 @@ def one_hot(tensor, num_classes=-1):
     """Class indices to 0/1 int64 with a trailing class dim. Example: ``F.one_hot(t, 10)``."""
     a = _backend.to_numpy(tensor._store.array)
     n = int(a.max()) + 1 if num_classes < 0 else num_classes
-    return Tensor._from_array(np.eye(n, dtype=np.int64)[a]).to(tensor.device)
+    return Tensor.from_array(np.eye(n, dtype=np.int64)[a]).to(tensor.device)
 
 
 # ---------------------------------------------------------------- losses
@@ -399,7 +384,7 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
 
 def _check_class_target(input, target, who):
     if not isinstance(target, Tensor):
-        target = Tensor._from_array(np.asarray(target))
+        target = Tensor.from_array(np.asarray(target))
     target = _match_target(input, target)
     if not np.issubdtype(np.dtype(target.dtype), np.integer):
         raise TypeError(f"{who}: expected class indices of an integer dtype as target, got "
@@ -421,7 +406,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if input.ndim == 1:                         # unbatched (C,) with a scalar target
-        target = target if isinstance(target, Tensor) else Tensor._from_array(np.asarray(target))
+        target = target if isinstance(target, Tensor) else Tensor.from_array(np.asarray(target))
         out = nll_loss(input.unsqueeze(0), target.reshape(1), weight, ignore_index=ignore_index,
                        reduction=reduction)
         return out.reshape(()) if reduction == "none" else out

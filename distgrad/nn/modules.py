@@ -7,7 +7,7 @@ Example::
 """
 import math
 
-from .. import factories
+from .. import engine, factories
 from . import functional as F
 from . import init
 from .module import Module, Parameter
@@ -288,7 +288,6 @@ class _BatchNorm(Module):
         use_batch = self.training or not self.track_running_stats
         momentum = self.momentum
         if self.training and self.track_running_stats:
-            from ..autograd import engine
             with engine.no_grad():
                 self.num_batches_tracked.add_(1)
             if momentum is None:         # cumulative moving average
@@ -362,7 +361,6 @@ class Embedding(Module):
     def reset_parameters(self):
         init.normal_(self.weight)
         if self.padding_idx is not None:
-            from ..autograd import engine
             with engine.no_grad():
                 self.weight.data[self.padding_idx] = 0
 

@@ -6,6 +6,7 @@ distributed parameters they are recorded and run on the workers.
 import copy
 
 from ..autograd import engine
+from ..nn.module import _clear_grad
 from ..tensor import Tensor
 
 
@@ -78,7 +79,6 @@ class Optimizer:
 
     def zero_grad(self, set_to_none=True):
         """Clear the gradients of every parameter (``None`` by default). Example: ``opt.zero_grad()``."""
-        from ..nn.module import _clear_grad
         for group in self.param_groups:
             for p in group["params"]:
                 _clear_grad(p, set_to_none)

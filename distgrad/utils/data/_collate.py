@@ -21,16 +21,16 @@ def default_collate(batch):
         return stack(batch)
     if isinstance(elem, np.ndarray):
         _check_numeric(elem.dtype)
-        return Tensor._from_array(np.stack(batch))
+        return Tensor.from_array(np.stack(batch))
     if isinstance(elem, np.generic):
         _check_numeric(elem.dtype)
-        return Tensor._from_array(np.asarray(batch))
+        return Tensor.from_array(np.asarray(batch))
     if isinstance(elem, bool):
-        return Tensor._from_array(np.asarray(batch, dtype=np.bool_))
+        return Tensor.from_array(np.asarray(batch, dtype=np.bool_))
     if isinstance(elem, float):
-        return Tensor._from_array(np.asarray(batch, dtype=np.float64))
+        return Tensor.from_array(np.asarray(batch, dtype=np.float64))
     if isinstance(elem, int):
-        return Tensor._from_array(np.asarray(batch, dtype=np.int64))
+        return Tensor.from_array(np.asarray(batch, dtype=np.int64))
     if isinstance(elem, (str, bytes)):
         return list(batch)
     if isinstance(elem, collections.abc.Mapping):
@@ -51,7 +51,7 @@ def default_convert(data):
     Example: ``default_convert(np.ones(3))`` is a tensor.
     """
     if isinstance(data, np.ndarray) and data.dtype.kind in "biuf":
-        return Tensor._from_array(data)
+        return Tensor.from_array(data)
     if isinstance(data, collections.abc.Mapping):
         return {k: default_convert(v) for k, v in data.items()}
     if isinstance(data, tuple) and hasattr(data, "_fields"):

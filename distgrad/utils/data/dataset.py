@@ -47,7 +47,7 @@ def _as_tensor(a):
     if isinstance(a, Tensor):
         return a
     if isinstance(a, np.ndarray):
-        return Tensor._from_array(a)
+        return Tensor.from_array(a)
     raise TypeError(f"TensorDataset: expected distgrad tensors or numpy arrays, got "
                     f"{type(a).__name__}")
 
@@ -82,7 +82,7 @@ class TensorDataset(Dataset):
         """The collated batch of rows ``indices``, as the DataLoader yields it: one fancy
         index per tensor instead of a stack of single rows. Example: ``x, y = ds.take([3, 1])``."""
         idx = np.asarray(indices, dtype=np.int64)
-        return [Tensor._from_array(t._store.array[idx]) for t in self.tensors]
+        return [Tensor.from_array(t._store.array[idx]) for t in self.tensors]
 
 
 class Subset(Dataset):

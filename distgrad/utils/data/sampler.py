@@ -66,7 +66,7 @@ class RandomSampler(Sampler):
         """This epoch's indices as one array (what ``__iter__`` yields one by one)."""
         n = len(self.data_source)
         if self.replacement:
-            return random.integers(0, n, (self.num_samples,), generator=self.generator)._store.array
+            return random.integers(0, n, (self.num_samples,), generator=self.generator)
         reps, rest = divmod(self.num_samples, n)
         perms = [random.permutation(n, self.generator) for _ in range(reps + (rest > 0))]
         return np.concatenate(perms)[:self.num_samples] if perms else np.zeros(0, np.int64)

@@ -4,12 +4,18 @@ A node is created for every op whose inputs need gradients. Its class is named a
 the op (``MulBackward``) so ``y.grad_fn`` reads like PyTorch. Nodes hold their
 inputs and the version each had when the op ran; a VJP that reads an input modified
 in place since then gets a clear error instead of a wrong gradient.
+
+The engine sits below the tensor layer and never imports it: ``distgrad.tensor``
+registers its ``Tensor`` class here once, at its own import (``register_tensor_type``),
+so the engine can recognise tensors and wrap the arrays it hands to VJPs.
 """
 import heapq
 import itertools
 import threading
 import weakref
 from contextlib import contextmanager
+
+from .storage import StaleStorage, check_version  # noqa: F401  (check_version: part of this API)
 
 _state = threading.local()          # grad mode is per thread: local-backend workers are threads
 _seq = itertools.count()            # creation order = a valid topological order of the graph
@@ -112,15 +118,6 @@ def node_class(name, base):
     return cls
 
 
-def check_version(tensor, saved_version, node):
-    """Raise if a tensor a VJP needs was modified in place after it was saved."""
-    if tensor._store.version != saved_version:
-        raise RuntimeError(
-            f"one of the variables needed for gradient computation has been modified by an "
-            f"inplace operation: a tensor of shape {tuple(tensor.shape)} used by {node.name()} "
-            f"is at version {tensor._store.version}; expected version {saved_version} instead.")
-
-
 class OpNode(Node):
     """grad_fn of a registry op: calls the op's per-input VJPs."""
 
@@ -141,8 +138,7 @@ class OpNode(Node):
             raise RuntimeError(
                 f"Trying to backward through the graph a second time ({self.name()}), but its "
                 "saved values were already freed. Specify retain_graph=True on the first backward.")
-        Tensor = _Tensor            # bound by make_node, which ran before any backward
-        saved = tuple([x if v is None or x._store.version == v else _saved_tensor(x, v, self)
+        saved = tuple([x if v is None or x._store.version == v else saved_tensor(x, v, self)
                        for x, v in zip(self.inputs, self.versions)])
         ans = None
         if self.op.uses_output:
@@ -155,7 +151,7 @@ class OpNode(Node):
                     f"{self.out_version} instead.")
             # Differentiable under create_graph: the output depends on the inputs through
             # this very node, which higher-order gradients must follow.
-            ans = Tensor._from_array(self.out_array, grad_fn=self, requires_grad=is_grad_enabled())
+            ans = _Tensor.from_array(self.out_array, grad_fn=self, requires_grad=is_grad_enabled())
         out = []
         for i, nxt in enumerate(self.next_nodes):
             if nxt is None:
@@ -325,22 +321,38 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     return None
 
 
-_Tensor = None      # distgrad.tensor.Tensor, bound on first use (it imports this module)
+_Tensor = None      # distgrad.tensor.Tensor, registered by that module at its import
 
 
-def _saved_tensor(x, version, node):
-    from ..tensor import SavedTensor
-    return SavedTensor(x, version, node)
+def register_tensor_type(cls):
+    """Called once by ``distgrad.tensor`` (the layer above) with its ``Tensor`` class.
+
+    Example: ``engine.register_tensor_type(Tensor)`` at the end of ``distgrad/tensor.py``.
+    """
+    global _Tensor
+    _Tensor = cls
+
+
+def saved_tensor(tensor, version, node):
+    """A node's saved input, or a stand-in that raises if it was modified in place.
+
+    Example: ``saved_tensor(x, node.versions[0], node)`` is ``x`` while nothing wrote to it.
+    """
+    if tensor._store.version == version:
+        return tensor
+    try:
+        check_version(tensor, version, node)
+    except RuntimeError as err:
+        stale = _Tensor.from_array(None, grad_fn=tensor.grad_fn, requires_grad=tensor.requires_grad)
+        stale._store = StaleStorage(tensor._store, err)
+        stale._accum_ref = tensor._accum_ref
+        return stale
 
 
 def make_node(op, inputs, attrs, out_array):
     """Record a node for an op application, or None if no input needs a gradient."""
-    global _Tensor
     if not op.differentiable or not is_grad_enabled():
         return None
-    if _Tensor is None:
-        from ..tensor import Tensor
-        _Tensor = Tensor
     next_nodes = tuple([next_node_of(x) if isinstance(x, _Tensor) else None for x in inputs])
     if not any(next_nodes):
         return None
