@@ -251,7 +251,7 @@ def _make_hook(map_location, src):
         cls = Variable if kind == "variable" else Tensor
         t = cls.from_array(array)
         if requires_grad:
-            t._init_requires_grad(True)
+            t.requires_grad_(True)
         return t
     return hook
 

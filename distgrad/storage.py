@@ -6,6 +6,10 @@ saved tensor that was modified in place is replaced by a ``StaleStorage`` stand-
 its metadata still works, reading its data raises the version error. This module
 imports nothing of distgrad (the distributed layer's storages reuse its protocol).
 
+A distributed value's storage (``lazy = True``: ``distgrad.lazy.LazyStorage``) keeps
+the same protocol (``array`` fetches, ``assign`` records a write) plus ``placement``,
+``device`` and ``cluster``; ``LazyRuntime`` lists all the core asks of that cluster.
+
 Example::
 
     s = Storage(np.zeros(3))
@@ -62,6 +66,40 @@ class StaleStorage:
     @property
     def array(self):
         raise self.error
+
+
+class LazyRuntime:
+    """The interface between the core (tensor, autograd, nn.functional) and the owner of
+    distributed values (``store.cluster``: ``distgrad.distributed.Cluster``). The core
+    calls these methods and nothing else of it; ops themselves go through the recorder
+    installed with ``tensor.set_lazy_dispatch``.
+
+    Example: ``store.cluster.record_backward([loss], None, None, False)`` for ``loss.backward()``.
+    """
+
+    def record_backward(self, tensors, grad_tensors, retain_graph, create_graph, inputs=None):
+        """``backward()`` of distributed roots: recorded for the workers."""
+        raise NotImplementedError
+
+    def record_grad(self, outputs, inputs, grad_outputs, retain_graph, create_graph, allow_unused):
+        """``autograd.grad`` of distributed outputs: the gradients stay on the workers."""
+        raise NotImplementedError
+
+    def apply_function(self, fn_cls, args, kwargs):
+        """A custom ``Function`` applied to distributed values (both rules traced)."""
+        raise NotImplementedError
+
+    def record_detach(self, t, requires_grad=False):
+        """``t``'s value without its history (``detach``, ``.data``, ``requires_grad_``)."""
+        raise NotImplementedError
+
+    def shard(self, data, dim=0, sizes=None):
+        """A constant split across the workers (``tensor.constant_like``)."""
+        raise NotImplementedError
+
+    def replicate(self, value):
+        """A constant held by every worker (``tensor.constant_like``)."""
+        raise NotImplementedError
 
 
 def check_version(tensor, saved_version, node):

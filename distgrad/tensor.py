@@ -230,7 +230,7 @@ class Tensor:
         self.volatile = bool(volatile)
 
     def _init_autograd(self, grad_fn, requires_grad):
-        if requires_grad and grad_fn is None and not self._is_float():
+        if requires_grad and grad_fn is None and not self.is_floating_point():
             raise RuntimeError(f"only floating point tensors can require gradients (got {self.dtype})")
         self.grad_fn = grad_fn
         self.requires_grad = bool(requires_grad)
@@ -284,7 +284,8 @@ class Tensor:
     def is_cuda(self):
         return str(self.device).startswith("cuda")
 
-    def _is_float(self):
+    def is_floating_point(self):
+        """Whether the dtype is a floating-point one. Example: ``dg.ones(2).is_floating_point()``."""
         store = self._store
         if not store.lazy and store.array is None:     # being constructed
             return True
@@ -378,7 +379,7 @@ class Tensor:
         return self
 
     def _init_requires_grad(self, flag):
-        if flag and not self._is_float():
+        if flag and not self.is_floating_point():
             raise RuntimeError(f"only floating point tensors can require gradients (got {self.dtype})")
         self.requires_grad = bool(flag)
 

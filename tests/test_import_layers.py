@@ -208,3 +208,27 @@ def test_core_modules_import_at_the_top(prefix):
            for n, text in _function_imports(path)]
     assert not bad, ("imports inside functions in a core module (move them to the top; "
                      "if a lower layer needs a higher one, install a hook):\n" + "\n".join(bad))
+
+
+def test_the_core_asks_the_cluster_only_what_lazy_runtime_lists():
+    """tensor / autograd / nn.functional reach distributed values' owner only through
+    ``storage.LazyRuntime``, and the Cluster provides every method it lists."""
+    from distgrad.distributed import Cluster
+    from distgrad.storage import LazyRuntime
+    allowed = {n for n in vars(LazyRuntime) if not n.startswith("_")}
+    modules = discover()
+    used = {}
+    for mod, path in modules.items():
+        if not any(mod == c or mod.startswith(c + ".") for c in CORE):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                    and node.value.attr == "cluster":
+                used.setdefault(node.attr, f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert used, "the scan found no use of store.cluster: it no longer reads the code"
+    extra = {name: where for name, where in used.items() if name not in allowed}
+    assert not extra, f"the core asks the cluster for more than LazyRuntime lists: {extra}"
+    missing = [name for name in allowed if not callable(getattr(Cluster, name, None))]
+    assert not missing, f"Cluster lacks LazyRuntime methods: {missing}"

@@ -247,8 +247,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         if running_mean is not None:
             with engine.no_grad():
                 m = momentum
-                running_mean._inplace("axpby", mean.detach().reshape(C), a=1 - m, b=m)
-                running_var._inplace("axpby", var.detach().reshape(C), a=1 - m, b=m * n / (n - 1))
+                running_mean.axpby_(mean.detach().reshape(C), a=1 - m, b=m)
+                running_var.axpby_(var.detach().reshape(C), a=1 - m, b=m * n / (n - 1))
     else:
         xc = input - running_mean.reshape(bshape)
         var = running_var.reshape(bshape)
@@ -442,17 +442,17 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if input.ndim == 1:
         input, target = input.unsqueeze(0), (target.reshape(1) if isinstance(target, Tensor)
                                              and target.ndim == 0 else target)
-        if isinstance(target, Tensor) and target._is_float():
+        if isinstance(target, Tensor) and target.is_floating_point():
             target = target.unsqueeze(0)
         out = cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                             label_smoothing=label_smoothing)
         return out.reshape(()) if reduction == "none" else out
-    if not label_smoothing and not (isinstance(target, Tensor) and target._is_float()):
+    if not label_smoothing and not (isinstance(target, Tensor) and target.is_floating_point()):
         # The common case, one fused op each way (PyTorch fuses the backward the same way).
         return _class_index_loss("cross_entropy", input, target, weight, ignore_index, reduction)
     logp = input.log_softmax(1)
     C = input.shape[1]
-    if isinstance(target, Tensor) and target._is_float():
+    if isinstance(target, Tensor) and target.is_floating_point():
         # Class probabilities.
         if _shape(target) != _shape(input):
             raise InputShapeError(f"cross_entropy: probability target of shape {_shape(target)} "

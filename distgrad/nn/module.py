@@ -374,7 +374,7 @@ class Module:
 
         def move(t):
             # Casts apply to floating tensors only (integer buffers keep their dtype).
-            return t.to(device=device, dtype=dtype if t._is_float() else None)
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
         return self._apply(move)
 
     def cpu(self):
@@ -386,7 +386,7 @@ class Module:
         return self.to("cuda" if device is None else f"cuda:{device}")
 
     def _cast(self, dtype):
-        return self._apply(lambda t: t.astype(dtype) if t._is_float() else t)
+        return self._apply(lambda t: t.astype(dtype) if t.is_floating_point() else t)
 
     def float(self):
         """Cast floating parameters and buffers to float32. Example: ``model.float()``."""
