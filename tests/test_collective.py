@@ -24,9 +24,10 @@ from distgrad.workers.collective import (CollectiveMismatchError, CollectiveTime
 from distgrad.workers.collective.base import normalize_op, reduce_in_order
 from distgrad.workers.collective.inprocess import InProcessGroup
 from distgrad.workers.collective.rendezvous import DictStore, FileStore
-from distgrad.workers.collective.shm import (ShmCommunicator, cleanup_stale_segments,
-                                             list_segments)
-from distgrad.workers.collective.tcp import HierarchicalCommunicator, TcpCommunicator
+from distgrad.workers.collective.hierarchical import HierarchicalCommunicator
+from distgrad.workers.collective.shm import ShmCommunicator
+from distgrad.workers.collective.shm_segment import cleanup_stale_segments, list_segments
+from distgrad.workers.collective.tcp import TcpCommunicator
 
 DTYPES = [np.float32, np.float64, np.int64, np.float16]
 OPS = ["sum", "prod", "min", "max"]
@@ -256,7 +257,8 @@ def test_helpers():
             assert [b - a for a, b in split_ranges(n, p)] == \
                 [len(c) for c in np.array_split(np.arange(n), p)]
     a, b, c = np.float32(1e8), np.float32(1.0), np.float32(-1e8)
-    out = reduce_in_order([np.array([a]), np.array([b]), np.array([c])], "sum", np.empty(1, np.float32))
+    out = reduce_in_order([np.array([a]), np.array([b]), np.array([c])], "sum",
+                          np.empty(1, np.float32))
     assert out[0] == np.float32((a + b) + c)    # 0.0: order (x0+x1)+x2, not x0+(x1+x2)
 
 
@@ -462,6 +464,35 @@ def test_shm_world_size_one_and_threads():
                              .allreduce(np.full(100_000, r + 1.0)))
     assert not any(excs), excs
     assert all((x == 3.0).all() for x in res)
+    assert not _our_segments(name)
+
+
+def test_shm_send_of_many_dimensions_arrives_whole_or_is_refused():
+    """A channel header holds at most 12 shape words before the receiver's acknowledgement
+    counter. A 13-dimensional message used to overwrite that counter with its last
+    dimension, so the sender stopped waiting and later chunks overwrote earlier ones
+    before the receiver read them (wrong data, no error). Now: 12 dimensions arrive bit
+    for bit over many chunks, 13 are refused before anything is sent, and the channel
+    stays usable."""
+    name = f"distgrad_t_ndim_{os.getpid()}"
+    ok = np.arange(3000.0).reshape((1,) * 11 + (3000,))       # 24 KB: 6 chunks of 4 KB
+    deep = ok.reshape((1,) * 12 + (3000,))
+
+    def rank(r):
+        with ShmCommunicator(r, 2, name, timeout_s=10, p2p_bytes=4096) as c:
+            if r == 0:
+                c.send(ok, 1)
+                with pytest.raises(ValueError, match="at most 12 dimensions"):
+                    c.send(deep, 1)
+                c.send(np.full(3, 7.0), 1)
+                return None
+            time.sleep(0.3)                  # the sender runs ahead of the receiver
+            return c.recv(None, 0), c.recv(None, 0)
+    res, excs = _run_threads(2, rank)
+    assert not any(excs), excs
+    got, after = res[1]
+    assert got.shape == ok.shape and np.array_equal(got, ok)
+    assert after.tolist() == [7.0, 7.0, 7.0]
     assert not _our_segments(name)
 
 

@@ -35,7 +35,7 @@ from distgrad import program as prog, serialization
 from distgrad.program import ProgramError
 from distgrad.serialization import SerializationError
 from distgrad.workers.collective import CollectiveError
-from distgrad.workers.collective import tcp
+from distgrad.workers.collective import base, hierarchical, tcp
 from distgrad.workers.collective.rendezvous import DictStore
 
 HERE = os.path.abspath(__file__)
@@ -305,8 +305,8 @@ def _pair(name, ws=2, timeout_s=2.0):
 def _valid_frames():
     """(kind, bytes a peer sends) for one recv and one allgather on 2 ranks."""
     a = np.arange(10, dtype=np.float32).reshape(2, 5)
-    p2p = tcp._HDR.pack(tcp._OPS["p2p"], 1, a.nbytes, 0) + tcp._meta(a).tobytes() + a.tobytes()
-    meta = tcp._meta(a).tobytes()
+    meta = base.array_meta(a).tobytes()
+    p2p = tcp._HDR.pack(tcp._OPS["p2p"], 1, a.nbytes, 0) + meta + a.tobytes()
     ag = tcp._HDR.pack(tcp._OPS["allgather_meta"], 1, len(meta), 0) + meta
     return [("recv", p2p), ("allgather", ag)]
 
@@ -339,12 +339,13 @@ def campaign_frames(seed, cases):
     rng = random.Random(seed)
     tally = {}
     for n, words in enumerate(_hostile_metas(rng, cases * 4)):
-        _expect(lambda: tcp._unmeta(np.array(words, np.int64), 1 << 30), tcp._BadFrame,
+        _expect(lambda: base.parse_array_meta(np.array(words, np.int64), 1 << 30),
+                base.MalformedMessage,
                 f"frames seed={seed} meta {n}", tally)
-    packed = tcp._pack_arrays([(0, np.ones(3)), (1, np.zeros((2, 2), np.int8))])
+    packed = hierarchical._pack_arrays([(0, np.ones(3)), (1, np.zeros((2, 2), np.int8))])
     for n in range(cases * 2):
         buf = np.frombuffer(mutate(packed.tobytes(), rng), np.uint8)
-        _expect(lambda: tcp._unpack_arrays(buf, 2), tcp._BadFrame,
+        _expect(lambda: hierarchical._unpack_arrays(buf, 2), base.MalformedMessage,
                 f"frames seed={seed} packed {n}", tally)
     valid = _valid_frames()
     for n in range(cases // 8):
@@ -356,7 +357,7 @@ def campaign_frames(seed, cases):
 
 
 def _hostile_metas(rng, n):
-    good = tcp._meta(np.ones((3, 4), np.float32))
+    good = base.array_meta(np.ones((3, 4), np.float32))
     big = [2 ** 63 - 1, -2 ** 63, 2 ** 40, -1, 0, 1 << 62]
     for _ in range(n):
         w = [int(x) for x in good]
@@ -413,7 +414,7 @@ def test_fuzz_program_messages():
 
 def test_fuzz_tcp_frames():
     tally = _run_capped("campaign_frames", seed=12, cases=200)
-    assert sum(tally.values()) >= 1200 and tally.get("_BadFrame", 0) > 300, tally
+    assert sum(tally.values()) >= 1200 and tally.get("MalformedMessage", 0) > 300, tally
     assert tally.get("CollectiveError", 0) + tally.get("CollectiveTimeoutError", 0) \
         + tally.get("CollectiveMismatchError", 0) >= 15, tally
 
@@ -527,8 +528,8 @@ def test_hostile_tensor_records_in_files(dtype, shape, kind, nbytes, data):
 @given(words=st.lists(st.integers(-2 ** 63, 2 ** 63 - 1), min_size=32, max_size=32))
 def test_hostile_frame_metas(words):
     try:
-        dt, shape, nbytes = tcp._unmeta(np.array(words, np.int64), 1 << 30)
-    except tcp._BadFrame:
+        dt, shape, nbytes = base.parse_array_meta(np.array(words, np.int64), 1 << 30)
+    except base.MalformedMessage:
         return
     assert dt.kind in "biufc" and nbytes <= 1 << 30 and int(np.prod(shape)) * dt.itemsize == nbytes
 
@@ -609,9 +610,9 @@ def test_a_bad_frame_breaks_the_group_on_every_rank():
     which rank 2 forwards it to or whose neighbour closes) fail within the timeout, with
     CollectiveError, allocating nothing; the group is broken afterwards."""
     comms = _pair(f"bad_frame_{os.getpid()}", ws=3, timeout_s=3.0)
-    words = tcp._meta(np.ones(4, np.float32))
+    words = base.array_meta(np.ones(4, np.float32))
     words[1], words[2], words[3] = 1, 1 << 50, 1 << 48
-    frame = tcp._HDR.pack(tcp._OPS["allgather_meta"], 1, 8 * tcp._META_WORDS, 0) + \
+    frame = tcp._HDR.pack(tcp._OPS["allgather_meta"], 1, 8 * base.META_WORDS, 0) + \
         words.tobytes()
     errors, took = {}, {}
 

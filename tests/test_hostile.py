@@ -1,6 +1,7 @@
 """Untrusted peers and bad arguments (issue 12): rogue clients on the TCP ring's
 rendezvous, names planted in /dev/shm by another user, and the public entry points'
 argument checks."""
+import hashlib
 import os
 import secrets
 import socket
@@ -12,9 +13,11 @@ import pytest
 
 import distgrad as dg
 from distgrad.autograd import Variable
-from distgrad.workers.collective import CollectiveError, CollectiveTimeoutError, auth, shm, tcp
+from distgrad.workers.collective import (CollectiveError, CollectiveTimeoutError, auth, shm_segment,
+                                         tcp, tcp_links)
 from distgrad.workers.collective.rendezvous import DictStore
-from distgrad.workers.collective.shm import SHM_DIR, ShmCommunicator, cleanup_stale_segments
+from distgrad.workers.collective.shm import ShmCommunicator
+from distgrad.workers.collective.shm_segment import SHM_DIR, cleanup_stale_segments
 
 
 def _threads(fns, timeout=60):
@@ -59,7 +62,7 @@ def test_rogue_clients_neither_join_nor_stall_the_ring():
     store = DictStore()
     name = f"rogue_{os.getpid()}"
     key = f"distgrad/{name}/tcp"
-    digest = tcp.hashlib.sha256(name.encode()).digest()[:16]
+    digest = hashlib.sha256(name.encode()).digest()[:16]
     comms = {}
 
     def rank(r):
@@ -84,7 +87,7 @@ def test_rogue_clients_neither_join_nor_stall_the_ring():
         s = conn()
         cn = secrets.token_bytes(32)
         claimed = 1
-        ch = tcp._CH_RING if what != "claimed rank" else tcp._CH_P2P
+        ch = tcp_links.CH_RING if what != "claimed rank" else tcp_links.CH_P2P
         s.sendall(auth.HELLO.pack(auth.MAGIC, digest, claimed, ch, cn))
         magic, sn, _ = auth.REPLY.unpack(s.recv(auth.REPLY.size, socket.MSG_WAITALL))
         assert magic == auth.MAGIC           # the server answers a well-formed hello...
@@ -220,8 +223,9 @@ def test_a_squatted_segment_name(planted):
     store the creator picks a fresh random name and the group works."""
     name = f"distgrad_t_squat_{os.getpid()}"
     head = np.zeros(8, np.int64)
-    head[shm._W_MAGIC], head[shm._W_WORLD], head[shm._W_PID] = shm._MAGIC, 2, os.getpid()
-    head[shm._W_SIZE] = 1 << 16
+    seg = shm_segment
+    head[seg._W_MAGIC], head[seg._W_WORLD], head[seg._W_PID] = seg._MAGIC, 2, os.getpid()
+    head[seg._W_SIZE] = 1 << 16
     planted(name, uid=65534, mode=0o666, content=head.tobytes() + bytes((1 << 16) - 64))
     with pytest.raises(CollectiveError, match="already exists"):
         ShmCommunicator(0, 2, name, timeout_s=2)
@@ -242,8 +246,8 @@ def test_a_taken_temporary_name_is_retried_under_a_fresh_one(planted, monkeypatc
     taken = "a" * 12
     planted(f"distgrad_tmp_{os.getpid()}_{taken}", uid=65534)
     names = iter([taken])
-    real = shm.secrets.token_hex
-    monkeypatch.setattr(shm.secrets, "token_hex", lambda n: next(names, None) or real(n))
+    real = shm_segment.secrets.token_hex
+    monkeypatch.setattr(shm_segment.secrets, "token_hex", lambda n: next(names, None) or real(n))
     with ShmCommunicator(0, 1, f"distgrad_t_tmp_{os.getpid()}") as c:
         assert c.allreduce(np.ones(2)).tolist() == [1.0, 1.0]
 

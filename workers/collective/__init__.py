@@ -1,14 +1,22 @@
 """distgrad's collective communication backends.
 
-All backends implement :class:`Communicator` (``base.py``):
+All backends implement :class:`Communicator` (``base.py``, which also holds the
+argument checks every collective shares, the errors and the dtype/shape codes),
+one communicator per file, made by :func:`create_communicator`:
 
-- ``"inprocess"``: ranks are threads of one process (``backend="local"``).
-- ``"shm"``: ranks are processes on one node, exchanging through POSIX shared memory.
-- ``"tcp"``: ranks anywhere, ring all-reduce over TCP sockets.
-- ``"hierarchical"``: shm inside each node, tcp ring between node leaders.
+- ``"inprocess"`` (``inprocess.py``): ranks are threads of one process (``backend="local"``).
+- ``"shm"`` (``shm.py``): ranks are processes on one node, exchanging through POSIX
+  shared memory; the segment's lifecycle is ``shm_segment.py``, its waits
+  ``shm_sync.py``, its send/recv channels ``shm_p2p.py``.
+- ``"tcp"`` (``tcp.py``): ranks anywhere, ring all-reduce over TCP sockets; the
+  authenticated connections are ``tcp_links.py`` (hello: ``auth.py``).
+- ``"hierarchical"`` (``hierarchical.py``): shm inside each node, tcp ring between
+  node leaders.
+- ``"nccl"`` (``nccl.py``): GPU actors, through ``ray.util.collective``.
 
-``ray_backend.register()`` makes them available to ``ray.util.collective`` as
-backend ``"distgrad"``. Importing this package does not import Ray.
+Rendezvous stores: ``rendezvous.py``. ``ray_backend.register()`` makes them
+available to ``ray.util.collective`` as backend ``"distgrad"``. Importing this
+package does not import Ray.
 """
 from .base import (DEFAULT_TIMEOUT_S, CollectiveError, CollectiveMismatchError,
                    CollectiveTimeoutError, Communicator, normalize_op, split_ranges,
@@ -31,7 +39,7 @@ def create_communicator(kind: str, **kw) -> Communicator:
       world_size 1), ``timeout_s=``.
     - ``"shm"``: see :class:`~.shm.ShmCommunicator` (``rank, world_size, name, ...``).
     - ``"tcp"``: see :class:`~.tcp.TcpCommunicator` (``rank, world_size, store, ...``).
-    - ``"hierarchical"``: see :class:`~.tcp.HierarchicalCommunicator`.
+    - ``"hierarchical"``: see :class:`~.hierarchical.HierarchicalCommunicator`.
     - ``"nccl"``: see :class:`~.nccl.NcclCommunicator` (GPU actors, cupy arrays).
 
     Example::
@@ -57,7 +65,7 @@ def create_communicator(kind: str, **kw) -> Communicator:
         from .tcp import TcpCommunicator
         return TcpCommunicator(**kw)
     if kind == "hierarchical":
-        from .tcp import HierarchicalCommunicator
+        from .hierarchical import HierarchicalCommunicator
         return HierarchicalCommunicator(**kw)
     if kind == "nccl":
         from .nccl import NcclCommunicator

@@ -23,6 +23,8 @@ __all__ = [
     "CollectiveError", "CollectiveTimeoutError", "CollectiveMismatchError",
     "Communicator", "REDUCE_OPS", "normalize_op", "reduce_in_order",
     "split_sizes", "split_ranges", "DEFAULT_TIMEOUT_S", "dtype_code", "code_dtype",
+    "check_ndarray", "flat_view", "resolve_recv_target", "META_WORDS", "MAX_META_NDIM",
+    "MalformedMessage", "array_meta", "parse_array_meta",
 ]
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -155,11 +157,70 @@ def code_dtype(code: int):
     return dt if dt.kind in "biufc" and dt.fields is None and dt.subdtype is None else None
 
 
-def flat_view(array: np.ndarray):
-    """Return ``(flat, writeback)``: a 1-d C-contiguous view of ``array`` (or a
-    copy when ``array`` is not contiguous, with ``writeback()`` to copy back)."""
+# An array's description as int64 words (tcp frames, hierarchical's packed allgather):
+# [dtype code, ndim, nbytes, shape..., free word for the caller (e.g. a rank)].
+META_WORDS = 32
+MAX_META_NDIM = META_WORDS - 4
+
+
+class MalformedMessage(Exception):
+    """Internal: a peer's words or bytes do not parse (corrupted or hostile). Backends turn
+    it into a :class:`CollectiveError` that breaks the group."""
+
+
+def array_meta(array: np.ndarray) -> np.ndarray:
+    """``array``'s dtype, rank, size and shape as :data:`META_WORDS` int64 words.
+
+    >>> parse_array_meta(array_meta(np.ones((2, 3), np.float32)), 1 << 20)
+    (dtype('float32'), (2, 3), 24)
+    """
+    if array.ndim > MAX_META_NDIM:
+        raise ValueError(f"at most {MAX_META_NDIM} dimensions supported")
+    m = np.zeros(META_WORDS, np.int64)
+    m[0], m[1], m[2] = dtype_code(array.dtype), array.ndim, array.nbytes
+    m[3: 3 + array.ndim] = array.shape
+    return m
+
+
+def parse_array_meta(m: np.ndarray, limit: int):
+    """(dtype, shape, nbytes) of a peer's :func:`array_meta` words, checked before anything
+    is allocated: a plain dtype, non-negative dims that multiply to nbytes, at most
+    ``limit`` bytes. Anything else raises :class:`MalformedMessage`.
+
+    >>> parse_array_meta(array_meta(np.arange(3)), limit=24)
+    (dtype('int64'), (3,), 24)
+    """
+    dt, ndim, nbytes = code_dtype(int(m[0])), int(m[1]), int(m[2])
+    if dt is None:
+        raise MalformedMessage(f"dtype word {int(m[0]):#x} names no plain numeric dtype")
+    if not 0 <= ndim <= MAX_META_NDIM:
+        raise MalformedMessage(f"{ndim} dimensions (at most {MAX_META_NDIM})")
+    shape = tuple(int(d) for d in m[3: 3 + ndim])
+    if any(d < 0 for d in shape) or math.prod(shape) * dt.itemsize != nbytes:
+        raise MalformedMessage(f"shape {shape} of {dt} does not hold {nbytes} bytes")
+    if nbytes > limit:
+        raise MalformedMessage(f"announces {nbytes} bytes, more than the limit of {limit} "
+                               "(max_message_bytes)")
+    return dt, shape, nbytes
+
+
+def check_ndarray(array) -> None:
+    """Raise TypeError unless ``array`` is a numpy array (what the host backends take).
+
+    >>> check_ndarray(np.ones(2))
+    """
     if not isinstance(array, np.ndarray):
         raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+
+
+def flat_view(array: np.ndarray):
+    """Return ``(flat, writeback)``: a 1-d C-contiguous view of ``array`` (or a
+    copy when ``array`` is not contiguous, with ``writeback()`` to copy back).
+
+    >>> flat, writeback = flat_view(np.ones((2, 2))); flat.shape
+    (4,)
+    """
+    check_ndarray(array)
     if array.flags.c_contiguous:
         return array.reshape(-1), (lambda: None)
     tmp = np.ascontiguousarray(array)
@@ -172,10 +233,11 @@ def flat_view(array: np.ndarray):
 class Communicator(abc.ABC):
     """One rank's handle on a collective group.
 
-    Subclasses implement the collectives below; all are blocking and must be
-    called by every rank in the same order. One communicator is used by one
-    thread at a time (calls may come from different threads if serialized). ``op`` is one of "sum", "prod",
-    "min", "max" (or a Ray ``ReduceOp``).
+    Subclasses implement ``send``/``recv`` and the ``_..._flat`` hooks under the
+    collectives below; all are blocking and must be called by every rank in the same
+    order. One communicator is used by one thread at a time (calls may come from
+    different threads if serialized). ``op`` is one of "sum", "prod", "min", "max"
+    (or a Ray ``ReduceOp``).
 
     Example (in-process group, one thread per rank)::
 
@@ -226,15 +288,22 @@ class Communicator(abc.ABC):
         return self._closed
 
     # -- collectives ----------------------------------------------------------
-    @abc.abstractmethod
+    # Each public collective checks its arguments, handles world_size 1 and flattens the
+    # array here, once; a backend writes only the ``_..._flat`` / ``_..._rows`` hook below
+    # it, which runs with world_size > 1 on a 1-d C-contiguous array (template method).
     def allreduce(self, array: np.ndarray, op="sum") -> np.ndarray:
         """Reduce ``array`` over all ranks in place; return it.
 
         >>> comm.allreduce(np.ones(3))      # doctest: +SKIP  (world_size 2)
         array([2., 2., 2.])
         """
+        op = normalize_op(op)
+        flat, writeback = flat_view(array)
+        if self._world_size > 1:
+            self._allreduce_flat(flat, op)
+            writeback()
+        return array
 
-    @abc.abstractmethod
     def allgather(self, array: np.ndarray) -> List[np.ndarray]:
         """Return every rank's ``array`` as a list indexed by rank (new arrays;
         ranks may pass different shapes, the dtype must match).
@@ -242,12 +311,15 @@ class Communicator(abc.ABC):
         >>> comm.allgather(np.array([comm.rank]))   # doctest: +SKIP
         [array([0]), array([1])]
         """
+        check_ndarray(array)
+        if self._world_size == 1:
+            return [array.copy()]
+        return self._allgather(array)
 
     def allgather_stacked(self, array: np.ndarray) -> np.ndarray:
         """``numpy.stack(allgather(array))``: shape ``(world_size, *array.shape)``."""
         return np.stack(self.allgather(array))
 
-    @abc.abstractmethod
     def reducescatter(self, array: np.ndarray, op="sum") -> np.ndarray:
         """Reduce ``array`` over ranks and return this rank's part of the result,
         ``numpy.array_split(result, world_size, axis=0)[rank]`` (a new array;
@@ -256,13 +328,25 @@ class Communicator(abc.ABC):
         >>> comm.reducescatter(np.ones(5))   # doctest: +SKIP  (2 ranks, rank 0)
         array([2., 2., 2.])
         """
+        op = normalize_op(op)
+        if not isinstance(array, np.ndarray) or array.ndim == 0:
+            raise ValueError("reducescatter needs a numpy array with at least one dimension")
+        if self._world_size == 1:
+            return array.copy()
+        return self._reducescatter_rows(array, op)
 
-    @abc.abstractmethod
     def broadcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
         """Copy root's ``array`` into every rank's ``array`` in place; return it.
 
         >>> comm.broadcast(x, root=0)     # doctest: +SKIP
         """
+        self._check_root(root)
+        flat, writeback = flat_view(array)
+        if self._world_size > 1:
+            self._broadcast_flat(flat, root)
+            if self._rank != root:
+                writeback()
+        return array
 
     def reduce(self, array: np.ndarray, root: int = 0, op="sum") -> np.ndarray:
         """Reduce onto ``root`` in place; other ranks' arrays are left unchanged.
@@ -271,18 +355,57 @@ class Communicator(abc.ABC):
         >>> comm.reduce(x, root=0, op="max")   # doctest: +SKIP
         """
         self._check_root(root)
-        tmp = np.array(array, copy=True)
-        self.allreduce(tmp, op)
-        if self.rank == root:
-            array[...] = tmp
+        op = normalize_op(op)
+        flat, writeback = flat_view(array)
+        if self._world_size > 1:
+            self._reduce_flat(flat, root, op)
+            if self._rank == root:
+                writeback()
         return array
 
-    @abc.abstractmethod
     def barrier(self) -> None:
         """Return once every rank has called ``barrier``.
 
         >>> comm.barrier()   # doctest: +SKIP
         """
+        if self._world_size > 1:
+            self._barrier_all()
+
+    # -- what a host backend writes (world_size > 1; arguments already checked) --------
+    # Not abstract: a backend on device arrays (nccl.py) overrides the public methods
+    # instead, since the checks and flat views above are for numpy arrays.
+    def _not_written(self, public: str):
+        raise NotImplementedError(f"{type(self).__name__} implements neither {public} nor "
+                                  f"the hook under it")
+
+    def _allreduce_flat(self, flat: np.ndarray, op: str) -> None:
+        """Reduce the 1-d contiguous ``flat`` over all ranks in place."""
+        self._not_written("allreduce")
+
+    def _allgather(self, array: np.ndarray) -> List[np.ndarray]:
+        """Every rank's ``array`` (any shape, same dtype), indexed by rank."""
+        self._not_written("allgather")
+
+    def _reducescatter_rows(self, array: np.ndarray, op: str) -> np.ndarray:
+        """This rank's rows of the reduction of ``array`` (at least 1-d, not modified)."""
+        self._not_written("reducescatter")
+
+    def _broadcast_flat(self, flat: np.ndarray, root: int) -> None:
+        """Copy root's 1-d contiguous ``flat`` into every rank's ``flat``."""
+        self._not_written("broadcast")
+
+    def _reduce_flat(self, flat: np.ndarray, root: int, op: str) -> None:
+        """Reduce ``flat`` onto ``root`` in place. Default: all-reduce a copy, which root
+        keeps (a backend with a cheaper rooted reduce overrides this). It calls the public
+        ``allreduce``, so a backend that overrides that instead of the hook has it too."""
+        tmp = flat.copy()
+        self.allreduce(tmp, op)
+        if self._rank == root:
+            flat[...] = tmp
+
+    def _barrier_all(self) -> None:
+        """Return once every rank has entered the barrier."""
+        self._not_written("barrier")
 
     @abc.abstractmethod
     def send(self, array: np.ndarray, dst: int) -> None:

@@ -16,9 +16,9 @@ from typing import List
 
 import numpy as np
 
-from .base import (DEFAULT_TIMEOUT_S, CollectiveMismatchError,
-                   CollectiveTimeoutError, Communicator, flat_view, normalize_op,
-                   reduce_in_order, resolve_recv_target, split_ranges)
+from .base import (DEFAULT_TIMEOUT_S, CollectiveMismatchError, CollectiveTimeoutError,
+                   Communicator, check_ndarray, reduce_in_order, resolve_recv_target,
+                   split_ranges)
 
 __all__ = ["InProcessGroup", "InProcessCommunicator"]
 
@@ -117,12 +117,8 @@ class InProcessCommunicator(Communicator):
             raise CollectiveMismatchError(
                 f"collective group {self._group_name!r}: ranks disagree in {op}: {desc}")
 
-    # -- collectives -------------------------------------------------------------
-    def allreduce(self, array, op="sum"):
-        op = normalize_op(op)
-        flat, writeback = flat_view(array)
-        if self._world_size == 1:
-            return array
+    # -- collectives (the public methods, in base.Communicator, call these) -------
+    def _allreduce_flat(self, flat, op):
         self._post(("allreduce", op, flat.dtype.str, flat.size), flat)
         posts = self._sync("allreduce")
         self._check_meta(posts, "allreduce")
@@ -135,87 +131,57 @@ class InProcessCommunicator(Communicator):
         parts = self._sync("allreduce")
         for (s, e), p in zip(ranges, parts):
             flat[s:e] = p[1]
-        writeback()
-        return array
 
-    def reducescatter(self, array, op="sum"):
-        op = normalize_op(op)
-        if not isinstance(array, np.ndarray) or array.ndim == 0:
-            raise ValueError("reducescatter needs an array with at least one dimension")
-        rows = split_ranges(array.shape[0], self._world_size)
-        s, e = rows[self._rank]
-        if self._world_size == 1:
-            return array.copy()
-        self._post(("reducescatter", op, array.dtype.str, array.shape), array)
-        posts = self._sync("reducescatter")
-        self._check_meta(posts, "reducescatter")
+    def _exchange(self, op, meta, array):
+        """Post ``array`` under ``meta``, return every rank's array once all have posted.
+        The caller reads them, then calls :meth:`_done_reading` (the arrays stay alive and
+        unmodified until every rank has read them)."""
+        self._post((op,) + meta, array)
+        posts = self._sync(op)
+        self._check_meta(posts, op)
+        return [p[1] for p in posts]
+
+    def _done_reading(self, op):
+        self._post(None)
+        self._sync(op)
+
+    def _reducescatter_rows(self, array, op):
+        s, e = split_ranges(array.shape[0], self._world_size)[self._rank]
+        ins = self._exchange("reducescatter", (op, array.dtype.str, array.shape), array)
         out = np.empty((e - s,) + array.shape[1:], array.dtype)
-        reduce_in_order([p[1][s:e] for p in posts], op, out)
-        # a second sync keeps the inputs alive and unmodified until all have read them
-        self._post(None)
-        self._sync("reducescatter")
+        reduce_in_order([a[s:e] for a in ins], op, out)
+        self._done_reading("reducescatter")
         return out
 
-    def allgather(self, array) -> List[np.ndarray]:
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
-        if self._world_size == 1:
-            return [array.copy()]
-        self._post(("allgather", array.dtype.str), array)
-        posts = self._sync("allgather")
-        self._check_meta(posts, "allgather")
-        out = [np.array(p[1], copy=True) for p in posts]
-        self._post(None)
-        self._sync("allgather")
+    def _allgather(self, array) -> List[np.ndarray]:
+        ins = self._exchange("allgather", (array.dtype.str,), array)
+        out = [np.array(a, copy=True) for a in ins]
+        self._done_reading("allgather")
         return out
 
-    def broadcast(self, array, root=0):
-        self._check_root(root)
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
-        if self._world_size == 1:
-            return array
-        self._post(("broadcast", root, array.dtype.str, array.size), array)
-        posts = self._sync("broadcast")
-        self._check_meta(posts, "broadcast")
+    def _broadcast_flat(self, flat, root):
+        ins = self._exchange("broadcast", (root, flat.dtype.str, flat.size), flat)
         if self._rank != root:
-            array[...] = posts[root][1].reshape(array.shape)
-        self._post(None)
-        self._sync("broadcast")
-        return array
+            flat[...] = ins[root]
+        self._done_reading("broadcast")
 
-    def reduce(self, array, root=0, op="sum"):
-        self._check_root(root)
-        op = normalize_op(op)
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
-        if self._world_size == 1:
-            return array
-        self._post(("reduce", root, op, array.dtype.str, array.size), array)
-        posts = self._sync("reduce")
-        self._check_meta(posts, "reduce")
+    def _reduce_flat(self, flat, root, op):
+        ins = self._exchange("reduce", (root, op, flat.dtype.str, flat.size), flat)
         res = None
         if self._rank == root:
-            res = np.empty(array.shape, array.dtype)
-            reduce_in_order([p[1].reshape(array.shape) for p in posts], op, res)
-        self._post(None)
-        self._sync("reduce")          # nobody may modify its input before root has read it
+            res = np.empty_like(flat)
+            reduce_in_order(ins, op, res)
+        self._done_reading("reduce")    # nobody may modify its input before root has read it
         if res is not None:
-            array[...] = res
-        return array
+            flat[...] = res
 
-    def barrier(self):
-        if self._world_size == 1:
-            return
-        self._post(("barrier",))
-        posts = self._sync("barrier")
-        self._check_meta(posts, "barrier")
+    def _barrier_all(self):
+        self._exchange("barrier", (), None)
 
     def send(self, array, dst):
         self._check_peer(dst, "dst")
         self._check_open()
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"collectives take numpy arrays, got {type(array).__name__}")
+        check_ndarray(array)
         g = self._g
         with g._cond:
             # Copied now, so the sender may reuse its buffer at once (eager send).

@@ -82,7 +82,8 @@ class NcclCommunicator(Communicator):
         self._check_open()
         self._check_peer(src, "src")
         import cupy as cp
-        out = array_or_shape if hasattr(array_or_shape, "shape") else cp.empty(array_or_shape, dtype=dtype)
+        out = array_or_shape if hasattr(array_or_shape, "shape") else \
+            cp.empty(array_or_shape, dtype=dtype)
         self._col.recv(out, src, self.group_name)
         return out
 

@@ -10,7 +10,7 @@ at actor start, or let Ray call it in every worker with
     col.init_collective_group(world_size, rank, backend="distgrad", group_name="g")
     col.allreduce(array, group_name="g")          # numpy array, in place
 
-The group is a :class:`~.tcp.HierarchicalCommunicator`: ranks on the same Ray
+The group is a :class:`~.hierarchical.HierarchicalCommunicator`: ranks on the same Ray
 node talk through shared memory, nodes through a TCP ring, rendezvous through
 Ray's internal KV store (no fixed ports). Collective timeout:
 ``DISTGRAD_COLLECTIVE_TIMEOUT_S`` (default 30 s) or :func:`set_default_timeout`;
@@ -32,7 +32,7 @@ from ray.util.collective.types import (AllGatherOptions, AllReduceOptions, Barri
 
 from .base import DEFAULT_TIMEOUT_S, Communicator
 from .rendezvous import RayKVStore
-from .tcp import HierarchicalCommunicator
+from .hierarchical import HierarchicalCommunicator
 
 __all__ = ["BACKEND_NAME", "DistgradGroup", "register", "set_default_timeout"]
 
@@ -72,7 +72,8 @@ def _as_numpy(t) -> np.ndarray:
         return t
     if type(t).__module__.startswith("torch") and hasattr(t, "numpy"):
         if getattr(t, "is_cuda", False):
-            raise TypeError("backend 'distgrad' handles CPU arrays; use backend 'nccl' for GPU tensors")
+            raise TypeError("backend 'distgrad' handles CPU arrays; use backend 'nccl' for GPU "
+                            "tensors")
         return t.detach().numpy()
     raise TypeError(f"backend 'distgrad' takes numpy arrays (or CPU torch tensors), got "
                     f"{type(t).__module__}.{type(t).__name__}; use backend 'nccl' for cupy")
@@ -150,7 +151,8 @@ class DistgradGroup(BaseGroup):
         outs = _single_list(tensor_list)
         got = self._comm.allgather(_single(tensor))
         if len(outs) != len(got):
-            raise ValueError(f"allgather needs a list of {len(got)} output tensors, got {len(outs)}")
+            raise ValueError(f"allgather needs a list of {len(got)} output tensors, got "
+                             f"{len(outs)}")
         for dst, src in zip(outs, got):
             if dst.size != src.size:
                 raise ValueError(f"allgather output has {dst.size} elements, rank sent {src.size}")
