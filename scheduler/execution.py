@@ -23,6 +23,13 @@ from distgrad.placement import Partial, Shard
 
 log = logging.getLogger("distgrad")
 
+# A step whose undo data (the old parameters and moments each worker keeps until every
+# worker finished it) reaches this size on some worker is committed by a message of its
+# own, so it does not sit beside the new values until the next step; a smaller one waits
+# for the next program, which commits it for free (the message costs about as much as a
+# small model's step takes).
+COMMIT_BYTES = 16 << 20
+
 
 class Executor:
     """Sends programs and control messages to a cluster's workers, with retries.
@@ -38,6 +45,7 @@ class Executor:
         self.cluster = cluster
         self.messages_sent = 0
         self.driver_spans = collections.deque(maxlen=100_000)   # (start, end) of each wait
+        self.commit_bytes = COMMIT_BYTES
         self.restart(cluster.world_size)
 
     def restart(self, world):
@@ -129,6 +137,8 @@ class Executor:
                 self.messages_sent += 1
                 cluster.sizing.measure(rec, results)
                 self._observe_streams(results)
+                if max(res.get("undo_bytes", 0) for res in results) >= self.commit_bytes:
+                    self.commit()
                 return results
             missed = [r for r, e in errors if prog.NOT_CACHED in e]
             waited = [r for r, e in errors if "CollectiveTimeoutError" in e]
@@ -158,6 +168,18 @@ class Executor:
                 cluster.gang.repair()
         except Exception as e:        # a dead worker is replaced (and re-hydrated) anyway
             log.warning("could not roll workers %s back: %s", ranks, e)
+
+    def commit(self):
+        """Every worker finished the last program: tell them, without waiting, so that what
+        they keep to undo it (the old parameters and optimizer moments of a step) goes now
+        rather than at the next program. Posted like a rollback, it runs before any later
+        message."""
+        cluster = self.cluster
+        msg = self.encode({"v": prog.PROTOCOL, "control": "commit"})
+        try:
+            cluster.gang.post([msg] * cluster.world_size, list(range(cluster.world_size)))
+        except Exception as e:        # the next program commits it anyway
+            log.warning("could not tell the workers the step committed: %s", e)
 
     def reset_mirrors(self, ranks=None):
         """Forget what those workers cache; they are told to empty their caches too."""

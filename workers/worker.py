@@ -43,7 +43,7 @@ class Worker:
         self.compress = compress
         self.values = {}
         self.sources = {}              # source id -> table (workers/sources.py)
-        self.undo = UndoLog()          # the last program's writes, until the next message commits it
+        self.undo = UndoLog()          # the last program's writes, until the driver commits it
         self.fail_after = None         # test hook: (kind, seconds) -> crash or hang in the next program
         self.slowdown_s = 0.0          # test hook: extra compute time per program (a slow worker)
         self.cache = collections.OrderedDict()
@@ -71,8 +71,10 @@ class Worker:
         ``{"fetched": {slot: array}, "error": ...}`` (big arrays travel beside the bytes)."""
         t0, w0 = time.perf_counter(), time.time()
         waited = self.comm.wait_s if self.comm is not None else 0.0
+        control = None
         try:
             msg = prog.decode(payload, side, self.max_message_bytes)
+            control = msg.get("control") if isinstance(msg, dict) else None
             self.span("decode", w0)
             fetched = self._run_message(msg)
             # Busy time: the program's time minus waits for the other workers. The driver
@@ -81,13 +83,18 @@ class Worker:
             reply = {"fetched": fetched, "error": None, "busy_s": busy}
         except Exception as e:          # reported to the driver; the worker stays usable
             reply = {"fetched": {}, "error": f"{type(e).__name__}: {e}"}
+        if self.undo.nbytes:
+            # What this worker keeps to undo the program: the driver commits it (the undo
+            # data goes) once every worker reported success.
+            reply["undo_bytes"] = self.undo.nbytes
         streams = {sid: t.status() for sid, t in self.sources.items() if t.streaming}
         if streams:                     # how far each stream has read ahead: the driver plans by it
             reply["data"] = streams
         self.stats["programs"] += 1
         self.stats["bytes_in"] += len(payload)
         self.stats["run_s"] += time.perf_counter() - t0
-        self.step_times.append(time.perf_counter() - t0)
+        if control is None:             # a commit or a ping is no step
+            self.step_times.append(time.perf_counter() - t0)
         out_side = []
         return prog.encode(reply, out_side), out_side
 
@@ -97,7 +104,8 @@ class Worker:
         control = msg.get("control")
         if control is not None:
             return self._control(control, msg)
-        # A new program means the driver saw the previous one succeed everywhere: commit it.
+        # A new program means the driver saw the previous one succeed everywhere: commit it
+        # (if its "commit" message has not already).
         self.undo = UndoLog()
         self._maybe_fail()
         if self.slowdown_s:
@@ -131,6 +139,15 @@ class Worker:
             if vid not in self.values:
                 raise prog.ProgramError(f"value {vid} is not held by worker {self.rank}")
             env[s] = self.values[vid]
+        # Only what outlives the program needs undoing: writes into the values it reads (and
+        # their views, which share their version counter), not into its temporaries.
+        self.undo.track(env[s] for s in ext)
+        bound = set(bind)
+        for vid in msg.get("free", []):
+            if vid not in bound and vid in self.values:
+                # The driver holds no reference to it and a re-run of this program does not
+                # read it: it goes now, without an undo copy (an old gradient, typically).
+                del self.values[vid]
         inputs = [self._to_device(a) for a in msg.get("inputs", [])]
         scalars = msg.get("scalars", [])
         fetched = {}
@@ -156,7 +173,7 @@ class Worker:
             self.undo.table(self.values, vid)
             self.values[vid] = env[s]
         for vid in msg.get("free", []):
-            if vid in self.values:
+            if vid in self.values:      # read by this program: a re-run needs it back
                 self.undo.table(self.values, vid)
                 del self.values[vid]
             elif vid in self.sources:     # a data source the driver no longer uses
@@ -168,6 +185,9 @@ class Worker:
         """Messages of the recovery protocol (see distgrad.scheduler.recovery)."""
         if control == "rollback":
             self.undo.restore(self.values)
+            self.undo = UndoLog()
+            return {}
+        if control == "commit":        # the last program succeeded on every worker
             self.undo = UndoLog()
             return {}
         if control == "export":
@@ -247,7 +267,7 @@ class Worker:
         elif kind == "update":
             _, slot, idx = ins
             t = env[slot]
-            self.undo.write(t)
+            self.undo.write(t, copy=False)    # the array is replaced, not changed
             t._store.array = inputs[idx]
             t._store.version += 1
         elif kind == "assign":
@@ -255,7 +275,7 @@ class Worker:
             t, v = env[target], env[src]
             if src in dying and _can_take(t, v):
                 # An optimizer update: the fresh result becomes the value and the undo log
-                # keeps the old array, so the step costs no copy at all.
+                # keeps the old array (until the commit), so the step costs no copy at all.
                 self.undo.write(t, copy=False)
                 t._store.array = v._store.array
                 t._store.version += 1
@@ -510,13 +530,33 @@ def _describe(ins, n):
 class UndoLog:
     """What one program changed in state that outlives it, so that a step that failed on
     some worker can be rolled back on the others and re-run (a step commits only once
-    every worker finished it)."""
+    every worker finished it). It holds the old arrays of the values the program wrote
+    (those of an optimizer step: parameters and moments) until the driver commits.
+
+    Example::
+
+        undo = UndoLog()
+        undo.track([w])              # w: a value the program reads
+        undo.write(w)                # before writing into w in place
+        undo.restore(values)         # the step failed somewhere: w as it was
+    """
 
     _MISSING = object()
 
     def __init__(self):
-        self.arrays, self.grads, self.values = {}, {}, {}
+        self.arrays, self.leaves, self.values = {}, {}, {}
         self.restores = []
+        # ids of the version counters of the values the program read (ids only: a reference
+        # would change the counts _can_take reads; the values outlive the program's writes)
+        self.counters = set()
+        self.nbytes = 0              # array bytes kept only for a rollback
+
+    def track(self, tensors):
+        """The program reads these values: writes into them (or into views of them, which
+        share their version counter) are undone; writes into anything else are not."""
+        for t in tensors:
+            if isinstance(t, Tensor):
+                self.counters.add(id(t._store.counter))
 
     def on_restore(self, fn):
         """Call ``fn()`` at a rollback (a stream puts back the rows it gave out)."""
@@ -524,25 +564,41 @@ class UndoLog:
 
     def write(self, t, copy=True):
         """Before the first in-place write of ``t`` in this program: keep its contents
-        (``copy=False``: the array itself, which the write replaces rather than changes)."""
+        (``copy=False``: the array itself, which the write replaces rather than changes).
+        A temporary of the program (no value it read shares its counter) is not kept."""
         key = id(t._store)
-        if key not in self.arrays:
-            a = t._store.array
-            self.arrays[key] = (t, t._store, a.copy() if copy else a, t._store.version,
-                                t.grad_fn, t.requires_grad)
+        if key in self.arrays or id(t._store.counter) not in self.counters:
+            return
+        a = t._store.array
+        # A read-only array (one that came through Ray's object store) is replaced by a
+        # write, never changed (Tensor._write): the array itself is the undo data.
+        writeable = getattr(getattr(a, "flags", None), "writeable", True)
+        saved = a.copy() if copy and writeable else None
+        self.arrays[key] = (t, t._store, a, saved, t._store.version, t.grad_fn, t.requires_grad)
+        self.nbytes += a.nbytes
 
     def grad(self, leaf):
-        self.grads.setdefault(id(leaf), (leaf, leaf._grad))
+        """Before a backward pass clears ``leaf``'s gradient. The worker's ``leaf._grad`` is
+        scratch (the driver reads gradients from the table of values, and each backward
+        starts from None), so a rollback clears it rather than keeping the old array."""
+        self.leaves[id(leaf)] = leaf
 
     def table(self, values, vid):
-        self.values.setdefault(vid, values.get(vid, self._MISSING))
+        if vid not in self.values:
+            old = self.values[vid] = values.get(vid, self._MISSING)
+            if isinstance(old, Tensor) and old._store.array is not None:
+                self.nbytes += old._store.array.nbytes
 
     def restore(self, values):
-        for t, store, array, version, grad_fn, requires_grad in self.arrays.values():
+        # Newest first, so where two writes reach the same memory (a value and a view of
+        # it) the oldest contents are the ones left.
+        for t, store, array, saved, version, grad_fn, requires_grad in reversed(self.arrays.values()):
+            if saved is not None:
+                array[...] = saved   # in place: a view's write reached its base's memory too
             store.array, store.version = array, version
             t.grad_fn, t.requires_grad = grad_fn, requires_grad
-        for leaf, g in self.grads.values():
-            leaf._grad = g
+        for leaf in self.leaves.values():
+            leaf._grad = None
         for vid, old in self.values.items():
             if old is self._MISSING:
                 values.pop(vid, None)
