@@ -314,7 +314,7 @@ CASES["abs"] += [Case(lambda m, a: a.norm(p=1, dim=0), D(3, 2)),
                  Case(lambda m, a: a.norm(p=float("inf"), dim=1), D(3, 2))]
 CASES["pow"] += [Case(lambda m, a: a.norm(p=3), (2, 3))]
 
-# ---- Ops registered outside distgrad/ops.py (nn, collectives...): add their cases here,
+# ---- Ops registered outside distgrad/ops/math.py and shape.py (nn, collectives...): add their cases here,
 # ---- e.g. CASES["conv2d"] = [Case(lambda m, x, w: m.nn.functional.conv2d(x, w), (1, 2, 5, 5), (3, 2, 3, 3))]
 # ---- or, when the gradient test must live elsewhere (collectives need workers), name it:
 # ---- TESTED_ELSEWHERE["allreduce"] = "tests/test_collective.py::test_allreduce_gradient"
@@ -550,7 +550,8 @@ def test_every_registered_op_has_a_case():
                          f"(3, 4) and b (4,)>]")
     assert not missing, (
         f"ops registered without a test: {missing}.\nEvery registered op needs a gradient test: "
-        "add to tests/test_ops.py, in the section 'Ops registered outside distgrad/ops.py':\n"
+        "add to tests/test_ops.py, in the section 'Ops registered outside distgrad/ops/math.py "
+        "and shape.py':\n"
         + "\n".join(lines) + "\n"
         "One input shape or spec per input after the function (P(...) positive, D(...) distinct "
         "values, C(...) no grad); torch_fn=<same signature> when PyTorch spells it differently, "

@@ -134,7 +134,7 @@ def test_every_op_has_a_test_case():
 
 # ---------------------------------------------------------------- no op names outside the registry
 
-def _op_name_tests(path):
+def _op_name_tests(path, names=("op", "name", "op_name")):
     """``(line, text)`` of each comparison of an op or its name with a string or a set of
     strings (``op == "mean"``, ``name in ("add", "sub")``, ``op.name == ...``)."""
     tree = ast.parse(open(path).read())
@@ -143,7 +143,7 @@ def _op_name_tests(path):
         if not isinstance(node, ast.Compare):
             continue
         sides = [node.left] + node.comparators
-        names_op = any(isinstance(s, ast.Name) and s.id in ("op", "name") or
+        names_op = any(isinstance(s, ast.Name) and s.id in names or
                        isinstance(s, ast.Attribute) and s.attr in ("name", "placement")
                        and isinstance(s.value, ast.Name) and s.value.id == "op" for s in sides)
         strings = any(isinstance(s, ast.Constant) and isinstance(s.value, str) or
@@ -165,6 +165,16 @@ def test_no_module_decides_by_op_name(path):
     assert not found, (f"{path} decides by an op's name: "
                        + "; ".join(f"line {n}: {text}" for n, text in found)
                        + ". Make it a fact in the op's defop (distgrad/ops/registry.py) instead.")
+
+
+def test_no_module_outside_the_registry_tests_an_op_by_name():
+    """Across distgrad/, workers/ and scheduler/ (the op families excepted), nothing
+    compares ``op`` or ``op.name`` with a string: a behaviour is a fact of the op."""
+    from test_import_layers import discover
+    found = [f"{os.path.relpath(path, ROOT)}:{n}: {text}"
+             for mod, path in sorted(discover().items()) if not mod.startswith("distgrad.ops")
+             for n, text in _op_name_tests(path, names=("op", "op_name"))]
+    assert not found, "ops told apart by name outside their defop:\n" + "\n".join(found)
 
 
 def test_the_op_name_scan_finds_a_name_test(tmp_path):

@@ -48,7 +48,7 @@ def current():
 
 @contextmanager
 def use_communicator(comm):
-    """Run the collectives of this thread on ``comm``. Example: ``with use_communicator(c): ...``."""
+    """Run this thread's collectives on ``comm``. Example: ``with use_communicator(c): ...``."""
     prev = getattr(_ctx, "comm", None)
     _ctx.comm = comm
     try:
@@ -100,7 +100,8 @@ defop("allgather", _allgather,
 defop("reduce_scatter", _reduce_scatter,
       lambda g, ans, x, dim, sizes: g.apply("allgather", dim=dim, sizes=sizes),
       placement=P.rule_reduce_scatter, linear_in=LINEAR_ALL)
-defop("to_partial", _to_partial, lambda g, ans, x: g.apply("to_partial"), placement=P.rule_to_partial)
+defop("to_partial", _to_partial, lambda g, ans, x: g.apply("to_partial"),
+      placement=P.rule_to_partial)
 defop("shard_rows", _own_rows,
       lambda g, ans, x, dim, sizes: g.apply("unshard_rows", dim=dim, sizes=sizes),
       placement=P.rule_shard_rows)

@@ -186,7 +186,8 @@ def _prod_vjp(g, ans, x, dim=None, keepdim=False):
     return keep(g, x.shape, dim, keepdim) * (at_zero + elsewhere)
 
 
-defop("prod", lambda xp, x, dim=None, keepdim=False: xp.prod(x, axis=np_axis(dim), keepdims=keepdim),
+defop("prod", lambda xp, x, dim=None, keepdim=False:
+      xp.prod(x, axis=np_axis(dim), keepdims=keepdim),
       _prod_vjp, placement=P.rule_reduce)
 
 
@@ -218,14 +219,20 @@ defop("logsumexp", _logsumexp,
 
 
 def softmax_forward(xp, x, dim):
-    """The softmax kernel (cross_entropy's gradient reuses it). Example: ``softmax_forward(np, a, 1)``."""
+    """The softmax kernel (cross_entropy's gradient reuses it).
+
+    Example: ``softmax_forward(np, a, 1)``.
+    """
     e = xp.exp(x - x.max(axis=dim, keepdims=True))
     e /= e.sum(axis=dim, keepdims=True)
     return e
 
 
 def log_softmax_forward(xp, x, dim):
-    """The log_softmax kernel (cross_entropy reuses it). Example: ``log_softmax_forward(np, a, 1)``."""
+    """The log_softmax kernel (cross_entropy reuses it).
+
+    Example: ``log_softmax_forward(np, a, 1)``.
+    """
     # Array methods rather than xp.max/xp.sum: the loss runs these on small arrays,
     # where numpy's Python-level wrappers cost as much as the arithmetic.
     s = x - x.max(axis=dim, keepdims=True)

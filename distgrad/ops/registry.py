@@ -142,7 +142,7 @@ def unbroadcast(g, shape):
 
 
 def axes(dim, ndim):
-    """A ``dim`` attr as a sorted tuple of non-negative axes (None: all). Example: ``axes(-1, 3)``."""
+    """A ``dim`` attr as sorted non-negative axes (None: all). Example: ``axes(-1, 3) == (2,)``."""
     if dim is None:
         return tuple(range(ndim))
     dims = (dim,) if isinstance(dim, int) else tuple(dim)

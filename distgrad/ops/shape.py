@@ -121,9 +121,10 @@ defop("stack", lambda xp, *xs, dim=0: xp.stack(xs, axis=dim), variadic_vjp=_stac
       placement=P.rule_stack, linear_in=LINEAR_ALL)
 
 
-# ---------------------------------------------------------------- rows picked by index (data loading)
-# ``take_rows(x, index)`` is ``x[index]`` along dim 0 with the index as a tensor INPUT, so
-# a loader's per-step indices travel as program inputs (the cached program is reused).
+# ---------------------------------------------------------------- rows picked by index
+# For data loading: ``take_rows(x, index)`` is ``x[index]`` along dim 0 with the index as
+# a tensor INPUT, so a loader's per-step indices travel as program inputs (the cached
+# program is reused).
 # On a worker holding rows ``sizes`` of a dim-0 shard, the index holds global row
 # numbers of rows this worker owns; ``sizes=()`` means the whole of x is at hand.
 
