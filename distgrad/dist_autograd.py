@@ -26,8 +26,7 @@ Example::
 """
 import numpy as np
 
-from . import placement as pl
-from .autograd import engine
+from . import engine, placement as pl
 from .autograd.function import FunctionCtx
 from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard

@@ -20,13 +20,13 @@ import weakref
 
 import numpy as np
 
-from . import _backend, _hints, placement as pl
-from .autograd import engine
+from . import _backend, _hints, engine, placement as pl
 from .errors import RecoveryError
 from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
 from .recording import LazyNode, Recording
-from .tensor import Storage, Tensor, Variable
+from .storage import Storage
+from .tensor import Tensor, Variable
 
 
 class LazyStorage:

@@ -7,7 +7,7 @@ Example::
     slot = rec.new_slot(vid=7)        # a value this program defines
     rec.instrs.append(["fetch", slot])
 """
-from .autograd import engine
+from . import engine
 
 
 class LazyNode(engine.Node):
