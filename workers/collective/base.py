@@ -294,7 +294,9 @@ class Communicator(abc.ABC):
     def allreduce(self, array: np.ndarray, op="sum") -> np.ndarray:
         """Reduce ``array`` over all ranks in place; return it.
 
-        >>> comm.allreduce(np.ones(3))      # doctest: +SKIP  (world_size 2)
+        With 2 ranks:
+
+        >>> comm.allreduce(np.ones(3))      # doctest: +SKIP
         array([2., 2., 2.])
         """
         op = normalize_op(op)
@@ -325,7 +327,9 @@ class Communicator(abc.ABC):
         ``numpy.array_split(result, world_size, axis=0)[rank]`` (a new array;
         ``array`` is not modified; uneven splits allowed).
 
-        >>> comm.reducescatter(np.ones(5))   # doctest: +SKIP  (2 ranks, rank 0)
+        On rank 0 of 2:
+
+        >>> comm.reducescatter(np.ones(5))   # doctest: +SKIP
         array([2., 2., 2.])
         """
         op = normalize_op(op)
@@ -460,7 +464,13 @@ class Communicator(abc.ABC):
 
 def resolve_recv_target(array_or_shape, dtype, sent_dtype: np.dtype, sent_shape: tuple,
                         group_name: str, src: int) -> np.ndarray:
-    """Allocate or check the receive buffer for a message of ``sent_dtype``/``sent_shape``."""
+    """Allocate or check the receive buffer for a message of ``sent_dtype``/``sent_shape``
+    (what ``recv``'s ``array_or_shape`` and ``dtype`` ask for); a size or dtype that does
+    not match raises :class:`CollectiveMismatchError`.
+
+    >>> resolve_recv_target(None, None, np.dtype("f4"), (2, 3), "g", 1).shape
+    (2, 3)
+    """
     if isinstance(array_or_shape, np.ndarray):
         out = array_or_shape
         if out.dtype != sent_dtype or out.size != math.prod(sent_shape):

@@ -337,7 +337,7 @@ class ShmCommunicator(Communicator):
         next ``allreduce_bucket(b)``.
 
         >>> b = comm.bucket((1000,), np.float32)     # doctest: +SKIP
-        >>> b.input[:] = grads; comm.allreduce_bucket(b); use(b.output)
+        >>> b.input[:] = grads; comm.allreduce_bucket(b); use(b.output)  # doctest: +SKIP
         """
         self._check_open()
         return self._arena.allocate(shape, dtype)

@@ -31,7 +31,10 @@ _FENCE_LOCK = threading.Lock()
 def fence():
     """Full memory barrier (a lock round trip is a locked instruction): orders our
     store of a flag/counter before our load of the other side's (Dekker-style
-    sleep/wake handshake)."""
+    sleep/wake handshake).
+
+    >>> q[my_flag] = 1; fence(); peer_counter = q[peer_idx]   # doctest: +SKIP
+    """
     _FENCE_LOCK.acquire()
     _FENCE_LOCK.release()
 
