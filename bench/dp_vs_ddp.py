@@ -250,6 +250,10 @@ def main():
                          "between them)")
     ap.add_argument("--models", default="mlp,cnn,wide", help="comma-separated: mlp, cnn, wide")
     ap.add_argument("--rounds", type=int, default=None, help="alternating blocks per model")
+    ap.add_argument("--data", choices=("driver", "resident"), default="driver",
+                    help="driver: the driver shards the batch every step (cluster.shard); "
+                         "resident: sharded once, the workers keep their rows, as each DDP "
+                         "process holds its own")
     ap.add_argument("--bucket-cap-mb", type=float, default=None,
                     help="gradient bucket size on both sides (default: each side's own: 25 MB, "
                          "and DDP's 1 MB first bucket)")
@@ -275,6 +279,8 @@ def main():
     else:
         ddp_env, expect, init_kw = {}, None, {}
         who = f"{workers} workers vs {workers} DDP processes x 1 thread"
+    if args.data == "resident":
+        who += ", batch resident on the workers"
     if args.bucket_cap_mb:
         init_kw["bucket_cap_mb"] = args.bucket_cap_mb
         who += f", {args.bucket_cap_mb:g} MB buckets on both sides"
@@ -301,13 +307,15 @@ def main():
                     model = cluster.replicate(build(dg, name))
                     opt = dg.optim.SGD(model.parameters(), **MODELS[name][2])
                     record, starts = [], []
+                    held = (cluster.shard(X), cluster.shard(Y)) if args.data == "resident" else None
 
                     def block(n):
                         t0 = time.perf_counter()
                         for _ in range(n):
                             starts.append(time.time())
                             r0 = time.perf_counter()
-                            loss = F.cross_entropy(model(cluster.shard(X)), cluster.shard(Y))
+                            xs, ys = held or (cluster.shard(X), cluster.shard(Y))
+                            loss = F.cross_entropy(model(xs), ys)
                             opt.zero_grad()
                             loss.backward()
                             opt.step()
@@ -355,6 +363,7 @@ def main():
         f"Load average at the start: {load_start}; at the end: {_load()} "
         f"({os.cpu_count()} CPUs)."]
     name = "dp_vs_ddp" + (f"_{nodes}nodes" if nodes else "") + (
+        "_resident" if args.data == "resident" else "") + (
         f"_bucket{args.bucket_cap_mb:g}mb" if args.bucket_cap_mb else "")
     publish(name, "\n".join(text), args.save)
 
