@@ -134,6 +134,7 @@ def test_until_it_commits_a_step_keeps_the_old_parameters_and_moments_and_no_cop
 def test_a_failure_after_a_committed_step_rolls_back_to_that_step(backend):
     ref, ref_opt = train(None, [GOOD, GOOD, GOOD])
     with dg.init(workers=2, backend=backend, timeout_s=5) as cluster:
+        cluster.executor.commit_bytes = 1     # every good step is committed by its message
         model, opt = train(cluster, [GOOD, BAD, GOOD, BAD, GOOD])
         for p, q in zip(model.parameters(), ref.parameters()):
             a, b = replicas(cluster, p)
@@ -161,3 +162,37 @@ def test_a_write_through_a_view_is_rolled_back_in_the_memory_it_shares(backend):
         expected[0] = 1.0
         for r, a in enumerate(replicas(cluster, W)):
             np.testing.assert_array_equal(a, expected, err_msg=f"worker {r}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.01])
+def test_sigkill_among_commit_messages_leaves_bitwise_equal_replicas_and_the_undisturbed_result(
+        ray_session, delay_s):
+    import os
+    import signal
+    import threading
+    import time
+    ref, _ = train(None, [GOOD] * 12)
+    with dg.init(workers=2, backend="ray", timeout_s=5) as cluster:
+        cluster.executor.commit_bytes = 1     # a commit message after every step
+        dg.manual_seed(0)
+        model = cluster.replicate(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double())
+        opt = dg.optim.Adam(model.parameters(), lr=0.1)
+        pid = cluster.gang.pid(1)
+        for i in range(12):               # ten steps after the kill: more than its delay
+            if i == 2:
+                # The kill lands in the step's program, between its replies and its commit
+                # message, or in the commit itself, depending on the delay.
+                threading.Thread(target=lambda: (time.sleep(delay_s), os.kill(pid, signal.SIGKILL))).start()
+            loss = F.cross_entropy(model(cluster.shard(X, sizes=(6, 4))), cluster.shard(GOOD, sizes=(6, 4)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+        cluster.sync()
+        assert cluster.recoveries, "the kill did not land"
+        for p, q in zip(model.parameters(), ref.parameters()):
+            a, b = replicas(cluster, p)
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, q.data.numpy(), rtol=1e-10)
