@@ -3,11 +3,20 @@
 A program is a list of instructions over numbered slots; it is what the driver
 records from ops on distributed values and what every worker runs. Instructions:
 
-    ["op", name, args, attrs, out_slot, grad_enabled]   args: ["s", slot] or ["c", constant]
+    ["op", name, args, attrs, out_slot, grad_enabled(, {attr: scalar_index})]
+                                                        args: ["s", slot], ["c", constant] or
+                                                        ["k", scalar_index]; float operands and
+                                                        float attrs are message scalars
     ["put", slot, input_index, requires_grad]           a new value from the message's arrays
     ["update", slot, input_index]                       new data for an existing value
     ["assign", target_slot, source_slot]                in-place write (optimizer steps)
-    ["backward", root, seed, root_placement, retain, [[leaf, prev_grad, new_grad, replicated]..]]
+    ["detach", source_slot, out_slot, requires_grad]    the value without its history
+    ["backward", roots, seeds, root_placements, retain, leaves, create_graph, hooks]
+                                                        leaves: [[leaf, prev_grad, new_grad,
+                                                        replicated], ...]; seeds -1: ones
+    ["grad", roots, seeds, root_placements, retain, create_graph, inputs, out_slots, hooks]
+    ["custom", name, arg_slots, out_slot, result_slot, captured, sub_program]
+                                                        a custom Function; its traced backward
     ["fetch", slot]                                     send the local value back
     ["source", [slot, ...], source_id, input_index, ahead_index]
                                                         rows of a worker-side data source (one slot
