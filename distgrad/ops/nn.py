@@ -213,7 +213,36 @@ def _pool_setup(xp, x, kernel_size, stride, padding, dilation, ceil_mode, fill):
     return _pad(xp, x, pads, fill), out_hw, pads
 
 
+def _tiles(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Output size when the windows tile x without overlap or padding (LeNet's 2x2 pools), else None.
+
+    Then every input element lies in at most one window: the gradient is a plain
+    assignment per kernel offset, with no accumulation and no argmax index array.
+    """
+    if (tuple(kernel_size) != tuple(stride) or any(padding) or tuple(dilation) != (1, 1)
+            or ceil_mode):
+        return None
+    return tuple(n // k for n, k in zip(x.shape[-2:], kernel_size))
+
+
+def _max_pool2d_tiles(xp, x, kernel_size, out_hw):
+    """Max over tiles, rows first: each pass reads whole rows and halves what the next reads."""
+    (kh, kw), (oh, ow) = kernel_size, out_hw
+    rows = x[:, :, :oh * kh]
+    best = rows[:, :, ::kh].copy() if kh > 1 else rows
+    for i in range(1, kh):
+        xp.maximum(best, rows[:, :, i::kh], out=best)
+    cols = best[..., :ow * kw]
+    out = cols[..., ::kw].copy()
+    for j in range(1, kw):
+        xp.maximum(out, cols[..., j::kw], out=out)
+    return out
+
+
 def _max_pool2d(xp, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    out_hw = _tiles(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if out_hw is not None and min(out_hw) > 0:
+        return _max_pool2d_tiles(xp, x, kernel_size, out_hw)
     xpad, out_hw, _ = _pool_setup(xp, x, kernel_size, stride, padding, dilation, ceil_mode,
                                   _neg_inf(x))
     out = None
@@ -246,9 +275,36 @@ def _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode):
     return idx, out_hw, pads
 
 
+def _max_pool2d_grad_tiles(xp, g, x, kernel_size, out_hw):
+    """max_pool2d_grad for tiling windows: g written at each tile's first maximum.
+
+    Offset k takes g where its value equals the tile's maximum and no earlier offset
+    did (bool ``a > b`` is ``a & ~b``); a tile with no match (a NaN maximum) sends g
+    to offset 0, as the general path's argmax does.
+    """
+    (kh, kw), (oh, ow) = kernel_size, out_hw
+    best = _max_pool2d_tiles(xp, x, kernel_size, out_hw)
+    views = [x[:, :, i:oh * kh:kh, j:ow * kw:kw] for i in range(kh) for j in range(kw)]
+    hits = [v == best for v in views]
+    found = hits[0].copy()
+    for k in range(1, len(hits)):
+        first = xp.greater(hits[k], found)
+        found |= hits[k]
+        hits[k] = first
+    hits[0] = xp.greater_equal(hits[0], found)          # hits[0] | ~found
+    exact = x.shape[-2] == oh * kh and x.shape[-1] == ow * kw
+    out = (xp.empty if exact else xp.zeros)(x.shape, dtype=g.dtype)
+    for k, hit in enumerate(hits):
+        xp.multiply(g, hit, out=out[:, :, k // kw:oh * kh:kh, k % kw:ow * kw:kw])
+    return out
+
+
 def _max_pool2d_grad(xp, g, x, kernel_size, stride, padding=(0, 0), dilation=(1, 1),
                      ceil_mode=False):
     """Scatter g (pooled shape) into x's shape at each window's argmax."""
+    out_hw = _tiles(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if out_hw is not None and min(out_hw) > 0:
+        return _max_pool2d_grad_tiles(xp, g, x, kernel_size, out_hw)
     idx, out_hw, pads = _argmax_windows(xp, x, kernel_size, stride, padding, dilation, ceil_mode)
     return _fold_each(xp, lambda k: g * (idx == k), x.shape, kernel_size, stride, pads,
                       dilation, out_hw, g.dtype)
