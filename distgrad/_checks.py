@@ -198,19 +198,19 @@ def replicate_args(obj, cluster):
     Traceback (most recent call last):
     TypeError: replicate: expected a Tensor, Variable or Module, got NoneType
     """
-    store = getattr(obj, "_store", None)
+    store = getattr(obj, "store", None) if not hasattr(obj, "parameters") else None
     if store is None and not hasattr(obj, "parameters"):
         raise TypeError(f"replicate: expected a Tensor, Variable or Module, got "
                         f"{type(obj).__name__}")
     tensors = [obj] if store is not None else list(obj.parameters()) + [
         b for b in (obj.buffers() if hasattr(obj, "buffers") else ()) if b is not None]
     for t in tensors:
-        if t._store.lazy and t._store.cluster is not cluster:
+        if t.store.lazy and t.store.cluster is not cluster:
             raise ValueError("replicate: a tensor of shape "
-                             f"{tuple(t._store.shape)} already lives on another cluster; "
+                             f"{tuple(t.store.shape)} already lives on another cluster; "
                              "gather it (cluster.gather) or replicate a local copy")
-        if not t._store.lazy:
-            _check_plain_array("replicate", "a tensor", t._store.dtype)
+        if not t.store.lazy:
+            _check_plain_array("replicate", "a tensor", t.store.dtype)
 
 
 def resize_args(n):

@@ -10,9 +10,9 @@ Example::
 """
 from . import _backend, random
 from .compat import missing as _missing
-from .factories import _legacy_types
+from .factories import legacy_types
 
-globals().update(_legacy_types("cuda"))     # dg.cuda.FloatTensor and friends
+globals().update(legacy_types("cuda"))     # dg.cuda.FloatTensor and friends
 
 
 def is_available():

@@ -40,9 +40,7 @@ def placeholder(cluster, shape, dtype, placement):
     """A stand-in for a value the sub-program receives when it runs (a gradient)."""
     store = cluster.recorder.new_storage(shape, dtype, placement)
     slot = cluster.recorder.rec.new_slot(store.vid)
-    t = Variable.from_array(None)
-    t._store = store
-    return t, slot
+    return Variable.from_storage(store), slot
 
 
 def subprogram(cluster, sub, input_slots, result_slots):
@@ -65,7 +63,7 @@ def coerce(cluster, value, shape, placement, who):
     if tuple(value.shape) != tuple(shape):
         raise RuntimeError(f"{who} returned a gradient of shape {tuple(value.shape)} for a value "
                            f"of shape {tuple(shape)}")
-    store = value._store if value._store.lazy else cluster.recorder.local_replica(value.detach())
+    store = value.store if value.store.lazy else cluster.recorder.local_replica(value.detach())
     have = store.placement
     if isinstance(placement, Shard):
         if not (isinstance(have, Shard) and have.dim == placement.dim and have.sizes == placement.sizes):
@@ -74,20 +72,18 @@ def coerce(cluster, value, shape, placement, who):
     elif isinstance(placement, Partial):
         if isinstance(have, Replicate):
             value = cluster.record_op(get_op("to_partial"), [_wrap(store)], {})
-            store = value._store
+            store = value.store
         elif not isinstance(have, Partial):
             raise PlacementError(f"{who} returned a {have!r} gradient for a replicated value")
     elif isinstance(have, Partial):
-        store = cluster.recorder.allreduce_partial(store)._store
+        store = cluster.recorder.allreduce_partial(store).store
     elif not isinstance(have, Replicate):
         raise PlacementError(f"{who} returned a {have!r} gradient for a Partial value")
     return cluster.recorder.rec.ref(store.vid)
 
 
 def _wrap(store):
-    t = Tensor.from_array(None)
-    t._store = store
-    return t
+    return Tensor.from_storage(store)
 
 
 def _store_of(cluster, t):
@@ -102,9 +98,9 @@ def apply_function(cluster, fn_cls, args, kwargs):
     name = fn_cls.__name__
     args = list(args)
     for i, a in enumerate(args):
-        if isinstance(a, Tensor) and a._store.lazy and isinstance(a._store.placement, Partial):
+        if isinstance(a, Tensor) and a.store.lazy and isinstance(a.store.placement, Partial):
             # A Function is not known to be linear: its inputs are whole values.
-            args[i] = cluster.recorder.allreduce_partial(a._store, type(a), a.requires_grad, a)
+            args[i] = cluster.recorder.allreduce_partial(a.store, type(a), a.requires_grad, a)
     ctx = FunctionCtx()
     ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
     with engine.no_grad():
@@ -128,7 +124,7 @@ def apply_function(cluster, fn_cls, args, kwargs):
             if not (isinstance(a, Tensor) and a.requires_grad):
                 results.append(-1)
                 continue
-            p = a._store.placement if a._store.lazy else REPLICATE
+            p = a.store.placement if a.store.lazy else REPLICATE
             results.append(coerce(cluster, gi, a.shape, pl.cotangent(p),
                                   f"{name}.backward (input {i})"))
     captured, structure = subprogram(cluster, sub, [g_slot], results)
@@ -145,9 +141,7 @@ def apply_function(cluster, fn_cls, args, kwargs):
         tuple(engine.next_node_of(a) if isinstance(a, Tensor) else None for a in args))
     node.vid = store.vid
     cls = Variable if any(isinstance(a, Variable) for a in args) else type(out)
-    result = cls.from_array(None, grad_fn=node, requires_grad=True)
-    result._store = store
-    return result
+    return cls.from_storage(store, grad_fn=node, requires_grad=True)
 
 
 # ---------------------------------------------------------------- backward and grad
@@ -174,13 +168,13 @@ def _seed_for(cluster, g, store, i, who):
         raise RuntimeError(f"{who}: gradient of shape {tuple(g.shape)} does not match "
                            f"output {i} of shape {store.shape}")
     p = store.placement
-    if not g._store.lazy:
+    if not g.store.lazy:
         if isinstance(p, Shard) and not g.requires_grad:
             return cluster.shard(g.detach(), p.dim, p.sizes)     # only each worker's rows travel
         g = g if g.requires_grad else g.detach()
     gp = _store_of(cluster, g).placement
     if isinstance(gp, Partial):
-        g = cluster.recorder.allreduce_partial(g._store, type(g), g.requires_grad, g)
+        g = cluster.recorder.allreduce_partial(g.store, type(g), g.requires_grad, g)
         gp = REPLICATE
     if isinstance(p, Shard):
         if isinstance(gp, Replicate):
@@ -190,7 +184,7 @@ def _seed_for(cluster, g, store, i, who):
                                  f"{gp.sizes}, the output {p!r} with sizes {p.sizes}")
     elif isinstance(gp, Shard):
         raise PlacementError(f"{who}: a sharded gradient for the {p!r} output {i}")
-    return g if g._store.lazy else _wrap(_store_of(cluster, g))
+    return g if g.store.lazy else _wrap(_store_of(cluster, g))
 
 
 def _roots_and_seeds(cluster, tensors, grad_tensors, who):
@@ -209,7 +203,7 @@ def _roots_and_seeds(cluster, tensors, grad_tensors, who):
             seeds.append(-1)
         else:
             g = _seed_for(cluster, g, store, i, who)
-            seeds.append(rec.ref(g._store.vid))
+            seeds.append(rec.ref(g.store.vid))
         roots.append(rec.ref(store.vid))
         codes.append(pl.encode(store.placement)[0])
     return roots, seeds, codes
@@ -265,9 +259,7 @@ def _grad_values(cluster, shapes_dtypes, placements, create_graph, roots, leaves
             # The workers know the real graph; the driver only needs what it reaches.
             grad_fn = engine.node_class("grad", LazyNode)(_edges(roots, seeds))
             grad_fn.vid = store.vid
-        t = Variable.from_array(None, grad_fn=grad_fn, requires_grad=create_graph)
-        t._store = store
-        out.append(t)
+        out.append(Variable.from_storage(store, grad_fn=grad_fn, requires_grad=create_graph))
     return out, slots
 
 
@@ -295,21 +287,20 @@ def record_backward(cluster, tensors, grad_tensors, retain_graph, create_graph, 
         if obj is None or (only is not None and id(obj) not in only):
             continue
         leaf_store = _store_of(cluster, obj)
-        prev = obj._grad
-        if prev is not None and not prev._store.lazy:
+        prev = obj.grad
+        if prev is not None and not prev.store.lazy:
             prev = cluster.replicate(prev.detach())
         new = cluster.recorder.new_storage(leaf_store.shape, leaf_store.dtype, leaf_store.placement,
                                    leaf_store.leaves | leaf_vids if create_graph else frozenset())
-        leaves.append([rec.ref(leaf_store.vid), -1 if prev is None else rec.ref(prev._store.vid),
+        leaves.append([rec.ref(leaf_store.vid), -1 if prev is None else rec.ref(prev.store.vid),
                        rec.new_slot(new.vid), isinstance(leaf_store.placement, Replicate)])
         grad_fn = None
         if create_graph:
             grad_fn = engine.node_class("grad", LazyNode)(_edges(tensors, grad_tensors))
             grad_fn.vid = new.vid
-        grad = Variable.from_array(None, grad_fn=grad_fn, requires_grad=bool(create_graph))
-        grad._store = new
-        cluster.on_rollback(lambda obj=obj, old=obj._grad: setattr(obj, "_grad", old))
-        obj._grad = grad
+        grad = Variable.from_storage(new, grad_fn=grad_fn, requires_grad=create_graph)
+        cluster.on_rollback(lambda obj=obj, old=obj.grad: setattr(obj, "grad", old))
+        obj.grad = grad
     rec.instrs.append(["backward", roots, seeds, codes, bool(retain_graph), leaves,
                        bool(create_graph), hooks])
 

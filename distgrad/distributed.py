@@ -89,7 +89,7 @@ class Cluster:
         """
         _checks.shard_args(data, dim, sizes, self.world_size)
         src = data if isinstance(data, Tensor) else None
-        arr = _backend.to_numpy(src._store.array if src is not None else np.asarray(data))
+        arr = _backend.to_numpy(src.store.array if src is not None else np.asarray(data))
         if src is None and arr.dtype == np.float64 and not isinstance(data, np.ndarray):
             arr = arr.astype(np.float32)
         if arr.ndim == 0:
@@ -113,9 +113,9 @@ class Cluster:
         _checks.replicate_args(obj, self)
         recorder = self.recorder
         if isinstance(obj, Tensor):
-            if obj._store.lazy:
+            if obj.store.lazy:
                 return obj
-            a = _backend.to_numpy(obj._store.array)
+            a = _backend.to_numpy(obj.store.array)
             return recorder.put([a] * self.world_size, a.shape, a.dtype, REPLICATE,
                                 obj.requires_grad, type(obj))
         tensors = []
@@ -126,15 +126,15 @@ class Cluster:
         if not tensors and not hasattr(obj, "parameters"):
             raise TypeError(f"replicate: expected a Tensor, Variable or Module, got {type(obj).__name__}")
         for t in tensors:
-            if t._store.lazy:
+            if t.store.lazy:
                 continue
-            a = _backend.to_numpy(t._store.array)
-            t._store = recorder.put_storage([a] * self.world_size, a.shape, a.dtype, REPLICATE,
-                                            t.requires_grad)
+            a = _backend.to_numpy(t.store.array)
+            t.set_store(recorder.put_storage([a] * self.world_size, a.shape, a.dtype, REPLICATE,
+                                             t.requires_grad))
             if t.requires_grad:
-                recorder.leaf_objects[t._store.vid] = weakref.ref(t)
-            if t._grad is not None and not t._grad._store.lazy:
-                t._grad = self.replicate(t._grad.detach())
+                recorder.leaf_objects[t.store.vid] = weakref.ref(t)
+            if t.grad is not None and not t.grad.store.lazy:
+                t.grad = self.replicate(t.grad.detach())
         return obj
 
     def shard_dataset(self, data, batch_size, shuffle=False, seed=0, columns=None,
@@ -281,7 +281,7 @@ class Cluster:
         """A new value on the workers: ``t`` without its history (sharing its memory and
         version counter), requiring grad as a fresh leaf if asked. ``detach()``, ``.data``
         and ``requires_grad_()`` of a distributed value go through here, so the workers'
-        graph stops exactly where the driver's does. Example: ``x._store.cluster.record_detach(x)``."""
+        graph stops exactly where the driver's does. Example: ``x.store.cluster.record_detach(x)``."""
         return self.recorder.record_detach(t, requires_grad)
 
     def record_backward(self, tensors, grad_tensors, retain_graph, create_graph, inputs=None):
@@ -336,8 +336,8 @@ def _unregister(cluster):
 
 def _dispatch(op, inputs, attrs):
     for x in inputs:
-        if isinstance(x, Tensor) and x._store.lazy:
-            return x._store.cluster.record_op(op, inputs, attrs)
+        if isinstance(x, Tensor) and x.store.lazy:
+            return x.store.cluster.record_op(op, inputs, attrs)
     raise AssertionError("lazy dispatch without a lazy input")
 
 

@@ -16,7 +16,7 @@ def _make(array, dtype, device, requires_grad):
         array = _backend.to_device(array, device)
     t = Tensor.from_array(array)
     if requires_grad:
-        t._init_requires_grad(True)
+        t.init_requires_grad(True)
     return t
 
 
@@ -92,7 +92,7 @@ def tensor(data, dtype=None, device=None, requires_grad=False):
         arr = arr.copy()
     t = Tensor.from_array(arr)
     if requires_grad:
-        t._init_requires_grad(True)
+        t.init_requires_grad(True)
     return t
 
 
@@ -135,7 +135,7 @@ class TensorType:
         return f"<class '{prefix}{self.__name__}'>"
 
 
-def _legacy_types(device):
+def legacy_types(device):
     """The legacy type objects of one device, by name (``{"FloatTensor": TensorType(...)}``)."""
     names = {"FloatTensor": np.float32, "DoubleTensor": np.float64, "HalfTensor": np.float16,
              "LongTensor": np.int64, "IntTensor": np.int32, "ShortTensor": np.int16,
@@ -143,7 +143,7 @@ def _legacy_types(device):
     return {name: TensorType(dtype, name, device) for name, dtype in names.items()}
 
 
-globals().update(_legacy_types("cpu"))
+globals().update(legacy_types("cpu"))
 
 
 def full_like(t, fill_value, dtype=None, device=None, requires_grad=False):
@@ -151,12 +151,12 @@ def full_like(t, fill_value, dtype=None, device=None, requires_grad=False):
 
     On a distributed ``t`` the result is made on the workers (optimizer state stays there).
     """
-    if t._store.lazy:
+    if t.store.lazy:
         out = apply_op("full_like", t, value=fill_value, dtype=None if dtype is None else str(np.dtype(dtype)))
     else:
         out = full(t.shape, fill_value, dtype=dtype or t.dtype, device=device or t.device)
     if requires_grad:
-        out._init_requires_grad(True)
+        out.init_requires_grad(True)
     return out
 
 

@@ -11,7 +11,7 @@ Example::
     cluster = dg.init(workers=2, backend="local")
     X = cluster.shard(np.ones((4, 3), np.float32))    # recorder.put: a "put" instruction
     y = X.sum()                                       # recorder.record_op: an "op" one
-    y._store                                          # a LazyStorage: vid, Partial, shape ()
+    y.store                                          # a LazyStorage: vid, Partial, shape ()
     y.item()                                          # a sync point: the program runs
 """
 import contextlib
@@ -32,7 +32,7 @@ from .tensor import Tensor, Variable
 class LazyStorage:
     """Storage of a distributed value: an id on the workers plus what the driver knows.
 
-    Example: ``cluster.shard(a)._store.placement`` is ``Shard(dim=0)``.
+    Example: ``cluster.shard(a).store.placement`` is ``Shard(dim=0)``.
     """
 
     lazy = True
@@ -41,7 +41,7 @@ class LazyStorage:
 
     def __init__(self, cluster, vid, shape, dtype, placement, leaves=frozenset(), device=None):
         self.cluster, self.vid = cluster, vid
-        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.shape, self.dtype = tuple(map(int, shape)), np.dtype(dtype)
         self.placement, self.leaves = placement, leaves
         self.device = device or cluster.device       # where the workers hold it
         self.counter = [0]       # a one-item list, shared with aliases (detach, .data)
@@ -69,8 +69,51 @@ class LazyStorage:
         # getattr: a Ctrl-C may land inside __init__, before the slot is set.
         cluster = getattr(self, "cluster", None)
         vid = getattr(self, "vid", None)
-        if cluster is not None and vid is not None and not cluster.closed:
-            cluster.recorder.release(vid)
+        if cluster is not None and vid is not None:
+            recorder = cluster.recorder
+            recorder.live.drop(vid)
+            if not cluster.closed:
+                recorder.release(vid)
+
+
+class LiveTable:
+    """vid -> LazyStorage of the values the driver still references, without keeping them
+    alive: plain weak references, each taken out by its storage's ``__del__`` (a
+    ``WeakValueDictionary`` costs four Python calls per value, and the recorder makes
+    one value per recorded op). Reads as that dictionary did: ``get``, ``in``, ``items``,
+    ``values``, all skipping a value already gone.
+
+    Example: ``cluster.recorder.live.get(x.store.vid) is x.store``.
+    """
+
+    __slots__ = ("refs",)
+
+    def __init__(self):
+        self.refs = {}
+
+    def add(self, store):
+        self.refs[store.vid] = weakref.ref(store)
+
+    def drop(self, vid):
+        self.refs.pop(vid, None)
+
+    def get(self, vid, default=None):
+        ref = self.refs.get(vid)
+        store = None if ref is None else ref()
+        return default if store is None else store
+
+    def __contains__(self, vid):
+        return self.get(vid) is not None
+
+    def __len__(self):
+        return len(self.items())
+
+    def items(self):
+        return [(vid, store) for vid, store in ((v, r()) for v, r in list(self.refs.items()))
+                if store is not None]
+
+    def values(self):
+        return [store for _, store in self.items()]
 
 
 class HomeStorage(LazyStorage):
@@ -107,7 +150,7 @@ class Recorder:
         self.cluster = cluster
         self.rec = Recording(cluster.world_size)
         self.traced = []           # what is being traced into a sub-program (innermost last)
-        self.live = weakref.WeakValueDictionary()
+        self.live = LiveTable()
         self.lost = {}
         self.sources = {}          # vid -> (per-worker pieces, requires_grad)
         self.leaf_objects = {}     # vid -> weakref(driver tensor)
@@ -117,6 +160,7 @@ class Recorder:
         self._free = []            # vids the workers may drop with the next program
         self._replicas = {}        # (id(storage), requires_grad) -> [weakref(store), lazy, version]
         self._infer_cache = {}
+        self._out_cache = {}       # op_key -> (placement, global shape, dtype) of the output
 
     # ---------------------------------------------------------------- the table of values
     def new_id(self):
@@ -133,7 +177,7 @@ class Recorder:
         """A LazyStorage for a value the pending program is about to define."""
         vid = self.new_id()
         store = LazyStorage(self.cluster, vid, shape, dtype, placement, leaves, device)
-        self.live[vid] = store
+        self.live.add(store)
         return store
 
     def release(self, vid):
@@ -199,9 +243,7 @@ class Recorder:
     def put(self, pieces, shape, dtype, placement, requires_grad, cls):
         """As :meth:`put_storage`, wrapped in a new tensor of class ``cls``."""
         store = self.put_storage(pieces, shape, dtype, placement, requires_grad)
-        t = cls.from_array(None)
-        t._store = store
-        t.requires_grad = bool(requires_grad)
+        t = cls.from_storage(store, requires_grad=requires_grad)
         if requires_grad:
             self.leaf_objects[store.vid] = weakref.ref(t)
         return t
@@ -221,24 +263,24 @@ class Recorder:
                     f"a local tensor made by {node.name()} cannot be replayed on the workers: "
                     "detach it, or compute it from distributed values")
             pending = [i for i in node.inputs if isinstance(i, Tensor) and i.grad_fn is not None
-                       and not i._store.lazy and id(i.grad_fn) not in memo]
+                       and not i.store.lazy and id(i.grad_fn) not in memo]
             if not ready and pending:
                 stack.append((x, True))
                 stack.extend((i, False) for i in pending)
                 continue
             for i, v in zip(node.inputs, node.versions):
-                if isinstance(i, Tensor) and not i._store.lazy and i._store.version != v:
+                if isinstance(i, Tensor) and not i.store.lazy and i.store.version != v:
                     engine.check_version(i, v, node)
             args = [memo[id(i.grad_fn)][1] if isinstance(i, Tensor) and i.grad_fn is not None
-                    and not i._store.lazy else i for i in node.inputs]
+                    and not i.store.lazy else i for i in node.inputs]
             memo[id(node)] = (node, self.record_op(node.op, args, node.attrs))
         return memo[id(t.grad_fn)][1]
 
     def local_replica(self, t):
         """Implicit replication of a driver-local tensor: sent once, again when its version changes."""
         if t.grad_fn is not None:
-            return self.replay(t)._store
-        store = t._store
+            return self.replay(t).store
+        store = t.store
         key = (id(store), t.requires_grad)
         entry = self._replicas.get(key)
         if entry is not None and entry[0]() is not store:
@@ -266,13 +308,13 @@ class Recorder:
 
     def store_of(self, t):
         """The distributed storage of ``t``, replicating a driver-local tensor if needed."""
-        return t._store if t._store.lazy else self.local_replica(t)
+        return t.store if t.store.lazy else self.local_replica(t)
 
     # ---------------------------------------------------------------- ops
     def arg(self, x):
         """(argspec, placement, global shape, store) of one op input."""
         if isinstance(x, Tensor):
-            store = x._store
+            store = x.store
             if not store.lazy:
                 store = self.local_replica(x)
             elif store.cluster is not self.cluster:
@@ -293,42 +335,73 @@ class Recorder:
         """Record one op whose inputs are already resolved; return the result tensor.
 
         ``stores[i]`` is the input's storage, or the value of a float operand (which
-        travels as a message scalar); ``inputs`` are the tensors, for the graph's edges."""
-        decision = pl.propagate(op, placements, shapes, attrs, max((len(s) for s in shapes if s is not None), default=0))
-        local_shape, dtype = infer_local(self._infer_cache, op, placements, shapes, stores, args,
-                                         decision.attrs)
-        stores = [s if isinstance(s, LazyStorage) else None for s in stores]
-        out_p = decision.out
-        shape = list(local_shape)
-        if isinstance(out_p, Shard):
-            shape[out_p.dim] = sum(out_p.sizes)
-        elif decision.shape is not None:
-            shape = list(decision.shape)     # the rule knows the global shape (a gather)
-        requires_grad = requires_grad and op.differentiable and engine.is_grad_enabled()
-        leaves = frozenset().union(*(s.leaves for s in stores if s is not None)) if requires_grad else frozenset()
-        device = decision.attrs[op.device_attr] if op.device_attr else next(
-            (s.device for s in stores if s is not None), None)
+        travels as a message scalar); ``inputs`` are the tensors, for the graph's edges.
+        The output's placement, global shape and dtype are memoized by :func:`op_key`: a
+        cached step records the same ops on the same placements and shapes every time."""
+        key = op_key(op, args, placements, shapes, stores, attrs)
+        try:
+            hit = self._out_cache.get(key)
+        except TypeError:             # an unhashable attr (a list, an index array)
+            key, hit = None, None
+        if hit is None:
+            out_p, shape, dtype, dattrs = self._infer_out(op, args, placements, shapes, stores, attrs)
+            if key is not None and dattrs is attrs:
+                # Only a rule that runs with the attrs as given is memoized: their float
+                # values (keyed by kind only) are this call's.
+                if len(self._out_cache) > 4096:
+                    self._out_cache.clear()
+                self._out_cache[key] = (out_p, shape, dtype)
+        else:
+            (out_p, shape, dtype), dattrs = hit, attrs
+        grad_enabled = engine.is_grad_enabled()
+        requires_grad = requires_grad and op.differentiable and grad_enabled
+        leaves, device = frozenset(), None
+        for i, s in enumerate(stores):
+            if isinstance(s, LazyStorage):
+                if device is None:
+                    device = s.device
+                if requires_grad and s.leaves:
+                    leaves = leaves | s.leaves
+            else:
+                stores[i] = None
+        if op.device_attr:
+            device = dattrs[op.device_attr]
         store = self.new_storage(shape, dtype, out_p, leaves, device)
         rec = self.rec
         slot = rec.new_slot(store.vid)
-        ins = ["op", op.name, args, decision.attrs, slot, engine.is_grad_enabled()]
-        floats = [k for k, v in decision.attrs.items() if type(v) is float]
+        ins = ["op", op.name, args, dattrs, slot, grad_enabled]
+        floats = [k for k, v in dattrs.items() if type(v) is float] if dattrs else None
         if floats:
             # Float attrs (learning rates, betas, eps...) are message scalars, not part of
             # the structure: a scheduler changing them keeps the program cached.
-            ins[3] = {k: v for k, v in decision.attrs.items() if type(v) is not float}
-            ins.append({k: rec.add_scalar(decision.attrs[k]) for k in floats})
+            ins[3] = {k: v for k, v in dattrs.items() if type(v) is not float}
+            ins.append({k: rec.add_scalar(dattrs[k]) for k in floats})
         rec.instrs.append(ins)
         grad_fn = None
         if requires_grad:
             grad_fn = engine.node_class(op.name, LazyNode)(
                 tuple([engine.next_node_of(x) if isinstance(x, Tensor) else None for x in inputs]))
             grad_fn.vid = store.vid
-        t = cls.from_array(None, grad_fn=grad_fn, requires_grad=requires_grad)
-        t._store = store
+        t = cls.from_storage(store, grad_fn=grad_fn, requires_grad=requires_grad)
         if len(rec.instrs) >= self.cluster.max_instructions and not self.traced:
             self.cluster.sync()
         return t
+
+    def _infer_out(self, op, args, placements, shapes, stores, attrs):
+        """(placement, global shape, dtype, attrs the workers run with) of ``op``'s output:
+        its placement rule, then its forward on zeros of one worker's shapes. Raises what
+        the rule or the forward raise."""
+        decision = pl.propagate(op, placements, shapes, attrs,
+                                max((len(s) for s in shapes if s is not None), default=0))
+        local_shape, dtype = infer_local(self._infer_cache, op, placements, shapes, stores, args,
+                                         decision.attrs)
+        out_p = decision.out
+        shape = list(local_shape)
+        if isinstance(out_p, Shard):
+            shape[out_p.dim] = sum(out_p.sizes)
+        elif decision.shape is not None:
+            shape = list(decision.shape)     # the rule knows the global shape (a gather)
+        return out_p, tuple(map(int, shape)), np.dtype(dtype), decision.attrs
 
     def allreduce_partial(self, store, cls=Tensor, requires_grad=False, source=None):
         """Forward collective: the sum over workers of a Partial value, replicated."""
@@ -360,12 +433,12 @@ class Recorder:
     def record_assign(self, target, result):
         """In-place write of ``result`` into the distributed value ``target``."""
         self.check_open()
-        src = result._store if result._store.lazy else self.local_replica(result.detach())
+        src = result.store if result.store.lazy else self.local_replica(result.detach())
         if src.shape != target.shape:
             raise RuntimeError(f"in-place write: result of shape {src.shape} into a tensor of shape {target.shape}")
         if src.placement != target.placement:
             if isinstance(src.placement, Partial) and isinstance(target.placement, Replicate):
-                src = self.allreduce_partial(src, Tensor, result.requires_grad)._store
+                src = self.allreduce_partial(src, Tensor, result.requires_grad).store
             else:
                 raise PlacementError(f"in-place write of a {src.placement!r} value into a "
                                      f"{target.placement!r} one")
@@ -377,7 +450,7 @@ class Recorder:
         """A new value on the workers: ``t`` without its history (sharing its memory and
         version counter), a fresh leaf of ``t`` if ``requires_grad``."""
         self.check_open()
-        src = t._store
+        src = t.store
         store = self.new_storage(src.shape, src.dtype, src.placement, device=src.device)
         store.counter = src.counter
         rec = self.rec
@@ -434,3 +507,28 @@ def infer_local(cache, op, placements, shapes, stores, args, attrs):
             cache.clear()
         cache[key] = hit
     return hit
+
+
+def op_key(op, args, placements, shapes, stores, attrs):
+    """What an op's output placement, global shape and dtype depend on: the op, each
+    input's placement (a shard's sizes too), global shape and dtype, the constants, and the
+    attrs (a float by kind only, as in :func:`infer_local`). Unhashable when an attr is.
+
+    Example: ``x * 2.0`` on ``Shard(0, (3, 2))`` of shape (5, 4) float32 gives
+    ``(mul, 2, (Shard, 0, (3, 2), (5, 4), float32), "k")``.
+    """
+    parts = [op, len(args)]
+    for a, p, s, st in zip(args, placements, shapes, stores):
+        kind = a[0]
+        if kind == "s":
+            parts.append((Shard, p.dim, p.sizes, s, st.dtype) if isinstance(p, Shard)
+                         else (type(p), s, st.dtype))
+        elif kind == "k":
+            parts.append("k")
+        else:
+            parts.append((type(a[1]), a[1]))      # True != 1 here
+    if attrs:
+        for k, v in attrs.items():
+            parts.append(k)
+            parts.append("k" if type(v) is float else (type(v), v))
+    return tuple(parts)

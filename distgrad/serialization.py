@@ -29,6 +29,8 @@ import msgpack
 import numpy as np
 
 from . import _backend, _checks
+from .parameter import Parameter
+from .tensor import Tensor, Variable
 
 MAGIC = b"DISTGRAD"
 VERSION = 2
@@ -58,15 +60,13 @@ def _array_ext(chunks, code, array, kind=None, requires_grad=False):
 
 
 def _encode(obj, path, chunks):
-    from .tensor import Tensor, Variable
     if isinstance(obj, Tensor):
-        if obj._store.lazy:
+        if obj.store.lazy:
             obj = obj.detach()
             obj = Tensor(obj.numpy())      # a sync point: gather the distributed value
-        from .nn.module import Parameter
         kind = "parameter" if isinstance(obj, Parameter) else (
             "variable" if isinstance(obj, Variable) else "tensor")
-        return _array_ext(chunks, _EXT_TENSOR, obj._store.array, kind, obj.requires_grad)
+        return _array_ext(chunks, _EXT_TENSOR, obj.store.array, kind, obj.requires_grad)
     if isinstance(obj, np.ndarray):
         return _array_ext(chunks, _EXT_NDARRAY, obj)
     if isinstance(obj, np.generic):
@@ -86,8 +86,9 @@ def _encode(obj, path, chunks):
     if isinstance(obj, tuple):
         items = [_encode(v, f"{path}[{i}]", chunks) for i, v in enumerate(obj)]
         return msgpack.ExtType(_EXT_TUPLE, msgpack.packb(items, use_bin_type=True))
-    from .nn.module import Module
-    hint = " (save module.state_dict() instead)" if isinstance(obj, Module) else ""
+    # A Module (serialization sits below nn: the cluster's checkpoints use it).
+    module = hasattr(obj, "state_dict") and hasattr(obj, "parameters")
+    hint = " (save module.state_dict() instead)" if module else ""
     raise TypeError(f"dg.save: cannot save an object of type {type(obj).__name__} at "
                     f"{path or 'top level'}{hint}; supported: dict, list, tuple, str, bytes, "
                     "int, float, bool, None, tensors and numpy arrays")
@@ -242,11 +243,9 @@ def _make_hook(map_location, src):
             return array
         if kind not in _KINDS:
             raise SerializationError(f"{src.name}: unknown tensor kind {kind!r} in file")
-        from .tensor import Tensor, Variable
         if map_location not in (None, "cpu"):
             array = _backend.to_device(array, map_location)
         if kind == "parameter":
-            from .nn.module import Parameter
             return Parameter(Tensor.from_array(array), requires_grad=bool(requires_grad))
         cls = Variable if kind == "variable" else Tensor
         t = cls.from_array(array)

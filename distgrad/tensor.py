@@ -203,7 +203,7 @@ class Size(tuple):
         return int(np.prod(self, dtype=np.int64))
 
 
-class Tensor:
+class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (work: ops/)
     """An n-dimensional array on the CPU (numpy) or a GPU (cupy) with autograd support.
 
     Example::
@@ -249,6 +249,30 @@ class Tensor:
         t._store = Storage(array)
         t._init_autograd(grad_fn, requires_grad)
         return t
+
+    @classmethod
+    def from_storage(cls, store, grad_fn=None, requires_grad=False):
+        """A tensor on ``store`` itself: a :class:`Storage`, or a cluster's ``LazyStorage``
+        (flags as given, unchecked): how the distributed layer wraps a value it records.
+
+        Example: ``Variable.from_storage(recorder.new_storage((4,), np.float64, REPLICATE))``.
+        """
+        t = cls.from_array(None, grad_fn)
+        t._store = store
+        t.requires_grad = bool(requires_grad)
+        return t
+
+    @property
+    def store(self):
+        """Where the values live: a :class:`Storage` (``.array``, ``.version``) or, on a
+        cluster, a ``LazyStorage`` (``.lazy`` is True; ``.vid``, ``.placement``, ``.cluster``).
+        Read-only; :meth:`set_store` points the tensor elsewhere."""
+        return self._store
+
+    def set_store(self, store):
+        """Point this tensor at ``store``, keeping its identity, flags, gradient and history:
+        how a cluster moves a driver tensor onto its workers (``Cluster.replicate``)."""
+        self._store = store
 
     # ------------------------------------------------------------ metadata
     @property
@@ -370,7 +394,7 @@ class Tensor:
     def requires_grad_(self, requires_grad=True):
         if not self.is_leaf:
             raise RuntimeError("requires_grad_ can only change the flag of a leaf tensor")
-        self._init_requires_grad(requires_grad)
+        self.init_requires_grad(requires_grad)
         store = self._store
         if store.lazy and bool(requires_grad) != bool(store.leaves):
             # A new leaf on the workers too (the driver's flag alone would not reach them),
@@ -378,10 +402,14 @@ class Tensor:
             self._store = store.cluster.record_detach(self, bool(requires_grad))
         return self
 
-    def _init_requires_grad(self, flag):
+    def init_requires_grad(self, flag):
+        """Set ``requires_grad`` as the constructor does: checked for a floating dtype, with
+        no leaf check and nothing told to a cluster (``requires_grad_`` does both)."""
         if flag and not self.is_floating_point():
             raise RuntimeError(f"only floating point tensors can require gradients (got {self.dtype})")
         self.requires_grad = bool(flag)
+
+    _init_requires_grad = init_requires_grad    # workers/worker.py's name until it moves (issue 15)
 
     def detach(self):
         """A tensor on the same storage with no history."""
@@ -833,7 +861,7 @@ class Tensor:
                                      requires_grad=self.requires_grad)
             src._accum_ref = self._accum_ref
         result = apply_op(name, src, *args, **attrs)
-        self._write(result, name)
+        self.overwrite(result, name)
         if result.grad_fn is not None and views.is_view_or_viewed(self):
             views.rebase(self)
         return self
@@ -865,8 +893,10 @@ class Tensor:
         store.version += 1
         return True
 
-    def _write(self, result, name):
-        """Copy ``result`` into this tensor's storage and take over its history."""
+    def overwrite(self, result, name):
+        """Copy ``result`` into this tensor's storage and take over its history: how every
+        in-place op ends (``name`` says which, in errors). A worker applies an ``assign``
+        with it."""
         store = self._store
         if store.lazy:
             store.assign(result)
@@ -887,6 +917,8 @@ class Tensor:
         if result.grad_fn is not None:
             self.grad_fn = result.grad_fn
             self.requires_grad = True
+
+    _write = overwrite        # workers/worker.py's name until it moves (issue 15)
 
     def add_(self, o, alpha=1): return self._inplace("add", o if alpha == 1 else o * alpha)
     def sub_(self, o, alpha=1): return self._inplace("sub", o if alpha == 1 else o * alpha)

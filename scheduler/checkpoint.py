@@ -31,8 +31,8 @@ def gather(cluster, obj, copy=True):
     found = {}
 
     def collect(o):
-        if isinstance(o, Tensor) and o._store.lazy:
-            found[o._store.vid] = o
+        if isinstance(o, Tensor) and o.store.lazy:
+            found[o.store.vid] = o
         elif isinstance(o, dict):
             for v in o.values():
                 collect(v)
@@ -40,13 +40,13 @@ def gather(cluster, obj, copy=True):
             for v in o:
                 collect(v)
     collect(obj)
-    rep = [vid for vid, t in found.items() if isinstance(t._store.placement, Replicate)]
+    rep = [vid for vid, t in found.items() if isinstance(t.store.placement, Replicate)]
     arrays = cluster.executor.control([0], {"control": "export", "vids": rep})[0] if rep else {}
 
     def convert(o):
-        if isinstance(o, Tensor) and o._store.lazy:
-            vid = o._store.vid
-            a = arrays[vid][0] if vid in arrays else o._store.array
+        if isinstance(o, Tensor) and o.store.lazy:
+            vid = o.store.vid
+            a = arrays[vid][0] if vid in arrays else o.store.array
             # Arrays from the object store are read-only views; copy=False is for
             # callers that only read them (checkpoints).
             a = np.array(a, copy=True) if copy else a
@@ -89,7 +89,7 @@ def bring_home(cluster):
     """Fetch every live replicated value from worker 0 and make it local, in place (at
     shutdown). Workers that are gone take the values with them: a warning, no error.
 
-    Example: after ``bring_home(cluster)``, ``model.weight._store.lazy`` is False.
+    Example: after ``bring_home(cluster)``, ``model.weight.store.lazy`` is False.
     """
     recorder = cluster.recorder
     stores = {vid: st for vid, st in list(recorder.live.items())

@@ -14,15 +14,8 @@ from ..autograd import engine
 from ..compat import missing as _missing
 from ..factories import where
 from ..tensor import Tensor, apply_op, constant_like
-from .module import InputShapeError, _check_not_foreign_array
-
-
-def _pair(v, name="value"):
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name} must be an int or a pair, got {v!r}")
-        return (int(v[0]), int(v[1]))
-    return (int(v), int(v))
+from .arguments import legacy_reduction, pair
+from .module import InputShapeError, check_not_foreign_array
 
 
 def _shape(t):
@@ -78,9 +71,9 @@ def _default_dim(input, dim):
 def linear(input, weight, bias=None):
     """x @ weight.T + bias in one op. Example: ``F.linear(x, w, b)`` with w of shape (out, in)."""
     if not isinstance(input, Tensor):
-        _check_not_foreign_array(input, "linear: input")
-    in_shape = input._store.shape
-    if not in_shape or in_shape[-1] != weight._store.shape[1]:
+        check_not_foreign_array(input, "linear: input")
+    in_shape = input.store.shape
+    if not in_shape or in_shape[-1] != weight.store.shape[1]:
         raise InputShapeError(f"expected input of shape (*, {weight.shape[1]}), got {_shape(input)}")
     return apply_op("linear", input, weight, bias)
 
@@ -99,7 +92,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if input.ndim != 4 or input.shape[1] != c_in:
         raise InputShapeError(f"expected input of shape (N, {c_in}, H, W), got "
                               f"{_shape(input if not unbatched else input[0])}")
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     padding = _conv_padding(padding, weight.shape[-2:], stride, dilation)
     kh, kw = weight.shape[-2:]
     for n, k, p, d in zip(input.shape[-2:], (kh, kw), padding, dilation):
@@ -121,15 +114,15 @@ def _conv_padding(padding, kernel, stride, dilation):
         if any(t % 2 for t in total):
             raise NotImplementedError("padding='same' with an even kernel needs asymmetric padding")
         return tuple(t // 2 for t in total)
-    return _pair(padding, "padding")
+    return pair(padding, "padding")
 
 
 def _pool_args(input, kernel_size, stride, padding, dilation=1):
     if input.ndim != 4:
         raise InputShapeError(f"expected a 4-D input (N, C, H, W), got {_shape(input)}")
-    k = _pair(kernel_size, "kernel_size")
-    s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride")
-    p, d = _pair(padding, "padding"), _pair(dilation, "dilation")
+    k = pair(kernel_size, "kernel_size")
+    s = k if stride is None or stride == [] or stride == () else pair(stride, "stride")
+    p, d = pair(padding, "padding"), pair(dilation, "dilation")
     if any(pi > ki // 2 for pi, ki in zip(p, k)):
         raise ValueError(f"pad should be at most half of the kernel size, got padding {p} for "
                          f"kernel {k}")
@@ -173,7 +166,7 @@ def adaptive_avg_pool2d(input, output_size):
 
         F.adaptive_avg_pool2d(x, 1)     # global average pooling, (N, C, 1, 1)
     """
-    out = _pair(output_size, "output_size")
+    out = pair(output_size, "output_size")
     H, W = input.shape[-2:]
     if out == (1, 1):
         return input.mean(dim=(-2, -1), keepdim=True)
@@ -297,24 +290,12 @@ def embedding(input, weight, padding_idx=None):
 
 def one_hot(tensor, num_classes=-1):
     """Class indices to 0/1 int64 with a trailing class dim. Example: ``F.one_hot(t, 10)``."""
-    a = _backend.to_numpy(tensor._store.array)
+    a = _backend.to_numpy(tensor.store.array)
     n = int(a.max()) + 1 if num_classes < 0 else num_classes
     return Tensor.from_array(np.eye(n, dtype=np.int64)[a]).to(tensor.device)
 
 
 # ---------------------------------------------------------------- losses
-
-def _legacy_reduction(size_average, reduce, reduction):
-    """The ``reduction`` that PyTorch's deprecated ``size_average`` / ``reduce`` mean (with
-    its warning); ``reduction`` itself when neither is given."""
-    if size_average is None and reduce is None:
-        return reduction
-    warnings.warn("size_average and reduce args will be deprecated, please use "
-                  "reduction='sum' (or 'mean', 'none') instead.", UserWarning, stacklevel=3)
-    if reduce is False:
-        return "none"
-    return "sum" if size_average is False else "mean"
-
 
 def _match_target(input, target):
     """A driver-local target beside a batch-sharded input is sharded the same way.
@@ -323,11 +304,11 @@ def _match_target(input, target):
     needs its own rows of y, exactly as if y had come from a sharded loader.
     """
     # A target with history keeps it (sharding a detached copy would drop its gradient).
-    if (isinstance(target, Tensor) and input._store.lazy and not target._store.lazy
+    if (isinstance(target, Tensor) and input.store.lazy and not target.store.lazy
             and not target.requires_grad):
         p = input.placement
         if getattr(p, "dim", None) == 0 and target.ndim and target.shape[0] == input.shape[0]:
-            return input._store.cluster.shard(target, 0, p.sizes)
+            return input.store.cluster.shard(target, 0, p.sizes)
     return target
 
 
@@ -353,7 +334,7 @@ def _check_same_shape(input, target, name):
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean"):
     """Mean squared error. Example: ``F.mse_loss(pred, y)``."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     target = _check_same_shape(input, target, "mse_loss")
     d = input - target
     return _reduce(d * d, reduction)
@@ -361,7 +342,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean"):
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean"):
     """Mean absolute error. Example: ``F.l1_loss(pred, y)``."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     target = _check_same_shape(input, target, "l1_loss")
     return _reduce((input - target).abs(), reduction)
 
@@ -371,7 +352,7 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
 
     Example: ``F.smooth_l1_loss(pred, y, beta=0.5)``.
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     if beta < 0:
         raise ValueError(f"smooth_l1_loss: beta must be non-negative, got {beta}")
     target = _check_same_shape(input, target, "smooth_l1_loss")
@@ -404,7 +385,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
 
         loss = F.nll_loss(F.log_softmax(logits, 1), target)
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     if input.ndim == 1:                         # unbatched (C,) with a scalar target
         target = target if isinstance(target, Tensor) else Tensor.from_array(np.asarray(target))
         out = nll_loss(input.unsqueeze(0), target.reshape(1), weight, ignore_index=ignore_index,
@@ -419,7 +400,7 @@ def _class_index_loss(op, input, target, weight, ignore_index, reduction):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     attrs = dict(ignore_index=int(ignore_index))
-    if reduction == "mean" and input._store.lazy:
+    if reduction == "mean" and input.store.lazy:
         # Distributed: the divisor (weight of the targets not ignored) is a global sum.
         total = apply_op(op, input, target, weight, reduction="sum", **attrs)
         valid = (target != ignore_index)
@@ -438,7 +419,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
         loss = F.cross_entropy(model(x), y, ignore_index=-1, reduction="sum")
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     if input.ndim == 1:
         input, target = input.unsqueeze(0), (target.reshape(1) if isinstance(target, Tensor)
                                              and target.ndim == 0 else target)
@@ -481,7 +462,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
                          reduction="mean"):
     """BCE on probabilities, log clamped at -100 as in PyTorch. Example: ``F.binary_cross_entropy(p, y)``."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     target = _check_same_shape(input, target, "binary_cross_entropy")
     loss = -(target * input.log().clamp(min=-100) + (1 - target) * (1 - input).log().clamp(min=-100))
     if weight is not None:
@@ -497,7 +478,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
 
         loss = F.binary_cross_entropy_with_logits(logits, y)
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     target = _check_same_shape(input, target, "binary_cross_entropy_with_logits")
     softplus_neg = (1 + (-input.abs()).exp()).log() + (-input).relu()     # log(1 + exp(-x))
     if pos_weight is None:

@@ -10,25 +10,8 @@ import itertools
 import numpy as np
 
 from ..autograd import engine
-from ..tensor import Tensor, Variable
-
-
-class Parameter(Variable):
-    """A Variable that a ``Module`` registers as a parameter (``requires_grad=True``).
-
-    Example::
-
-        w = nn.Parameter(dg.randn(3, 4))
-        w.requires_grad      # True
-    """
-
-    def __init__(self, data=None, requires_grad=True):
-        if data is None:
-            data = np.zeros(0, dtype=np.float32)
-        super().__init__(data, requires_grad=requires_grad)
-
-    def __repr__(self):
-        return "Parameter containing:\n" + repr(self.data)
+from ..parameter import Parameter
+from ..tensor import Tensor
 
 
 class InputShapeError(RuntimeError):
@@ -52,7 +35,7 @@ class InputShapeError(RuntimeError):
         return f"{_short_repr(self.layer)}{where}: {self.message}"
 
 
-def _check_not_foreign_array(x, who):
+def check_not_foreign_array(x, who):
     """A numpy array or a torch tensor where a distgrad tensor belongs: a TypeError that
     says how to make one (other objects are left to the layer)."""
     cls = type(x)
@@ -85,7 +68,7 @@ class RemovableHandle:
 _IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
-class Module:
+class Module:  # long: torch.nn.Module's API method for method, in its sections
     """Base class of every layer and model: subclass it and define ``forward``.
 
     Assigning a ``Parameter`` or a ``Module`` as an attribute registers it.
@@ -119,7 +102,7 @@ class Module:
     def __call__(self, *args, **kwargs):
         for i, a in enumerate(args):
             if not isinstance(a, Tensor):
-                _check_not_foreign_array(a, f"{type(self).__name__}: input {i}")
+                check_not_foreign_array(a, f"{type(self).__name__}: input {i}")
         if self._forward_pre_hooks:
             for hook in list(self._forward_pre_hooks.values()):
                 res = hook(self, args)
@@ -338,7 +321,7 @@ class Module:
             model.zero_grad()
         """
         for p in self.parameters():
-            _clear_grad(p, set_to_none)
+            clear_grad(p, set_to_none)
 
     # ------------------------------------------------------------ devices and dtypes
     def _apply(self, fn):
@@ -469,7 +452,7 @@ class Module:
         return f"{type(self).__name__}(\n  {body}\n)"
 
 
-def _clear_grad(p, set_to_none=True):
+def clear_grad(p, set_to_none=True):
     """Drop a parameter's gradient, or zero it in place with a tensor op."""
     if p.grad is None:
         return

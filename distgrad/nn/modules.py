@@ -10,6 +10,7 @@ import math
 from .. import engine, factories
 from . import functional as F
 from . import init
+from .arguments import legacy_reduction, pair
 from .module import Module, Parameter
 
 
@@ -77,9 +78,9 @@ class Conv2d(Module):
         if padding_mode != "zeros":
             raise NotImplementedError(f"padding_mode={padding_mode!r}: only 'zeros' is supported")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = F._pair(kernel_size, "kernel_size")
-        self.stride, self.dilation = F._pair(stride), F._pair(dilation)
-        self.padding = padding if isinstance(padding, str) else F._pair(padding)
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride, self.dilation = pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
         self.groups = int(groups)
         self.weight = Parameter(_empty(out_channels, in_channels // groups, *self.kernel_size,
                                        device=device, dtype=dtype))
@@ -376,7 +377,7 @@ class _Loss(Module):
     # size_average / reduce: PyTorch's deprecated spelling of ``reduction`` (warns).
     def __init__(self, size_average=None, reduce=None, reduction="mean"):
         super().__init__()
-        self.reduction = F._legacy_reduction(size_average, reduce, reduction)
+        self.reduction = legacy_reduction(size_average, reduce, reduction)
 
 
 class MSELoss(_Loss):

@@ -6,7 +6,7 @@ distributed parameters they are recorded and run on the workers.
 import copy
 
 from ..autograd import engine
-from ..nn.module import _clear_grad
+from ..nn.module import clear_grad
 from ..tensor import Tensor
 
 
@@ -81,7 +81,7 @@ class Optimizer:
         """Clear the gradients of every parameter (``None`` by default). Example: ``opt.zero_grad()``."""
         for group in self.param_groups:
             for p in group["params"]:
-                _clear_grad(p, set_to_none)
+                clear_grad(p, set_to_none)
 
     def step(self, closure=None):
         """Update every parameter that has a gradient; ``closure`` re-evaluates the loss.
@@ -106,8 +106,8 @@ class Optimizer:
         """On distributed parameters the update is recorded, not run: if the step then fails
         on a worker (and is rolled back there), the driver-side state (step counts, which
         moments exist) is put back too, so a retried step is applied exactly once."""
-        clusters = {id(p._store.cluster): p._store.cluster for g in self.param_groups
-                    for p in g["params"] if p._store.lazy}
+        clusters = {id(p.store.cluster): p.store.cluster for g in self.param_groups
+                    for p in g["params"] if p.store.lazy}
         if not clusters:
             return
         saved = {p: dict(st) for p, st in self.state.items()}

@@ -65,7 +65,7 @@ def _default_slot_bytes(world_size: int, ncpu: int) -> int:
     return 1 << 20 if world_size <= ncpu else 4 << 20
 
 
-class ShmCommunicator(Communicator):
+class ShmCommunicator(Communicator):  # long: base's hooks over shared memory, and buckets
     """A rank of a same-node group communicating through one shared-memory segment.
 
     Every rank constructs it with the same ``name``; rank ``creator_rank``

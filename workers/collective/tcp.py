@@ -110,7 +110,7 @@ def _missing_ranks(store, key, rank, world_size, seq, timeout_s):
         return []
 
 
-class TcpCommunicator(Communicator):
+class TcpCommunicator(Communicator):  # long: the hooks of base.Communicator over a TCP ring, with send/recv
     """A rank of a group connected by TCP (ring collectives + point-to-point mesh).
 
     Args:

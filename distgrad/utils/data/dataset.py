@@ -82,7 +82,7 @@ class TensorDataset(Dataset):
         """The collated batch of rows ``indices``, as the DataLoader yields it: one fancy
         index per tensor instead of a stack of single rows. Example: ``x, y = ds.take([3, 1])``."""
         idx = np.asarray(indices, dtype=np.int64)
-        return [Tensor.from_array(t._store.array[idx]) for t in self.tensors]
+        return [Tensor.from_array(t.store.array[idx]) for t in self.tensors]
 
 
 class Subset(Dataset):

@@ -51,7 +51,7 @@ def shard_batch(cluster, batch):
     Example: ``xb, yb = shard_batch(cluster, [dg.randn(8, 3), dg.zeros(8)])``.
     """
     if isinstance(batch, Tensor):
-        if batch._store.lazy or batch.ndim == 0:
+        if batch.store.lazy or batch.ndim == 0:
             return batch
         return cluster.shard(batch)
     if isinstance(batch, dict):

@@ -157,9 +157,7 @@ class DataSource:
         for _name, dtype, shape in self.schema:
             store = cluster.recorder.new_storage((total,) + shape, dtype, Shard(0, tuple(sizes)))
             slots.append(rec.new_slot(store.vid))
-            t = Variable.from_array(None)
-            t._store = store
-            out.append(t)
+            out.append(Variable.from_storage(store))
             stores.append(store)
         rec.instrs.append(["source", slots, self.sid, idx, ahead_idx])
         rec.source_reads.append((idx, self, rows, stores))
@@ -252,10 +250,10 @@ class ArraySource(DataSource):
 
 def _host(a):
     if isinstance(a, Tensor):
-        if a._store.lazy:
+        if a.store.lazy:
             raise DataError("a dataset's arrays must be local (a distributed tensor is on the "
                             "workers already)")
-        return _backend.to_numpy(a._store.array)
+        return _backend.to_numpy(a.store.array)
     return np.asarray(a)
 
 
