@@ -1,4 +1,5 @@
-"""``Module``, ``Parameter`` and the containers (``Sequential``, ``ModuleList``, ``ModuleDict``).
+"""``Module`` and the containers (``Sequential``, ``ModuleList``, ``ModuleDict``); ``Parameter``
+(defined in ``distgrad/parameter.py``) is re-exported here.
 
 Parameters are leaf Variables; everything a module does to them (``to``, ``zero_grad``,
 ``load_state_dict``) goes through tensor ops, so the same code works when the
