@@ -7,9 +7,9 @@ as ``Variable containing:``, as in the classic tutorial; ``.data`` is a plain
 
 What lives elsewhere: values and version counters in ``storage``, the view and
 in-place bookkeeping in ``views``, graph nodes in ``engine``, what each op is in
-``ops``. Two layers above this one install themselves here at their import:
-``distgrad.autograd`` (``set_backward``: what ``Tensor.backward`` runs) and the
-distributed layer (``set_lazy_dispatch``: the recorder for ops on distributed values).
+``ops``. Two layers above this one install themselves here: ``distgrad.autograd`` at its
+import (``set_backward``: what ``Tensor.backward`` runs) and the distributed layer when a
+``Cluster`` is made (``set_lazy_dispatch``: what records ops on distributed values).
 """
 import collections
 import numbers
