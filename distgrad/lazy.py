@@ -356,14 +356,12 @@ class Recorder:
         grad_enabled = engine.is_grad_enabled()
         requires_grad = requires_grad and op.differentiable and grad_enabled
         leaves, device = frozenset(), None
-        for i, s in enumerate(stores):
+        for s in stores:
             if isinstance(s, LazyStorage):
                 if device is None:
                     device = s.device
                 if requires_grad and s.leaves:
                     leaves = leaves | s.leaves
-            else:
-                stores[i] = None
         if op.device_attr:
             device = dattrs[op.device_attr]
         store = self.new_storage(shape, dtype, out_p, leaves, device)
