@@ -15,20 +15,22 @@ import pkgutil
 import subprocess
 import sys
 
+import numpy
+
+from . import __version__
+from ._backend import DeviceError
+from .demo import MissingDependency, run
+from .errors import RecoveryError, ResizeError, WorkerError
+from .scheduler.local import usable_cores
+
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
-def _version():
-    from . import __version__
-    return __version__
-
-
 def _demo(args):
-    # Said before anything slow is imported or started: the first line comes at once.
+    # Said before anything slow starts: the first line comes at once.
     where = args.address or ("threads of this process" if args.backend == "local" else "a local Ray instance")
     print(f"distgrad demo: {args.workers} {args.backend} workers on {args.device} ({where}), "
           f"{args.steps} steps of {args.batch_size} samples", flush=True)
-    from .demo import run
     res = run(workers=args.workers, address=args.address, device=args.device, steps=args.steps,
               backend=args.backend, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
               plot=args.plot, timeline=args.timeline, progress=not args.no_progress,
@@ -81,11 +83,8 @@ def _tutorial(args):
 
 
 def _info(args):
-    import numpy
-    import distgrad
-    from threadpoolctl import threadpool_info
-    from .scheduler.local import usable_cores
-    print(f"distgrad {distgrad.__version__} (python {sys.version.split()[0]})")
+    from threadpoolctl import threadpool_info   # a worker dependency, needed only here
+    print(f"distgrad {__version__} (python {sys.version.split()[0]})")
     print(f"numpy {numpy.__version__}")
     for mod in ("cupy", "ray", "msgpack", "torch"):
         try:
@@ -113,7 +112,7 @@ def bench_scripts():
 
     Example: ``bench_scripts()`` -> ``['allreduce', 'bench_nn', ...]``.
     """
-    import distgrad.bench
+    import distgrad.bench      # here: the bench scripts' package, which only this command reads
     return sorted(m.name for m in pkgutil.iter_modules(distgrad.bench.__path__)
                   if not m.name.startswith("_"))
 
@@ -152,7 +151,7 @@ def make_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="distgrad", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"distgrad {_version()}")
+    parser.add_argument("--version", action="version", version=f"distgrad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level and show Ray's own start-up messages")
     # -v after the command too (distgrad demo -v); SUPPRESS keeps a -v given before it.
@@ -214,9 +213,6 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from ._backend import DeviceError
-    from .demo import MissingDependency
-    from .errors import RecoveryError, ResizeError, WorkerError
     try:
         return args.fn(args)
     except (DeviceError, WorkerError, RecoveryError, ResizeError, MissingDependency) as e:

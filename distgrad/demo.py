@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+import distgrad as dg
+
 log = logging.getLogger("distgrad")
 
 HELD_OUT = 0.2                  # fraction of the data never trained on
@@ -53,7 +55,7 @@ def make_model(nn, hidden=64, classes=3):
                          nn.Linear(hidden, classes))
 
 
-def gradient_check(cluster, model, X, y, dg):
+def gradient_check(cluster, model, X, y):
     """Max |distributed grad - single-process grad| over all parameters on one batch."""
     nn, F = dg.nn, dg.nn.functional
     local = make_model(nn)
@@ -145,7 +147,6 @@ def run(workers=2, address=None, device="cpu", steps=300, backend="ray", batch_s
     Example: ``run(workers=2, backend="local", steps=50, progress=False)["test_accuracy"]``.
     """
     check_dependencies(plot)
-    import distgrad as dg
     nn, F = dg.nn, dg.nn.functional
     dg.manual_seed(seed)
     X_train, y_train, X_test, y_test = split(*spiral_data(seed=seed), seed=seed)
@@ -177,7 +178,7 @@ def run(workers=2, address=None, device="cpu", steps=300, backend="ray", batch_s
         def accuracy(X, y):
             return float((model(cluster.shard(X)).argmax(1).numpy() == y).mean())
         train_acc, test_acc = accuracy(X_train, y_train), accuracy(X_test, y_test)
-        worst = gradient_check(cluster, model, X_train[:512], y_train[:512], dg)
+        worst = gradient_check(cluster, model, X_train[:512], y_train[:512])
         if timeline:
             cluster.timeline(timeline)
     if plot:
