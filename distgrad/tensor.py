@@ -827,6 +827,13 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
         """Apply registry op ``op_name`` with this tensor as first input."""
         return apply_op(op_name, self, *others, **attrs)
 
+    def apply_(self, op_name, *others, **attrs):
+        """``apply`` written into this tensor in place (the op must declare ``inplace=``).
+
+        Example: ``x.apply_("hardtanh", min_val=-1.0, max_val=1.0)`` (``F.hardtanh(x, inplace=True)``).
+        """
+        return self._inplace(op_name, *others, **attrs)
+
     def scatter_add_zeros(self, shape, index):
         return apply_op("scatter_add_zeros", self, shape=tuple(shape), index=index)
 
@@ -852,14 +859,16 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
         if self._fast_inplace(op, recording, args, attrs):
             return self
         src = self
-        if (recording and op.snapshot and not self._store.lazy
-                and (self.requires_grad or any(isinstance(a, Tensor) and a.requires_grad
-                                               for a in args))):
+        if recording and op.snapshot and (self.requires_grad or any(
+                isinstance(a, Tensor) and a.requires_grad for a in args)):
             # The VJP reads the value before the write (mul_, pow_, clamp_...): save a copy
             # that carries this tensor's history, not the storage about to be overwritten.
-            src = Tensor.from_array(self._store.array.copy(), grad_fn=self.grad_fn,
-                                     requires_grad=self.requires_grad)
-            src._accum_ref = self._accum_ref
+            if self._store.lazy:
+                src = self.clone()      # recorded: the workers keep the copy, not the driver
+            else:
+                src = Tensor.from_array(self._store.array.copy(), grad_fn=self.grad_fn,
+                                         requires_grad=self.requires_grad)
+                src._accum_ref = self._accum_ref
         result = apply_op(name, src, *args, **attrs)
         self.overwrite(result, name)
         if result.grad_fn is not None and views.is_view_or_viewed(self):

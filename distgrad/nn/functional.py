@@ -25,18 +25,23 @@ def _shape(t):
 # ---------------------------------------------------------------- activations
 
 def relu(input, inplace=False):
-    """max(x, 0). Example: ``F.relu(x)``."""
-    return input.relu()
+    """max(x, 0); ``inplace=True`` writes it into ``input`` (as PyTorch). Example: ``F.relu(x)``."""
+    return input.relu_() if inplace else input.relu()
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     """x where x > 0, else slope * x. Example: ``F.leaky_relu(x, 0.2)``."""
+    if inplace:
+        # x times a constant factor (1 or slope, from x's sign): the same values and the
+        # same gradient as the out-of-place form, written into x by one in-place multiply.
+        return input.mul_(where(input > 0, 1.0, negative_slope).to(input.dtype))
     return where(input > 0, input, input * negative_slope)
 
 
 def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
     """x clamped to [min_val, max_val]; gradient 1 strictly inside. Example: ``F.hardtanh(x)``."""
-    return input.apply("hardtanh", min_val=float(min_val), max_val=float(max_val))
+    attrs = {"min_val": float(min_val), "max_val": float(max_val)}
+    return input.apply_("hardtanh", **attrs) if inplace else input.apply("hardtanh", **attrs)
 
 
 def sigmoid(input):
@@ -186,7 +191,7 @@ def dropout(input, p=0.5, training=True, inplace=False):
 
         h = F.dropout(h, 0.2, training=model.training)
     """
-    return _dropout(input, p, training, tuple(input.shape))
+    return _dropout(input, p, training, tuple(input.shape), inplace)
 
 
 def dropout2d(input, p=0.5, training=True, inplace=False):
@@ -200,10 +205,10 @@ def dropout2d(input, p=0.5, training=True, inplace=False):
     if input.ndim not in (3, 4):
         raise InputShapeError(f"dropout2d: expected (N, C, H, W) or (C, H, W) input, got "
                               f"{_shape(input)}")
-    return _dropout(input, p, training, tuple(input.shape[:-2]) + (1, 1))
+    return _dropout(input, p, training, tuple(input.shape[:-2]) + (1, 1), inplace)
 
 
-def _dropout(input, p, training, mask_shape):
+def _dropout(input, p, training, mask_shape, inplace=False):
     """Multiply by a mask of ``mask_shape`` (broadcast over the input) of 0 or 1/(1-p)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
@@ -213,7 +218,8 @@ def _dropout(input, p, training, mask_shape):
     # One mask multiply: mask values are 0 or 1/(1-p), drawn from the global generator on
     # the driver, so a sharded run drops exactly the elements a single process would.
     mask = ((random.uniform(mask_shape) >= p) * scale).astype(input.dtype)
-    return input * constant_like(input, mask)
+    mask = constant_like(input, mask)
+    return input.mul_(mask) if inplace else input * mask
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,

@@ -170,15 +170,22 @@ class AdaptiveAvgPool2d(Module):
         return f"output_size={self.output_size}"
 
 
-def _activation(name, fn, doc):
-    """A parameter-free layer that applies ``fn`` (one class per activation, no twins)."""
-    def forward(self, x):
-        return fn(x)
-    return type(name, (Module,), {"forward": forward, "__doc__": doc,
-                                  "__init__": lambda self, inplace=False: Module.__init__(self)})
+def _activation(name, fn, doc, inplace_form=False):
+    """A parameter-free layer that applies ``fn`` (one class per activation, no twins);
+    ``inplace_form``: it takes PyTorch's ``inplace=`` and passes it on."""
+    if not inplace_form:
+        return type(name, (Module,), {"forward": lambda self, x: fn(x), "__doc__": doc})
+
+    def __init__(self, inplace=False):
+        Module.__init__(self)
+        self.inplace = inplace
+    return type(name, (Module,), {
+        "__init__": __init__, "__doc__": doc,
+        "forward": lambda self, x: fn(x, inplace=self.inplace),
+        "extra_repr": lambda self: "inplace=True" if self.inplace else ""})
 
 
-ReLU = _activation("ReLU", F.relu, "max(x, 0). Example: ``nn.ReLU()(x)``.")
+ReLU = _activation("ReLU", F.relu, "max(x, 0). Example: ``nn.ReLU()(x)``.", inplace_form=True)
 Tanh = _activation("Tanh", F.tanh, "tanh(x). Example: ``nn.Tanh()(x)``.")
 Sigmoid = _activation("Sigmoid", F.sigmoid, "1/(1+exp(-x)). Example: ``nn.Sigmoid()(x)``.")
 
@@ -189,12 +196,13 @@ class LeakyReLU(Module):
     def __init__(self, negative_slope=0.01, inplace=False):
         super().__init__()
         self.negative_slope = negative_slope
+        self.inplace = inplace
 
     def forward(self, x):
-        return F.leaky_relu(x, self.negative_slope)
+        return F.leaky_relu(x, self.negative_slope, self.inplace)
 
     def extra_repr(self):
-        return f"negative_slope={self.negative_slope}"
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
 
 
 class Softmax(Module):
@@ -240,12 +248,13 @@ class Dropout(Module):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         self.p = p
+        self.inplace = inplace
 
     def forward(self, x):
-        return F.dropout(x, self.p, self.training)
+        return F.dropout(x, self.p, self.training, self.inplace)
 
     def extra_repr(self):
-        return f"p={self.p}"
+        return f"p={self.p}, inplace={self.inplace}"
 
 
 class Dropout2d(Dropout):
@@ -255,7 +264,7 @@ class Dropout2d(Dropout):
     """
 
     def forward(self, x):
-        return F.dropout2d(x, self.p, self.training)
+        return F.dropout2d(x, self.p, self.training, self.inplace)
 
 
 class _BatchNorm(Module):

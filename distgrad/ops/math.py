@@ -86,7 +86,7 @@ defop("clamp", lambda xp, x, min=None, max=None: xp.clip(x, min, max).astype(x.d
 defop("hardtanh", lambda xp, x, min_val=-1.0, max_val=1.0:
       xp.clip(x, min_val, max_val).astype(x.dtype, copy=False),
       lambda g, ans, x, min_val=-1.0, max_val=1.0: g * ((x > min_val) & (x < max_val)),
-      placement=ELEMENTWISE)
+      placement=ELEMENTWISE, inplace=True, snapshot=True)
 
 
 def _tie_split(g, a, b, pick_a):
