@@ -380,10 +380,16 @@ def rule_allreduce(op, placements, shapes, attrs, out_ndim):
     return Decision(REPLICATE, attrs)
 
 
-def rule_allgather(op, placements, shapes, attrs, out_ndim):
+def _sharded_along_dim(op, placements, shapes, attrs, doing):
+    """The input's placement, which must shard it along ``attrs["dim"]``."""
     p = placements[0]
     if not (isinstance(p, Shard) and p.dim == attrs["dim"] % len(shapes[0])):
-        fail(op, placements, f"gathers a value sharded along dim {attrs['dim']}")
+        fail(op, placements, f"{doing} a value sharded along dim {attrs['dim']}")
+    return p
+
+
+def rule_allgather(op, placements, shapes, attrs, out_ndim):
+    p = _sharded_along_dim(op, placements, shapes, attrs, "gathers")
     # Inferred with a one-rank communicator the output would be the local shard: the
     # gathered value has the input's global shape.
     return Decision(REPLICATE, dict(attrs, sizes=list(p.sizes)), shape=tuple(shapes[0]))
@@ -402,9 +408,7 @@ def rule_shard_rows(op, placements, shapes, attrs, out_ndim):
 
 
 def rule_unshard_rows(op, placements, shapes, attrs, out_ndim):
-    p = placements[0]
-    if not (isinstance(p, Shard) and p.dim == attrs["dim"] % len(shapes[0])):
-        fail(op, placements, f"places rows of a value sharded along dim {attrs['dim']}")
+    p = _sharded_along_dim(op, placements, shapes, attrs, "places rows of")
     return Decision(PARTIAL, dict(attrs, sizes=list(p.sizes)))
 
 

@@ -46,28 +46,25 @@ class LocalGang:
                    for r, (data, side) in zip(ranks, payloads)]
         # Workers stuck in a collective with a failed peer give up after timeout_s themselves
         # and report it; the slack lets them, so only a worker that is itself late times out.
-        deadline = time.monotonic() + self.timeout_s * 1.5 + 1
-        results = []
-        for r, f in zip(ranks, futures):
-            try:
-                results.append(prog.decode(*f.result(timeout=max(deadline - time.monotonic(), 0))))
-            except cf.TimeoutError:
-                raise WorkerTimeoutError(f"worker {r} (local thread) did not finish its program "
-                                         f"within {self.timeout_s:g}s", ranks=[r]) from None
-        return results
+        return self._replies(futures, ranks, self.timeout_s * 1.5 + 1, "finish its program")
 
     def add_source(self, payloads, ranks):
         """Register a data source on workers ``ranks`` (see ``RayGang.add_source``)."""
         futures = [self._pools[r].submit(self.workers[r].add_source, data, side, obj)
                    for r, (data, side, obj) in zip(ranks, payloads)]
-        deadline = time.monotonic() + self.timeout_s
+        return self._replies(futures, ranks, self.timeout_s, "set up its data source")
+
+    def _replies(self, futures, ranks, wait_s, doing):
+        """The workers' decoded replies in rank order; one not back within ``wait_s`` of now
+        raises WorkerTimeoutError (which says it did not ``doing``)."""
+        deadline = time.monotonic() + wait_s
         out = []
         for r, f in zip(ranks, futures):
             try:
                 out.append(prog.decode(*f.result(timeout=max(deadline - time.monotonic(), 0))))
             except cf.TimeoutError:
-                raise WorkerTimeoutError(f"worker {r} (local thread) did not set up its data "
-                                         f"source within {self.timeout_s:g}s", ranks=[r]) from None
+                raise WorkerTimeoutError(f"worker {r} (local thread) did not {doing} "
+                                         f"within {self.timeout_s:g}s", ranks=[r]) from None
         return out
 
     def repair(self):

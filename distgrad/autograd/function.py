@@ -66,6 +66,20 @@ class FunctionNode(engine.Node):
         self.ctx._saved = ()
 
 
+def run_forward(fn_cls, args, kwargs):
+    """``fn_cls.forward`` on a fresh context with recording off: ``(ctx, out)``, where ``out``
+    must be one tensor. ``Function.apply`` and the cluster's trace of a Function both start
+    with it."""
+    ctx = FunctionCtx()
+    ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
+    with engine.no_grad():
+        out = fn_cls.forward(ctx, *args, **kwargs)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{fn_cls.__name__}.forward must return a single tensor, got "
+                        f"{type(out).__name__}")
+    return ctx, out
+
+
 class Function:
     """Base class of user-defined differentiable operations (see module docstring)."""
 
@@ -83,12 +97,7 @@ class Function:
         if lazy is not None:
             # Distributed inputs: both rules are traced into the workers' program.
             return lazy.cluster.apply_function(cls, args, kwargs)
-        ctx = FunctionCtx()
-        ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
-        with engine.no_grad():
-            out = cls.forward(ctx, *args, **kwargs)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{cls.__name__}.forward must return a single tensor, got {type(out).__name__}")
+        ctx, out = run_forward(cls, args, kwargs)
         next_nodes = tuple(engine.next_node_of(a) if isinstance(a, Tensor) else None for a in args)
         if not engine.is_grad_enabled() or all(n is None for n in next_nodes):
             return out
