@@ -51,16 +51,8 @@ def main():
             dm = cluster.replicate(model())
             dopt = dg.optim.SGD(dm.parameters(), lr=0.01, momentum=0.9)
             record = []
-
-            def dist_step():
-                t = time.perf_counter()
-                loss = F.cross_entropy(dm(cluster.shard(X)), cluster.shard(y))
-                dopt.zero_grad()
-                loss.backward()
-                dopt.step()
-                record.append(time.perf_counter() - t)
-                return loss.item()
-            t = statistics.median(timings(dist_step, n, warmup=3))
+            t = statistics.median(timings(training_step(cluster, dm, dopt, X, y, record), n,
+                                          warmup=3))
             rows.append((f"2 workers, backend={backend}", t, statistics.median(record)))
     sched_lines = scheduler_recording(X, y, n)
     lines = [f"| MLP 784-512-512-10 step, batch {args.batch} | median s | ratio to single process | driver recording s |",
@@ -69,6 +61,22 @@ def main():
         lines.append(f"| {name} | {t:.4f} | {t / base:.2f}x | {'' if rec is None else f'{rec:.4f}'} |")
     text = "\n".join(lines + [""] + sched_lines)
     publish("distributed_step", text, args.save)
+
+
+def training_step(cluster, dm, dopt, X, y, record, sched=None):
+    """A step function for ``timings``: one distributed training step (and a scheduler
+    step), whose driver time up to the loss's value (recording) it appends to ``record``."""
+    def step():
+        t = time.perf_counter()
+        loss = F.cross_entropy(dm(cluster.shard(X)), cluster.shard(y))
+        dopt.zero_grad()
+        loss.backward()
+        dopt.step()
+        if sched is not None:
+            sched.step()
+        record.append(time.perf_counter() - t)
+        return loss.item()
+    return step
 
 
 def scheduler_recording(X, y, n):
@@ -82,18 +90,7 @@ def scheduler_recording(X, y, n):
             dopt = dg.optim.Adam(dm.parameters(), lr=1e-3)
             sched = dg.optim.lr_scheduler.StepLR(dopt, step_size=1, gamma=0.9) if with_sched else None
             record = []
-
-            def step():
-                t = time.perf_counter()
-                loss = F.cross_entropy(dm(cluster.shard(X)), cluster.shard(y))
-                dopt.zero_grad()
-                loss.backward()
-                dopt.step()
-                if sched is not None:
-                    sched.step()
-                record.append(time.perf_counter() - t)
-                return loss.item()
-            timings(step, n, warmup=3)
+            timings(training_step(cluster, dm, dopt, X, y, record, sched), n, warmup=3)
             hits = min(s["cache_hits"] for s in cluster.stats())
             rows.append(("Adam + StepLR" if with_sched else "Adam", statistics.median(record[3:]),
                          hits, len(record)))
