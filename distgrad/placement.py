@@ -374,9 +374,14 @@ def rule_identity(op, placements, shapes, attrs, out_ndim):
     return Decision(placements[0], attrs)
 
 
+def _expect(op, placements, kind, why):
+    """Fail unless the input's placement is a ``kind`` (``why`` says what the op does)."""
+    if not isinstance(placements[0], kind):
+        fail(op, placements, why)
+
+
 def rule_allreduce(op, placements, shapes, attrs, out_ndim):
-    if not isinstance(placements[0], Partial):
-        fail(op, placements, "only a Partial value is all-reduced")
+    _expect(op, placements, Partial, "only a Partial value is all-reduced")
     return Decision(REPLICATE, attrs)
 
 
@@ -396,14 +401,12 @@ def rule_allgather(op, placements, shapes, attrs, out_ndim):
 
 
 def rule_reduce_scatter(op, placements, shapes, attrs, out_ndim):
-    if not isinstance(placements[0], Partial):
-        fail(op, placements, "scatters a Partial value")
+    _expect(op, placements, Partial, "scatters a Partial value")
     return Decision(Shard(attrs["dim"] % len(shapes[0]), tuple(attrs["sizes"])), attrs)
 
 
 def rule_shard_rows(op, placements, shapes, attrs, out_ndim):
-    if not isinstance(placements[0], Replicate):
-        fail(op, placements, "only a Replicate value is split into shards")
+    _expect(op, placements, Replicate, "only a Replicate value is split into shards")
     return Decision(Shard(attrs["dim"] % len(shapes[0]), tuple(attrs["sizes"])), attrs)
 
 
@@ -413,8 +416,7 @@ def rule_unshard_rows(op, placements, shapes, attrs, out_ndim):
 
 
 def rule_to_partial(op, placements, shapes, attrs, out_ndim):
-    if not isinstance(placements[0], Replicate):
-        fail(op, placements, "only a Replicate value is turned into a Partial one")
+    _expect(op, placements, Replicate, "only a Replicate value is turned into a Partial one")
     return Decision(PARTIAL, attrs)
 
 
