@@ -27,7 +27,7 @@ Example::
 import numpy as np
 
 from . import engine, placement as pl
-from .autograd.function import FunctionCtx
+from .autograd.function import run_forward
 from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
 from .recording import LazyNode
@@ -101,12 +101,7 @@ def apply_function(cluster, fn_cls, args, kwargs):
         if isinstance(a, Tensor) and a.store.lazy and isinstance(a.store.placement, Partial):
             # A Function is not known to be linear: its inputs are whole values.
             args[i] = cluster.recorder.allreduce_partial(a.store, type(a), a.requires_grad, a)
-    ctx = FunctionCtx()
-    ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
-    with engine.no_grad():
-        out = fn_cls.forward(ctx, *args, **kwargs)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{name}.forward must return a single tensor, got {type(out).__name__}")
+    ctx, out = run_forward(fn_cls, args, kwargs)
     if not engine.is_grad_enabled() or not any(ctx.needs_input_grad):
         return out
     out_store = _store_of(cluster, out.detach())
