@@ -131,7 +131,7 @@ class HomeStorage(LazyStorage):
     dtype = property(lambda self: self._cache.dtype)
 
 
-class Recorder:
+class Recorder:  # long: one open program's table, driver values and ops (split candidate)
     """Records ops on one cluster's distributed values, and keeps the driver's table of them.
 
     ``rec`` is the recording ops go to (the pending program, or a sub-program while a
