@@ -28,7 +28,8 @@ PACKAGES = {"distgrad": "distgrad", "workers": "distgrad.workers", "scheduler": 
 CORE = ["distgrad._backend", "distgrad.storage", "distgrad.ops", "distgrad.placement",
         "distgrad.engine", "distgrad.views", "distgrad.tensor", "distgrad.random",
         "distgrad.factories", "distgrad.autograd", "distgrad.nn.functional", "distgrad.nn.modules",
-        "distgrad.nn.module", "distgrad.optim"]
+        "distgrad.nn.module", "distgrad.nn.arguments", "distgrad.parameter", "distgrad.optim",
+        "distgrad.serialization"]
 
 
 def discover(root=ROOT, packages=PACKAGES):
