@@ -24,6 +24,8 @@ Example::
         W.register_hook(lambda g: g.clamp(-1, 1))          # traced, exact
         gW, = dg.autograd.grad((X @ W).tanh().sum(), [W])   # a Partial value
 """
+import math
+
 import numpy as np
 
 from . import engine, placement as pl
@@ -192,7 +194,7 @@ def _roots_and_seeds(cluster, tensors, grad_tensors, who):
         store = _store_of(cluster, root)
         g = grad_tensors[i] if grad_tensors is not None and i < len(grad_tensors) else None
         if g is None:
-            if int(np.prod(store.shape)) != 1:
+            if math.prod(store.shape) != 1:
                 raise RuntimeError(f"{who}: grad can be implicitly created only for scalar outputs; "
                                    f"output {i} has shape {store.shape}: pass gradient=")
             seeds.append(-1)

@@ -336,8 +336,10 @@ def _unregister(cluster):
 
 def _dispatch(op, inputs, attrs):
     for x in inputs:
-        if isinstance(x, Tensor) and x.store.lazy:
-            return x.store.cluster.record_op(op, inputs, attrs)
+        if isinstance(x, Tensor):
+            store = x.store
+            if store.lazy:
+                return store.cluster.recorder.record_op(op, inputs, attrs)
     raise AssertionError("lazy dispatch without a lazy input")
 
 
