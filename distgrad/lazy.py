@@ -71,7 +71,7 @@ class LazyStorage:
         vid = getattr(self, "vid", None)
         if cluster is not None and vid is not None:
             recorder = cluster.recorder
-            recorder.live.drop(vid)
+            recorder.live.refs.pop(vid, None)
             if not cluster.closed:
                 recorder.release(vid)
 
@@ -89,13 +89,7 @@ class LiveTable:
     __slots__ = ("refs",)
 
     def __init__(self):
-        self.refs = {}
-
-    def add(self, store):
-        self.refs[store.vid] = weakref.ref(store)
-
-    def drop(self, vid):
-        self.refs.pop(vid, None)
+        self.refs = {}       # vid -> weakref: Recorder.new_storage adds, LazyStorage.__del__ pops
 
     def get(self, vid, default=None):
         ref = self.refs.get(vid)
@@ -175,9 +169,9 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
 
     def new_storage(self, shape, dtype, placement, leaves=frozenset(), device=None):
         """A LazyStorage for a value the pending program is about to define."""
-        vid = self.new_id()
+        vid = next(self._ids)
         store = LazyStorage(self.cluster, vid, shape, dtype, placement, leaves, device)
-        self.live.add(store)
+        self.live.refs[vid] = weakref.ref(store)
         return store
 
     def release(self, vid):
@@ -409,17 +403,35 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
 
     def record_op(self, op, inputs, attrs):
         """Record ``op(*inputs, **attrs)`` on distributed values (``tensor.lazy_dispatch``)."""
-        self.check_open()
+        if self.cluster.closed:
+            self.check_open()
         inputs = list(inputs)
-        cls = Variable if any(isinstance(x, Variable) for x in inputs) else Tensor
-        requires_grad = any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-        resolved = [self.arg(x) for x in inputs]
-        placements = [r[1] for r in resolved]
-        for i in pl.partial_inputs_to_reduce(op, placements):
+        cls, requires_grad = Tensor, False
+        for x in inputs:
+            if isinstance(x, Tensor):
+                cls = Variable if isinstance(x, Variable) else cls
+                requires_grad = requires_grad or bool(x.requires_grad)
+        args, placements, shapes, stores = [], [], [], []
+        partial = False
+        for x in inputs:
+            store = x.store if isinstance(x, Tensor) else None
+            if store is not None and store.lazy and store.cluster is self.cluster \
+                    and store.vid not in self.lost:      # what arg() does for the usual input
+                rec = self.rec
+                slot = rec.slot_of.get(store.vid)
+                a = ["s", rec.ref(store.vid) if slot is None else slot]
+                p, s = store.placement, store.shape
+            else:
+                a, p, s, store = self.arg(x)
+            args.append(a)
+            placements.append(p)
+            shapes.append(s)
+            stores.append(store)
+            partial = partial or isinstance(p, Partial)
+        for i in pl.partial_inputs_to_reduce(op, placements) if partial else ():
             x = inputs[i]
-            inputs[i] = self.allreduce_partial(resolved[i][3], cls, isinstance(x, Tensor) and x.requires_grad, x)
-            resolved[i] = self.arg(inputs[i])
-        args, placements, shapes, stores = (list(z) for z in zip(*resolved))
+            inputs[i] = self.allreduce_partial(stores[i], cls, isinstance(x, Tensor) and x.requires_grad, x)
+            args[i], placements[i], shapes[i], stores[i] = self.arg(inputs[i])
         if op.divides_by_count and isinstance(placements[0], Shard) and \
                 placements[0].dim in pl.reduced_axes(attrs.get("dim"), len(shapes[0])):
             # Mean over the sharded dim: local sums divided by the GLOBAL count -> Partial.
