@@ -35,6 +35,30 @@ def parser(doc):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
 
 
+def paired_parser(doc, threads, threads_help):
+    """``parser(doc)`` with what a paired comparison (``paired``) takes: --threads,
+    --seconds per case and --rounds. Example: ``paired_parser(__doc__, 2, "BLAS threads")``."""
+    ap = parser(doc)
+    ap.add_argument("--threads", type=int, default=threads, help=threads_help)
+    ap.add_argument("--seconds", type=float, default=5.0, help="time budget per case")
+    ap.add_argument("--rounds", type=int, default=10, help="at least this many alternating blocks")
+    return ap
+
+
+def parse_paired(ap):
+    """The arguments of a ``paired_parser``; --quick: 1 s per case, 5 rounds at least."""
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = min(args.seconds, 1.0), min(args.rounds, 5)
+    return args
+
+
+def pin_threads(n):
+    """Give numpy's BLAS and OpenMP ``n`` threads: call it before numpy is imported."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+
+
 def require_baseline(module, what):
     """Import ``module`` (the baseline every ratio of the script is measured against) or
     exit with one line saying what to install. A ratio without its baseline is not

@@ -18,11 +18,6 @@ import sys
 import time
 
 
-def _pin_threads(n):
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-
-
 def _results_module():
     # Loaded by its path: importing distgrad.bench would load numpy before the threads are pinned.
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_results.py")
@@ -36,23 +31,17 @@ _results = _results_module()
 
 
 def _parse():
-    ap = _results.parser(__doc__)    # --quick: 1 s per case, 5 rounds at least; --save
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="threads for both libraries (BLAS, torch intra-op)")
-    ap.add_argument("--seconds", type=float, default=5.0, help="time budget per case")
-    ap.add_argument("--rounds", type=int, default=10, help="at least this many alternating blocks")
+    ap = _results.paired_parser(__doc__, os.cpu_count() or 1,
+                                "threads for both libraries (BLAS, torch intra-op)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU time, robust to other load on a shared machine "
                          "(meaningful with --threads 1 only)")
-    args = ap.parse_args()
-    if args.quick:
-        args.seconds, args.rounds = min(args.seconds, 1.0), min(args.rounds, 5)
-    return args
+    return _results.parse_paired(ap)    # --quick: 1 s per case, 5 rounds at least; --save
 
 
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None:
-    _pin_threads(ARGS.threads)      # before numpy is imported
+    _results.pin_threads(ARGS.threads)      # before numpy is imported
 
 import numpy as np  # noqa: E402
 

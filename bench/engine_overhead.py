@@ -30,20 +30,13 @@ _results = _results_module()
 
 
 def _parse():
-    ap = _results.parser(__doc__)
-    ap.add_argument("--threads", type=int, default=2, help="BLAS threads (and torch intra-op)")
-    ap.add_argument("--seconds", type=float, default=5.0, help="time budget per case")
-    ap.add_argument("--rounds", type=int, default=10, help="at least this many alternating blocks")
-    args = ap.parse_args()
-    if args.quick:
-        args.seconds, args.rounds = min(args.seconds, 1.0), min(args.rounds, 5)
-    return args
+    return _results.parse_paired(_results.paired_parser(__doc__, 2,
+                                                        "BLAS threads (and torch intra-op)"))
 
 
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = str(ARGS.threads)        # before numpy is imported
+    _results.pin_threads(ARGS.threads)        # before numpy is imported
 
 import numpy as np  # noqa: E402
 
