@@ -257,8 +257,9 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
 
         Example: ``Variable.from_storage(recorder.new_storage((4,), np.float64, REPLICATE))``.
         """
-        t = cls.from_array(None, grad_fn)
+        t = cls.__new__(cls)
         t._store = store
+        t._init_autograd(grad_fn, False)
         t.requires_grad = bool(requires_grad)
         return t
 

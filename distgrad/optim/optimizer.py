@@ -106,8 +106,12 @@ class Optimizer:
         """On distributed parameters the update is recorded, not run: if the step then fails
         on a worker (and is rolled back there), the driver-side state (step counts, which
         moments exist) is put back too, so a retried step is applied exactly once."""
-        clusters = {id(p.store.cluster): p.store.cluster for g in self.param_groups
-                    for p in g["params"] if p.store.lazy}
+        clusters = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                store = p.store
+                if store.lazy:
+                    clusters[id(store.cluster)] = store.cluster
         if not clusters:
             return
         saved = {p: dict(st) for p, st in self.state.items()}
