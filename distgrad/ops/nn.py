@@ -10,6 +10,8 @@ Convolutions use im2col through ``as_strided`` views and one batched matmul; the
 transposed direction (col2im) loops over kernel offsets only, never over pixels.
 Conv and pool ops work independently per sample along dim 0: ``rule_batch_local``.
 """
+import threading
+
 import numpy as np
 
 from .. import placement as P
@@ -105,8 +107,36 @@ def _fold_batch_last(xp, cols, in_hw, stride, pads, dilation):
     return xp.ascontiguousarray(out[:, ph0:ph0 + H, pw0:pw0 + W].transpose(3, 0, 1, 2))
 
 
-def _batch_last(xp, x, pads=((0, 0), (0, 0))):
-    """(N, C, H, W) -> contiguous (C, H', W', N), zero-padded by ``pads``: one copy.
+_scratch = threading.local()
+_SCRATCH_MAX = 64 << 20          # bytes: larger temporaries are allocated afresh
+
+
+def _scratch_array(xp, slot, shape, dtype, zero=False):
+    """A kernel's internal temporary (im2col columns, transposed copies), reused per thread.
+
+    Never returned from a kernel. Fresh multi-MB arrays each step cost more than the copy
+    into them: glibc maps them anew and every first touch of a page is a fault (2000 per
+    LeNet step at batch 64, as much time as the arithmetic). One buffer per slot and
+    thread, grown to the largest request up to ``_SCRATCH_MAX``; other backends allocate.
+    """
+    size = int(np.prod(shape))
+    nbytes = size * np.dtype(dtype).itemsize
+    if xp is not np or nbytes > _SCRATCH_MAX:
+        return (xp.zeros if zero else xp.empty)(shape, dtype=dtype)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[slot] = np.empty(nbytes, dtype=np.uint8)
+    out = buf[:nbytes].view(dtype).reshape(shape)
+    if zero:
+        out.fill(0)
+    return out
+
+
+def _batch_last(xp, x, pads=((0, 0), (0, 0)), slot="batch_last"):
+    """(N, C, H, W) -> contiguous (C, H', W', N), zero-padded by ``pads``: one copy (scratch).
 
     A sample of a power-of-two multiple of 4 KiB would make every read of the
     transpose hit the same cache sets: those copy 8 samples at a time (3x faster).
@@ -114,7 +144,7 @@ def _batch_last(xp, x, pads=((0, 0), (0, 0))):
     N, C, H, W = x.shape
     (ph0, ph1), (pw0, pw1) = pads
     padded = ph0 or ph1 or pw0 or pw1
-    out = (xp.zeros if padded else xp.empty)((C, H + ph0 + ph1, W + pw0 + pw1, N), dtype=x.dtype)
+    out = _scratch_array(xp, slot, (C, H + ph0 + ph1, W + pw0 + pw1, N), x.dtype, zero=padded)
     dst, src = out[:, ph0:ph0 + H, pw0:pw0 + W], x.transpose(1, 2, 3, 0)
     step = 8 if (C * H * W * x.itemsize) % 4096 == 0 else max(N, 1)
     for s in range(0, N, step):
@@ -149,8 +179,12 @@ def _conv2d_wide(xp, x, w, b, kernel, pads, dilation, out_hw):
     (kh, kw), (dh, dw), (oh, ow) = kernel, dilation, out_hw
     span = (oh - 1) * W + ow
     sN, sC, sH, sW = x.strides
-    cols = xp.lib.stride_tricks.as_strided(x, (N, C, kh, kw, span), (sN, sC, sH * dh, sW * dw, sW))
-    wide = xp.matmul(w.reshape(O, -1), cols.reshape(N, C * kh * kw, span))     # (N, O, span)
+    view = xp.lib.stride_tricks.as_strided(x, (N, C, kh, kw, span), (sN, sC, sH * dh, sW * dw, sW))
+    cols = _scratch_array(xp, "cols", view.shape, x.dtype)
+    cols[...] = view
+    dtype = xp.result_type(w.dtype, x.dtype)
+    wide = xp.matmul(w.reshape(O, -1), cols.reshape(N, C * kh * kw, span),
+                     out=_scratch_array(xp, "gemm", (N, O, span), dtype))            # (N, O, span)
     s = wide.strides
     out = xp.lib.stride_tricks.as_strided(wide, (N, O, oh, ow), (s[0], s[1], W * s[2], s[2]))
     res = xp.empty((N, O, oh, ow), dtype=wide.dtype)
@@ -167,9 +201,11 @@ def _conv2d(xp, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gr
     kernel, out_hw, pads = _conv_geom(x.shape, w.shape, stride, padding, dilation)
     if tuple(stride) == (1, 1) and _short_rows(out_hw, groups):
         return _conv2d_wide(xp, x, w, b, kernel, pads, dilation, out_hw)
-    cols = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
+    view = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
     L = out_hw[0] * out_hw[1]
-    cols = cols.reshape(N, groups, (C // groups) * kernel[0] * kernel[1], L)   # the im2col copy
+    cols = _scratch_array(xp, "cols", view.shape, view.dtype)
+    cols[...] = view                                                            # the im2col copy
+    cols = cols.reshape(N, groups, (C // groups) * kernel[0] * kernel[1], L)
     out = xp.matmul(w.reshape(groups, O // groups, -1), cols)                   # (N, G, O/G, L)
     out = out.reshape(N, O, out_hw[0], out_hw[1])
     if b is not None:
@@ -189,24 +225,28 @@ def _conv2d_input_grad_rows(xp, g, w, in_hw, kernel, stride, pads, dilation, out
     C = w.shape[1]
     (H, W), ((ph0, ph1), (pw0, pw1)) = in_hw, pads
     (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
-    gt = _batch_last(xp, g).reshape(O, oh, ow * N)
+    gt = _batch_last(xp, g, slot="batch_last_g").reshape(O, oh, ow * N)
     wt = w.reshape(O, C * kh * kw).T
     Hp, Wp = H + ph0 + ph1, W + pw0 + pw1
-    dx = xp.zeros((C, Hp, Wp, N), dtype=xp.result_type(g.dtype, w.dtype))
+    dtype = xp.result_type(g.dtype, w.dtype)
+    dx = _scratch_array(xp, "dx", (C, Hp, Wp, N), dtype, zero=True)
     flat = dx.reshape(C, Hp, Wp * N)
     piece = 512 if sw == 1 else ow * N      # a stride-1 row's columns land contiguously
     for r in range(oh):
         rows = slice(r * sh, r * sh + dh * (kh - 1) + 1, dh)
         for a in range(0, ow * N, piece):
             b = min(a + piece, ow * N)
-            cols = xp.matmul(wt, gt[:, r, a:b]).reshape(C, kh, kw, b - a)
+            cols = xp.matmul(wt, gt[:, r, a:b], out=_scratch_array(
+                xp, "cols", (C * kh * kw, b - a), dtype)).reshape(C, kh, kw, b - a)
             for j in range(kw):
                 if sw == 1:
                     flat[:, rows, j * dw * N + a:j * dw * N + b] += cols[:, :, j]
                 else:
                     dx[:, rows, j * dw:j * dw + sw * (ow - 1) + 1:sw] += \
                         cols[:, :, j].reshape(C, kh, ow, N)
-    return xp.ascontiguousarray(dx[:, ph0:ph0 + H, pw0:pw0 + W].transpose(3, 0, 1, 2))
+    out = xp.empty((N, C, H, W), dtype=dtype)               # dx is scratch: copy out
+    out[...] = dx[:, ph0:ph0 + H, pw0:pw0 + W].transpose(3, 0, 1, 2)
+    return out
 
 
 def _conv2d_input_grad(xp, g, w, in_hw=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
@@ -238,10 +278,12 @@ def _conv2d_weight_grad_batch_last(xp, x, g, w_shape, kernel, stride, pads, dila
     (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
     xt = _batch_last(xp, x, pads)
     sC, sH, sW, sN = xt.strides
-    cols = xp.lib.stride_tricks.as_strided(
+    view = xp.lib.stride_tricks.as_strided(
         xt, (C, kh, kw, oh, ow, N), (sC, sH * dh, sW * dw, sH * sh, sW * sw, sN))
+    cols = _scratch_array(xp, "cols", view.shape, view.dtype)
+    cols[...] = view
     cols = cols.reshape(C * kh * kw, oh * ow * N)
-    gt = _batch_last(xp, g).reshape(O, oh * ow * N)
+    gt = _batch_last(xp, g, slot="batch_last_g").reshape(O, oh * ow * N)
     gw = xp.matmul(cols, gt.T)                                      # (C*kh*kw, O)
     return xp.ascontiguousarray(gw.T).reshape(w_shape).astype(x.dtype, copy=False)
 
@@ -255,7 +297,9 @@ def _conv2d_weight_grad(xp, x, g, w_shape=None, stride=(1, 1), padding=(0, 0), d
     if _short_rows(out_hw, groups):
         return _conv2d_weight_grad_batch_last(xp, x, g, w_shape, kernel, stride, pads, dilation,
                                               out_hw)
-    cols = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
+    view = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
+    cols = _scratch_array(xp, "cols", view.shape, view.dtype)
+    cols[...] = view
     cols = cols.reshape(N, groups, -1, out_hw[0] * out_hw[1])
     gg = g.reshape(N, groups, O // groups, -1)
     # Per-sample gemms then a sum over the batch: far faster in numpy than one tensordot,
