@@ -196,10 +196,28 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         return bool(self._free)
 
     def rolled_back(self, rec, free):
-        """``rec`` failed and was undone: its values never existed, its frees are still due."""
+        """``rec`` failed and was undone: its values never existed, its frees are still due.
+
+        Values the driver sent (``cluster.shard``/``replicate``: a model replicated just
+        before a failed first step) are not lost: their data goes again with the next
+        program. Values the program computed are gone."""
         self._free.extend(free)
-        for vid in rec.outputs.values():
-            self.lost.setdefault(vid, "was computed by a step that failed and was rolled back")
+        puts = {ins[1]: ins for ins in rec.instrs if ins[0] == "put"}
+        same_world = len(rec.inputs) == self.cluster.world_size
+        for slot, vid in rec.outputs.items():
+            ins = puts.get(slot)
+            if ins is not None and same_world and vid in self.live:
+                self._send_again(rec, vid, ins)
+            else:
+                self.lost.setdefault(vid, "was computed by a step that failed and was rolled back")
+
+    def _send_again(self, failed, vid, put):
+        """Re-record ``put`` (an instruction of the failed recording) in the pending one."""
+        rec = self.rec.root
+        _, slot, idx, requires_grad = put
+        new_idx = rec.add_input([failed.inputs[r][idx] for r in range(len(failed.inputs))])
+        rec.instrs.append(["put", rec.new_slot(vid), new_idx, requires_grad])
+        rec.shard_puts.extend((new_idx, store) for i, store in failed.shard_puts if i == idx)
 
     @contextlib.contextmanager
     def tracing(self, what):

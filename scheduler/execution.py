@@ -141,16 +141,19 @@ class Executor:
                     self.commit()
                 return results
             missed = [r for r, e in errors if prog.NOT_CACHED in e]
-            waited = [r for r, e in errors if "CollectiveTimeoutError" in e]
+            waited = [r for r, e in errors if _waited_for_peer(e)]
+            # A failed worker leaves the collective group so its peers stop waiting at once:
+            # the group must then be formed anew.
+            left = any(res.get("left_group") for res in results)
             if missed and len(missed) + len(waited) == len(errors) and attempt < cluster.max_retries:
                 # Those workers ran nothing (their cache and the driver's mirror disagreed);
                 # the others ran the program (or waited for them in a collective): undo it
                 # there, then run it again everywhere, in full where it was missing.
                 self.abort([r for r in range(cluster.world_size) if r not in missed],
-                           repair=bool(waited))
+                           repair=bool(waited) or left)
                 self.reset_mirrors(missed)
                 continue
-            self.abort(repair=any("Collective" in e for _, e in errors))
+            self.abort(repair=left or any("Collective" in e for _, e in errors))
             self.reset_mirrors([r for r, _ in errors])
             raise _remote_error(errors)
         raise AssertionError("unreachable")
@@ -229,10 +232,15 @@ class Executor:
                     src.observe(r, status)
 
 
+def _waited_for_peer(error_text):
+    """Whether a worker's error says it only waited for a peer that failed or left."""
+    return "CollectiveTimeoutError" in error_text or "CollectiveAbortedError" in error_text
+
+
 def _remote_error(errors):
     """The RemoteError for workers' errors [(rank, text)]: the cause first (peers that
     waited for the failed worker report a timeout)."""
-    errors = sorted(errors, key=lambda e: "CollectiveTimeoutError" in e[1])
+    errors = sorted(errors, key=lambda e: _waited_for_peer(e[1]))
     rank, err = errors[0]
     also = f"; workers {[r for r, _ in errors[1:]]} failed too" if len(errors) > 1 else ""
     return RemoteError(f"worker {rank}: {err} (the step was rolled back on every "

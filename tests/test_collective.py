@@ -19,7 +19,8 @@ import traceback
 import numpy as np
 import pytest
 
-from distgrad.workers.collective import (CollectiveMismatchError, CollectiveTimeoutError,
+from distgrad.workers.collective import (CollectiveAbortedError, CollectiveMismatchError,
+                                         CollectiveTimeoutError,
                                          create_communicator, split_ranges)
 from distgrad.workers.collective.base import normalize_op, reduce_in_order
 from distgrad.workers.collective.inprocess import InProcessGroup
@@ -388,6 +389,16 @@ def _shm_child(rank, ws, name, q, mode, kw):
                 q.put((rank, ("no error", 0.0, [])))
             except CollectiveTimeoutError as e:
                 q.put((rank, (str(e), time.monotonic() - t0, e.missing_ranks)))
+        elif mode == "leave":           # rank 1's step failed: it leaves, the others wait on it
+            if rank == 1:
+                comm.abort("its step failed")
+                q.put((rank, ("left", 0.0, [])))
+            else:
+                try:
+                    comm.allreduce(np.ones(1000))
+                    q.put((rank, ("no error", 0.0, [])))
+                except CollectiveTimeoutError as e:
+                    q.put((rank, (type(e).__name__, str(e), e.missing_ranks)))
         elif mode == "mismatch":
             try:
                 comm.allreduce(np.ones(100 + rank * 1000, np.float32))
@@ -683,3 +694,38 @@ def test_gradient_buckets_refuse_layouts_that_differ_between_ranks():
         np.testing.assert_array_equal(g, np.arange(6.0).reshape(2, 3) * 3)
     _, errors = run(["F", "C"])
     assert all(isinstance(e, CollectiveMismatchError) for e in errors)
+
+
+@pytest.mark.parametrize("kind", ["shm", "tcp", "hierarchical"])
+def test_a_rank_that_leaves_fails_its_peers_at_once(kind, tmp_path):
+    # The group's timeout (300 s) is far beyond the wait for the results (120 s): peers
+    # must fail because rank 1 left, not because their wait ran out.
+    name = f"t_leave_{kind}_{os.getpid()}"
+    kw = {"timeout_s": 300}
+    if kind != "shm":
+        kw.update(kind=kind, store_dir=str(tmp_path))
+    if kind == "hierarchical":
+        kw["nodes"] = ("a", "a", "b")
+    out = _spawn(3, name, "leave", kw=kw, timeout=120)
+    for r in (0, 2):
+        cls, msg, missing = out[r]
+        # Across nodes, the other node sees rank 1's leader (rank 0) leave the leaders' ring.
+        assert missing == [1] or (kind == "hierarchical" and r == 2 and missing == [0]), msg
+        if kind == "shm":
+            assert cls == "CollectiveAbortedError" and "rank 1 left the step" in msg, msg
+
+
+def test_inprocess_rank_that_leaves_fails_its_peers_at_once():
+    group = InProcessGroup(3, "t_leave", timeout_s=300)
+
+    def fn(r):
+        comm = group.communicator(r)
+        if r == 1:
+            comm.abort("its step failed")
+            return "left"
+        comm.allreduce(np.ones(10))
+
+    _, excs = _run_threads(3, fn, timeout=60)
+    for r in (0, 2):
+        assert isinstance(excs[r], CollectiveAbortedError), excs[r]
+        assert excs[r].missing_ranks == [1] and "rank 1 left the step" in str(excs[r])

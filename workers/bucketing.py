@@ -46,6 +46,10 @@ class OrderedComm:
         self.bytes += array.nbytes
         return self.wait(self.submit(_host_call, self.comm.allgather, array))
 
+    def abort(self, detail=""):
+        """Leave the current step's collectives (see ``Communicator.abort``)."""
+        self.comm.abort(detail)
+
     def close(self):
         self._pool.shutdown(wait=False)
 

@@ -83,6 +83,12 @@ class Worker:
             reply = {"fetched": fetched, "error": None, "busy_s": busy}
         except Exception as e:          # reported to the driver; the worker stays usable
             reply = {"fetched": {}, "error": f"{type(e).__name__}: {e}"}
+            if control is None and self.comm is not None and self.comm.world_size > 1:
+                # Peers may wait for this worker in a collective of the failed program:
+                # leaving the group makes them fail now, not after their timeout (the
+                # driver re-forms the group when it rolls the step back).
+                self.comm.abort(f"{type(e).__name__}")
+                reply["left_group"] = True
         if self.undo.nbytes:
             # What this worker keeps to undo the program: the driver commits it (the undo
             # data goes) once every worker reported success.

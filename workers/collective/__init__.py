@@ -18,12 +18,13 @@ Rendezvous stores: ``rendezvous.py``. ``ray_backend.register()`` makes them
 available to ``ray.util.collective`` as backend ``"distgrad"``. Importing this
 package does not import Ray.
 """
-from .base import (DEFAULT_TIMEOUT_S, CollectiveError, CollectiveMismatchError,
-                   CollectiveTimeoutError, Communicator, normalize_op, split_ranges,
+from .base import (DEFAULT_TIMEOUT_S, CollectiveAbortedError, CollectiveError,
+                   CollectiveMismatchError, CollectiveTimeoutError, Communicator, normalize_op, split_ranges,
                    split_sizes)
 
 __all__ = [
-    "Communicator", "CollectiveError", "CollectiveTimeoutError", "CollectiveMismatchError",
+    "Communicator", "CollectiveError", "CollectiveTimeoutError", "CollectiveAbortedError",
+    "CollectiveMismatchError",
     "DEFAULT_TIMEOUT_S", "create_communicator", "normalize_op", "split_ranges",
     "split_sizes", "KINDS",
 ]

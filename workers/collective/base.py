@@ -67,6 +67,18 @@ class CollectiveTimeoutError(CollectiveError):
         super().__init__(msg)
 
 
+class CollectiveAbortedError(CollectiveTimeoutError):
+    """A peer left the collectives of a step it could not finish (``Communicator.abort``):
+    raised at once rather than after the timeout. The peer reports the cause itself."""
+
+    def __init__(self, group_name: str, op: str, rank: int,
+                 missing_ranks: Sequence[int], timeout_s: float, detail: str = ""):
+        super().__init__(group_name, op, rank, missing_ranks, timeout_s, detail)
+        who = ", ".join(str(r) for r in self.missing_ranks) or "?"
+        self.args = (f"collective group {group_name!r}: {op} on rank {rank} stopped: rank "
+                     f"{who} left the step" + (f" ({detail})" if detail else ""),)
+
+
 class CollectiveMismatchError(CollectiveError, ValueError):
     """Ranks called different collectives, or with different shapes/dtypes."""
 
@@ -431,6 +443,16 @@ class Communicator(abc.ABC):
         >>> comm.recv(np.empty(3), src=0)   # doctest: +SKIP
         array([0., 1., 2.])
         """
+
+    def abort(self, detail: str = "") -> None:
+        """Leave the current step: every peer waiting for this rank in a collective (now or
+        later) raises :class:`CollectiveAbortedError` at once instead of waiting out its
+        timeout. The group is broken afterwards (the scheduler re-forms it). The default
+        closes the communicator, which socket-based peers see at once.
+
+        Example: ``comm.abort("rank 1: ValueError in the forward pass")``.
+        """
+        self.close()
 
     def close(self) -> None:
         """Release this rank's resources (idempotent)."""

@@ -245,6 +245,12 @@ class HierarchicalCommunicator(Communicator):
             return self._local("recv", array_or_shape, self.local_ranks.index(src), dtype)
         return self._mesh.recv(array_or_shape, src, dtype)
 
+    def abort(self, detail=""):
+        # Both levels: ranks on this node wait in shm, the other nodes' leaders in tcp.
+        for c in (self._shm, self._cross, self._mesh):
+            if c is not None:
+                c.abort(detail)
+
     def close(self):
         if self._closed:
             return

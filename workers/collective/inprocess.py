@@ -16,7 +16,8 @@ from typing import List
 
 import numpy as np
 
-from .base import (DEFAULT_TIMEOUT_S, CollectiveMismatchError, CollectiveTimeoutError,
+from .base import (DEFAULT_TIMEOUT_S, CollectiveAbortedError, CollectiveMismatchError,
+                   CollectiveTimeoutError,
                    Communicator, check_ndarray, reduce_in_order, resolve_recv_target,
                    split_ranges)
 
@@ -46,6 +47,7 @@ class InProcessGroup:
         self._cond = threading.Condition()
         self._arrivals = [0] * self.world_size      # syncs each rank has entered
         self._broken = None                          # (op, missing, detail) once failed
+        self._aborted = False                        # broken by a rank leaving (abort)
         # Data posted for sync number m lives in slot m % 2: a writer for sync m+2
         # has passed sync m+1, so every reader of slot m % 2 is done with it.
         self._posts = [[None] * self.world_size for _ in range(2)]
@@ -68,7 +70,16 @@ class InProcessGroup:
     # -- synchronisation (called by communicators) -------------------------------
     def _raise_broken(self, rank: int):
         op, missing, detail, timeout_s = self._broken
-        raise CollectiveTimeoutError(self.group_name, op, rank, missing, timeout_s, detail)
+        cls = CollectiveAbortedError if self._aborted else CollectiveTimeoutError
+        raise cls(self.group_name, op, rank, missing, timeout_s, detail)
+
+    def _abort(self, rank: int, detail: str, timeout_s: float):
+        """Rank ``rank`` leaves: every wait of the group raises now (see Communicator.abort)."""
+        with self._cond:
+            if self._broken is None:
+                self._broken = ("the step", [rank], detail, timeout_s)
+                self._aborted = True
+            self._cond.notify_all()
 
     def _sync(self, rank: int, op: str, timeout_s: float) -> int:
         """Enter sync point number m (returned) and wait until every rank has."""
@@ -210,6 +221,9 @@ class InProcessCommunicator(Communicator):
                                   self._group_name, src)
         out[...] = msg.reshape(out.shape)
         return out
+
+    def abort(self, detail=""):
+        self._g._abort(self._rank, detail, self._timeout_s)
 
     def close(self):
         if not self._closed:

@@ -130,6 +130,10 @@ class ShmCommunicator(Communicator):  # long: base's hooks over shared memory, a
         """The segment's name (random when the group was made with a ``store``)."""
         return self._seg.name
 
+    def abort(self, detail=""):
+        if not self._closed and self._seg is not None:
+            self._sync.leave(detail)
+
     def close(self):
         """Detach from the segment (idempotent). The memory is freed when the last rank detaches."""
         if self._closed:

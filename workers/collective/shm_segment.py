@@ -45,7 +45,7 @@ LINE = 16                        # int64 words per 128-byte line (no false shari
 HDR_WORDS = 32                   # int64 words per op header (256 bytes)
 # control block, in words
 _W_MAGIC, _W_WORLD, _W_SLOT, _W_P2P, _W_PID, _W_READY, _W_SIZE, _W_TOKEN, _W_ARENA = range(9)
-ABORT = LINE                     # [rank+1 of who aborted, missing-rank bitmask, op code]
+ABORT = LINE                     # [rank+1 of who aborted, missing-rank bitmask, 1 if it left the step]
 RANKS = 2 * LINE                 # per rank line: [barrier counter, pid, attached, sleeping]
 _SEM_MAX = _multiprocessing.SemLock.SEM_VALUE_MAX
 

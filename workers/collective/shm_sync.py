@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Optional
 
-from .base import CollectiveMismatchError, CollectiveTimeoutError
+from .base import CollectiveAbortedError, CollectiveMismatchError, CollectiveTimeoutError
 from .shm_segment import ABORT, HDR_WORDS, LINE, RANKS, ShmSegment, pid_alive
 
 __all__ = ["ShmSync", "OPS", "OP_NAMES", "fence"]
@@ -77,6 +77,18 @@ class ShmSync:
     def fail(self, op, missing, detail=""):
         """Give up on ``op``: raise the abort flag (naming ``missing``), wake every peer so
         it fails fast too, break the group and raise :class:`CollectiveTimeoutError`."""
+        self._raise_flag(missing, left=False)
+        self.broken = (op, list(missing), detail)
+        raise CollectiveTimeoutError(self._group_name, op, self._rank, missing,
+                                     self._timeout_s, detail)
+
+    def leave(self, detail=""):
+        """This rank leaves the step (``Communicator.abort``): raise the abort flag naming
+        itself, marked as a departure, so every peer waiting for it fails now."""
+        self._raise_flag([self._rank], left=True)
+        self.broken = ("the step", [self._rank], detail)
+
+    def _raise_flag(self, missing, left):
         q = self._seg.q
         if q is not None and q[ABORT] == 0:
             mask = 0
@@ -84,13 +96,11 @@ class ShmSync:
                 if k < 63:
                     mask |= 1 << k
             q[ABORT + 1] = mask
+            q[ABORT + 2] = 1 if left else 0
             q[ABORT] = self._rank + 1
             fence()
             for k in self.peers:
                 self.ring(k)
-        self.broken = (op, list(missing), detail)
-        raise CollectiveTimeoutError(self._group_name, op, self._rank, missing,
-                                     self._timeout_s, detail)
 
     def check_abort(self, op):
         """Raise (and break the group) if another rank has raised the abort flag."""
@@ -98,9 +108,11 @@ class ShmSync:
         if q[ABORT]:
             who, mask = q[ABORT] - 1, q[ABORT + 1]
             missing = [k for k in range(min(self._world_size, 63)) if mask >> k & 1]
-            self.broken = (op, missing, f"rank {who} gave up")
-            raise CollectiveTimeoutError(self._group_name, op, self._rank, missing,
-                                         self._timeout_s, f"rank {who} gave up")
+            left = q[ABORT + 2] == 1
+            detail = "its step failed" if left else f"rank {who} gave up"
+            self.broken = (op, missing, detail)
+            cls = CollectiveAbortedError if left else CollectiveTimeoutError
+            raise cls(self._group_name, op, self._rank, missing, self._timeout_s, detail)
 
     def wait_ge(self, idx, target, op, who, missing_fn):
         """Wait until word ``idx`` >= ``target``; ``who`` is the rank that writes it."""
