@@ -320,7 +320,8 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
 
     def store_of(self, t):
         """The distributed storage of ``t``, replicating a driver-local tensor if needed."""
-        return t.store if t.store.lazy else self.local_replica(t)
+        store = t.store
+        return store if store.lazy else self.local_replica(t)
 
     # ---------------------------------------------------------------- ops
     def arg(self, x):
@@ -460,11 +461,13 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
 
     def record_assign(self, target, result):
         """In-place write of ``result`` into the distributed value ``target``."""
-        self.check_open()
-        src = result.store if result.store.lazy else self.local_replica(result.detach())
+        if self.cluster.closed:
+            self.check_open()
+        src = result.store
+        src = src if src.lazy else self.local_replica(result.detach())
         if src.shape != target.shape:
             raise RuntimeError(f"in-place write: result of shape {src.shape} into a tensor of shape {target.shape}")
-        if src.placement != target.placement:
+        if src.placement is not target.placement and src.placement != target.placement:
             if isinstance(src.placement, Partial) and isinstance(target.placement, Replicate):
                 src = self.allreduce_partial(src, Tensor, result.requires_grad).store
             else:
@@ -477,7 +480,8 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
     def record_detach(self, t, requires_grad=False):
         """A new value on the workers: ``t`` without its history (sharing its memory and
         version counter), a fresh leaf of ``t`` if ``requires_grad``."""
-        self.check_open()
+        if self.cluster.closed:
+            self.check_open()
         src = t.store
         store = self.new_storage(src.shape, src.dtype, src.placement, device=src.device)
         store.counter = src.counter

@@ -314,7 +314,8 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
         store = self._store
         if not store.lazy and store.array is None:     # being constructed
             return True
-        return np.issubdtype(np.dtype(store.dtype), np.floating)   # no fetch for distributed values
+        # np.issubdtype without its Python calls; no fetch for distributed values
+        return issubclass(np.dtype(store.dtype).type, np.floating)
 
     def type(self, dtype=None, non_blocking=False):
         """The type name (``'distgrad.FloatTensor'``), or a cast to a type as in PyTorch.

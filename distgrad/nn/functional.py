@@ -373,7 +373,7 @@ def _check_class_target(input, target, who):
     if not isinstance(target, Tensor):
         target = Tensor.from_array(np.asarray(target))
     target = _match_target(input, target)
-    if not np.issubdtype(np.dtype(target.dtype), np.integer):
+    if not issubclass(np.dtype(target.dtype).type, np.integer):     # np.issubdtype, in C
         raise TypeError(f"{who}: expected class indices of an integer dtype as target, got "
                         f"{target.dtype} (use a LongTensor)")
     expect = (input.shape[0],) + tuple(input.shape[2:]) if input.ndim >= 2 else ()
