@@ -411,7 +411,6 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
             raise RuntimeError(f"only floating point tensors can require gradients (got {self.dtype})")
         self.requires_grad = bool(flag)
 
-    _init_requires_grad = init_requires_grad    # workers/worker.py's name until it moves (issue 15)
 
     def detach(self):
         """A tensor on the same storage with no history."""
@@ -929,7 +928,6 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
             self.grad_fn = result.grad_fn
             self.requires_grad = True
 
-    _write = overwrite        # workers/worker.py's name until it moves (issue 15)
 
     def add_(self, o, alpha=1): return self._inplace("add", o if alpha == 1 else o * alpha)
     def sub_(self, o, alpha=1): return self._inplace("sub", o if alpha == 1 else o * alpha)

@@ -32,9 +32,6 @@ ALLOWED = {
         "PyTorch's own name (torch.nn.init._calculate_fan_in_and_fan_out), which user "
         "scripts call: it is public API under a private-looking name",
 }
-# Modules another change is moving to the public names right now (issue 15); each leaves
-# this list when it passes.
-IN_PROGRESS = {"distgrad.workers.worker", "distgrad.workers.bucketing"}
 
 
 def in_core(module):
@@ -110,7 +107,7 @@ def private_uses(modules):
 def test_no_module_outside_the_core_uses_another_modules_private_names():
     modules = discover()
     uses = [u for u in private_uses(modules)
-            if (u[0], u[3]) not in ALLOWED and u[0] not in IN_PROGRESS]
+            if (u[0], u[3]) not in ALLOWED]
     bad = sorted({f"{os.path.relpath(modules[m], ROOT)}:{line}: {text}"
                   for m, line, text, _ in uses})
     assert not bad, ("private names of another module used outside the core (give the "
@@ -122,7 +119,6 @@ def test_the_allowances_are_still_needed():
     uses = private_uses(modules)
     stale = [key for key in ALLOWED if not any((m, n) == key for m, _, _, n in uses)]
     assert not stale, f"allowed uses that no longer occur (drop them from ALLOWED): {stale}"
-    assert all(m in modules for m in IN_PROGRESS), IN_PROGRESS
 
 
 def test_the_scan_finds_each_form_and_spares_the_fine_ones(tmp_path):

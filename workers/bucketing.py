@@ -96,7 +96,7 @@ class Bucketer:
     def add(self, leaf):
         if id(leaf) not in self.replicated or self.comm.world_size == 1:
             return
-        g = leaf._grad._store.array
+        g = leaf.grad.store.array
         self._bucket.append(leaf)
         self._bytes += g.nbytes
         if self._bytes >= self.cap:
@@ -113,7 +113,7 @@ class Bucketer:
         """On the communication thread: sum the leaves' gradients over all workers and
         write the sums back into their (leaf-owned) arrays."""
         start = time.time()
-        arrays = [leaf._grad._store.array for leaf in leaves]
+        arrays = [leaf.grad.store.array for leaf in leaves]
         dtype = np.result_type(*arrays)
         n = sum(a.size for a in arrays)
         comm = self.comm.comm

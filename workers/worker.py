@@ -19,11 +19,12 @@ from distgrad.autograd import engine
 from distgrad.ops.collective import use_communicator
 from distgrad.tensor import Tensor, Variable, apply_op
 
-from .bucketing import Bucketer, OrderedComm
+from .autograd_steps import AutogradSteps
+from .bucketing import OrderedComm
 from .sources import make_table
 
 
-class Worker:
+class Worker(AutogradSteps):  # long: the instruction interpreter, one short method per message or instruction kind
     """One rank of the gang. Example (in-process, one rank)::
 
         w = Worker(0, 1)
@@ -116,26 +117,7 @@ class Worker:
         self._maybe_fail()
         if self.slowdown_s:
             time.sleep(self.slowdown_s)
-        key = msg.get("key")
-        structure = msg.get("prog")
-        if msg.get("reset_cache"):
-            self.cache.clear()           # the driver's mirror of this cache starts empty
-        if structure is not None:
-            prog.validate(structure)
-            if prog.structure_key(structure) != key:
-                raise prog.ProgramError("program key does not match its structure")
-            drops = prog.release_points(structure)
-            self.cache[key] = (structure, drops)
-            self.cache.move_to_end(key)  # a re-sent program is the most recently used
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
-        else:
-            entry = self.cache.get(key)
-            if entry is None:
-                raise prog.ProgramError(f"program {key} {prog.NOT_CACHED}")
-            structure, drops = entry
-            self.cache.move_to_end(key)
-            self.stats["cache_hits"] += 1
+        structure, drops = self._structure_of(msg)
         bind = msg["bind"]
         ext, keep = structure["ext"], structure["keep"]
         if len(bind) != len(ext) + len(keep):
@@ -186,6 +168,30 @@ class Worker:
                 self.sources.pop(vid).close()
         return fetched
 
+    def _structure_of(self, msg):
+        """The program a message names: sent in it (validated, then cached) or cached from an
+        earlier message (the LRU order mirrors the driver's); with its release points."""
+        key = msg.get("key")
+        structure = msg.get("prog")
+        if msg.get("reset_cache"):
+            self.cache.clear()           # the driver's mirror of this cache starts empty
+        if structure is not None:
+            prog.validate(structure)
+            if prog.structure_key(structure) != key:
+                raise prog.ProgramError("program key does not match its structure")
+            drops = prog.release_points(structure)
+            self.cache[key] = (structure, drops)
+            self.cache.move_to_end(key)  # a re-sent program is the most recently used
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+            return structure, drops
+        entry = self.cache.get(key)
+        if entry is None:
+            raise prog.ProgramError(f"program {key} {prog.NOT_CACHED}")
+        self.cache.move_to_end(key)
+        self.stats["cache_hits"] += 1
+        return entry
+
     # ------------------------------------------------------------------ recovery
     def _control(self, control, msg):
         """Messages of the recovery protocol (see distgrad.scheduler.recovery)."""
@@ -201,13 +207,13 @@ class Worker:
             for vid in msg["vids"]:
                 t = self.values.get(vid)
                 if t is not None:
-                    out[vid] = [_backend.to_numpy(t._store.array), bool(t.requires_grad and t.is_leaf)]
+                    out[vid] = [_backend.to_numpy(t.store.array), bool(t.requires_grad and t.is_leaf)]
             return out
         if control == "import":
             for vid, (array, requires_grad) in msg["values"].items():
                 t = Variable.from_array(self._to_device(array))
                 if requires_grad:
-                    t._init_requires_grad(True)
+                    t.init_requires_grad(True)
                 self.values[int(vid)] = t
             return {}
         if control == "ping":
@@ -268,14 +274,14 @@ class Worker:
             _, slot, idx, requires_grad = ins
             t = Variable.from_array(inputs[idx])
             if requires_grad:
-                t._init_requires_grad(True)
+                t.init_requires_grad(True)
             env[slot] = t
         elif kind == "update":
             _, slot, idx = ins
             t = env[slot]
             self.undo.write(t, copy=False)    # the array is replaced, not changed
-            t._store.array = inputs[idx]
-            t._store.version += 1
+            t.store.array = inputs[idx]
+            t.store.version += 1
         elif kind == "assign":
             _, target, src = ins
             t, v = env[target], env[src]
@@ -283,20 +289,20 @@ class Worker:
                 # An optimizer update: the fresh result becomes the value and the undo log
                 # keeps the old array (until the commit), so the step costs no copy at all.
                 self.undo.write(t, copy=False)
-                t._store.array = v._store.array
-                t._store.version += 1
+                t.store.array = v.store.array
+                t.store.version += 1
                 return
             self.undo.write(t)
             with engine.no_grad() if not v.requires_grad else contextlib.nullcontext():
-                t._write(v, "assign")
+                t.overwrite(v, "assign")
         elif kind == "fetch":
             v = env[ins[1]]
-            fetched[ins[1]] = _backend.to_numpy(v._store.array if isinstance(v, Tensor) else v)
+            fetched[ins[1]] = _backend.to_numpy(v.store.array if isinstance(v, Tensor) else v)
         elif kind == "detach":
             _, src, out, requires_grad = ins
             t = env[src].detach()             # shares the storage (and version counter)
             if requires_grad:
-                t._init_requires_grad(True)
+                t.init_requires_grad(True)
             env[out] = t
         elif kind == "source":
             _, outs, sid, idx, ahead = ins
@@ -316,130 +322,6 @@ class Worker:
             self._backward(ins, env, scalars)
         elif kind == "grad":
             self._grad(ins, env, scalars)
-
-    # ------------------------------------------------------------------ traced autograd
-    def _run_subprogram(self, structure, captured, inputs, scalars):
-        """Run a traced sub-program on ``inputs``; its results (None where -1)."""
-        env = [None] * structure["nslots"]
-        for s, v in zip(structure["ext"], captured):
-            env[s] = v
-        for s, v in zip(structure["inputs"], inputs):
-            env[s] = v
-        for ins in structure["instrs"]:
-            self._step(ins, env, (), None, scalars, traced=True)
-        return [env[s] if s >= 0 else None for s in structure["results"]]
-
-    def _custom(self, ins, env, scalars):
-        """A custom Function's output gets a grad_fn that runs its traced backward."""
-        _, name, arg_slots, out_slot, res_slot, captured, structure = ins
-        out = env[out_slot]
-        args = [env[s] if s >= 0 else None for s in arg_slots]
-        next_nodes = tuple(engine.next_node_of(a) if isinstance(a, Tensor) else None for a in args)
-        if not any(next_nodes):
-            env[res_slot] = out
-            return
-        node = engine.node_class(name, TracedNode)(next_nodes)
-        node.run = functools.partial(self._run_subprogram, structure, scalars=scalars)
-        node.captured = [env[s] for s in captured]
-        node.versions = [c._store.version if isinstance(c, Tensor) else None for c in node.captured]
-        result = Variable.from_array(None, grad_fn=node, requires_grad=True)
-        result._store = out._store         # one version counter, as a local Function's
-        env[res_slot] = result
-
-    def _install_hooks(self, hooks, env, scalars):
-        """Hooks on intermediate values become pre-hooks of their nodes for this pass;
-        returns (leaf hooks by id of the leaf, a function removing the pre-hooks)."""
-        leaf_hooks, installed = {}, []
-        for slot, is_leaf, captured, structure in hooks:
-            target = env[slot]
-            fn = functools.partial(_run_hook, self._run_subprogram, structure,
-                                   [env[s] for s in captured], scalars)
-            if is_leaf:
-                leaf_hooks[id(target)] = fn
-                continue
-            node = target.grad_fn
-            if node is not None:
-                node.register_prehook(fn)
-                installed.append((node, fn))
-
-        def remove():
-            for node, fn in installed:
-                node.pre_hooks.remove(fn)
-        return leaf_hooks, remove
-
-    def _seeds(self, env, roots, seeds, codes):
-        out = []
-        for root, seed_slot, code in zip(roots, seeds, codes):
-            seed = (env[seed_slot] if seed_slot >= 0 else
-                    Tensor.from_array(self.xp.ones(root.shape, dtype=root.dtype)))
-            if code == "R":
-                # The cotangent of a replicated value is a sum over workers: rank 0 carries it.
-                seed = apply_op("to_partial", seed)
-            out.append(seed)
-        return out
-
-    def _backward(self, ins, env, scalars):
-        _, root_slots, seed_slots, codes, retain, leaves, create_graph, hooks = ins
-        t0 = time.perf_counter()
-        roots = [env[s] for s in root_slots]
-        seeds = self._seeds(env, roots, seed_slots, codes)
-        prev, replicated = [], set()
-        for leaf_slot, prev_slot, _new, is_rep in leaves:
-            leaf = env[leaf_slot]
-            prev.append(env[prev_slot] if prev_slot >= 0 else None)
-            self.undo.grad(leaf)
-            leaf._grad = None                 # this backward's gradient alone is all-reduced
-            if is_rep:
-                replicated.add(id(leaf))
-        leaf_hooks, remove_hooks = self._install_hooks(hooks, env, scalars)
-        # Under create_graph the sums are ops of the graph (below), not in-place buckets.
-        bucketer = (Bucketer(self.comm, self.bucket_cap, replicated, self.compress, self.span)
-                    if self.comm and not create_graph else None)
-        try:
-            engine.run_backward(roots, seeds, retain_graph=bool(retain), create_graph=bool(create_graph),
-                                on_leaf_ready=bucketer.add if bucketer else None)
-            if bucketer:
-                bucketer.finish()
-        finally:
-            remove_hooks()
-        with engine.enable_grad() if create_graph else engine.no_grad():
-            for (leaf_slot, _p, new_slot, is_rep), old in zip(leaves, prev):
-                leaf = env[leaf_slot]
-                g = leaf._grad
-                if g is not None and create_graph and is_rep and self.comm is not None:
-                    g = apply_op("allreduce", g)
-                if g is not None and id(leaf) in leaf_hooks:
-                    g = leaf_hooks[id(leaf)](g)
-                if old is not None:
-                    g = old if g is None else (old + g if create_graph else
-                                               Variable.from_array(old._store.array + g._store.array))
-                if g is None:
-                    g = Variable.from_array(self.xp.zeros(leaf.shape, dtype=leaf.dtype))
-                leaf._grad = g
-                env[new_slot] = g
-        self.stats["backward_s"] += time.perf_counter() - t0
-
-    def _grad(self, ins, env, scalars):
-        """``autograd.grad``: gradients of the inputs, left in slots (nothing accumulates)."""
-        _, root_slots, seed_slots, codes, retain, create_graph, input_slots, out_slots, hooks = ins
-        t0 = time.perf_counter()
-        roots = [env[s] for s in root_slots]
-        inputs = [env[s] for s in input_slots]
-        leaf_hooks, remove_hooks = self._install_hooks(hooks, env, scalars)
-        try:
-            grads = engine.run_backward(roots, self._seeds(env, roots, seed_slots, codes),
-                                        retain_graph=bool(retain), create_graph=bool(create_graph),
-                                        inputs=inputs)
-        finally:
-            remove_hooks()
-        with engine.enable_grad() if create_graph else engine.no_grad():
-            for x, g, slot in zip(inputs, grads, out_slots):
-                if g is None:
-                    g = Variable.from_array(self.xp.zeros(x.shape, dtype=x.dtype))
-                elif x.grad_fn is None and id(x) in leaf_hooks:
-                    g = leaf_hooks[id(x)](g)
-                env[slot] = g if isinstance(g, Variable) else Variable.from_array(g._store.array)
-        self.stats["backward_s"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ data sources
     def add_source(self, payload, side=(), obj=None):
@@ -482,42 +364,18 @@ class Worker:
         self.sources.clear()
 
 
-class TracedNode(engine.Node):
-    """grad_fn of a custom Function on a worker: runs the backward rule the driver traced
-    (``run``) on the values it captured, checking they were not modified in place."""
-
-    __slots__ = ("run", "captured", "versions")
-
-    def input_grads(self, grad):
-        if self.released:
-            raise RuntimeError(f"Trying to backward through the graph a second time "
-                               f"({self.name()}); specify retain_graph=True.")
-        for t, v in zip(self.captured, self.versions):
-            if v is not None:
-                engine.check_version(t, v, self)
-        return self.run(self.captured, [grad])
-
-    def release(self):
-        super().release()
-        self.captured = ()
-
-
 def _can_take(t, v):
     """May ``t`` take ``v``'s array instead of a copy of it? Only when nothing else sees
     either buffer: ``v`` is a fresh result (it dies here, owns its memory, is not viewed,
     aliased or in a graph) of exactly ``t``'s layout, and no view shares ``t``'s version
     counter (a view of ``t``'s old buffer would go stale where a local write updates it)."""
-    a, b = t._store.array, v._store.array
+    a, b = t.store.array, v.store.array
     return (type(a) is np.ndarray and type(b) is np.ndarray and b.flags.owndata
             and a.shape == b.shape and a.dtype == b.dtype and a.strides == b.strides
-            and not v.requires_grad and v._store is not t._store
+            and not v.requires_grad and v.store is not t.store
             # reference counts: the slot plus the call's argument (plus the local ``b``)
-            and sys.getrefcount(t._store.counter) == 2 and sys.getrefcount(v._store) == 2
+            and sys.getrefcount(t.store.counter) == 2 and sys.getrefcount(v.store) == 2
             and sys.getrefcount(b) == 3)
-
-
-def _run_hook(run, structure, captured, scalars, grad):
-    return run(structure, captured, [grad], scalars)[0]
 
 
 def _rewrappable(e):
@@ -562,7 +420,7 @@ class UndoLog:
         share their version counter) are undone; writes into anything else are not."""
         for t in tensors:
             if isinstance(t, Tensor):
-                self.counters.add(id(t._store.counter))
+                self.counters.add(id(t.store.counter))
 
     def on_restore(self, fn):
         """Call ``fn()`` at a rollback (a stream puts back the rows it gave out)."""
@@ -572,19 +430,19 @@ class UndoLog:
         """Before the first in-place write of ``t`` in this program: keep its contents
         (``copy=False``: the array itself, which the write replaces rather than changes).
         A temporary of the program (no value it read shares its counter) is not kept."""
-        key = id(t._store)
-        if key in self.arrays or id(t._store.counter) not in self.counters:
+        key = id(t.store)
+        if key in self.arrays or id(t.store.counter) not in self.counters:
             return
-        a = t._store.array
+        a = t.store.array
         # A read-only array (one that came through Ray's object store) is replaced by a
-        # write, never changed (Tensor._write): the array itself is the undo data.
+        # write, never changed (Tensor.overwrite): the array itself is the undo data.
         writeable = getattr(getattr(a, "flags", None), "writeable", True)
         saved = a.copy() if copy and writeable else None
-        self.arrays[key] = (t, t._store, a, saved, t._store.version, t.grad_fn, t.requires_grad)
+        self.arrays[key] = (t, t.store, a, saved, t.store.version, t.grad_fn, t.requires_grad)
         self.nbytes += a.nbytes
 
     def grad(self, leaf):
-        """Before a backward pass clears ``leaf``'s gradient. The worker's ``leaf._grad`` is
+        """Before a backward pass clears ``leaf``'s gradient. The worker's ``leaf.grad`` is
         scratch (the driver reads gradients from the table of values, and each backward
         starts from None), so a rollback clears it rather than keeping the old array."""
         self.leaves[id(leaf)] = leaf
@@ -592,8 +450,8 @@ class UndoLog:
     def table(self, values, vid):
         if vid not in self.values:
             old = self.values[vid] = values.get(vid, self._MISSING)
-            if isinstance(old, Tensor) and old._store.array is not None:
-                self.nbytes += old._store.array.nbytes
+            if isinstance(old, Tensor) and old.store.array is not None:
+                self.nbytes += old.store.array.nbytes
 
     def restore(self, values):
         # Newest first, so where two writes reach the same memory (a value and a view of
@@ -604,7 +462,7 @@ class UndoLog:
             store.array, store.version = array, version
             t.grad_fn, t.requires_grad = grad_fn, requires_grad
         for leaf in self.leaves.values():
-            leaf._grad = None
+            leaf.grad = None
         for vid, old in self.values.items():
             if old is self._MISSING:
                 values.pop(vid, None)
