@@ -673,7 +673,7 @@ def test_gradient_buckets_refuse_layouts_that_differ_between_ranks():
             comm = OrderedComm(group.communicator(r), 10)
             g = np.arange(6.0).reshape(2, 3) * (r + 1)
             g = np.asfortranarray(g) if layouts[r] == "F" else np.ascontiguousarray(g)
-            leaf = SimpleNamespace(_grad=SimpleNamespace(_store=SimpleNamespace(array=g)))
+            leaf = SimpleNamespace(grad=SimpleNamespace(store=SimpleNamespace(array=g)))
             b = Bucketer(comm, 1 << 20, {id(leaf)})
             try:
                 b.add(leaf)

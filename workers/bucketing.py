@@ -82,13 +82,21 @@ def _flat(a, flip):
     return a.T.reshape(-1) if flip else a.reshape(-1)
 
 
+# The first bucket closes early (as DDP's 1 MB first bucket): the last layers' gradients,
+# ready first, are summed while the backward pass still computes the earlier layers'.
+# Otherwise a model smaller than one bucket would all-reduce only after its backward.
+FIRST_BUCKET_BYTES = 1 << 20
+
+
 class Bucketer:
-    """Collects final leaf gradients and all-reduces them in buckets of ``cap_bytes``."""
+    """Collects final leaf gradients and all-reduces them in buckets of ``cap_bytes`` (the
+    first one ``FIRST_BUCKET_BYTES`` at most), in the order the backward pass finishes them."""
 
     def __init__(self, comm, cap_bytes, replicated, compress=None, on_span=None):
         self.comm = comm
         self.on_span = on_span
         self.cap = max(1, int(cap_bytes))
+        self.first_cap = min(self.cap, FIRST_BUCKET_BYTES)
         self.replicated = replicated          # ids of leaves whose gradient is summed
         self.compress = compress              # None or "fp16": buckets travel as float16
         self._bucket, self._bytes, self._launched = [], 0, []
@@ -99,7 +107,7 @@ class Bucketer:
         g = leaf.grad.store.array
         self._bucket.append(leaf)
         self._bytes += g.nbytes
-        if self._bytes >= self.cap:
+        if self._bytes >= (self.cap if self._launched else self.first_cap):
             self._launch()
 
     def _launch(self):
