@@ -6,8 +6,11 @@ VJPs are written with registered ops, and each family is closed under differenti
 another; the pooling ops pair with their scatter/gather twins), so
 ``create_graph=True`` gives second derivatives.
 
-Convolutions use im2col through ``as_strided`` views and one batched matmul; the
-transposed direction (col2im) loops over kernel offsets only, never over pixels.
+Convolutions use im2col through ``as_strided`` views and batched matmuls; the
+transposed direction (col2im) loops over kernel offsets (and output rows) only, never
+over pixels. Output rows shorter than 16 (LeNet's second layer) take layouts whose
+copies move long runs: whole input rows for the forward, the batch innermost for the
+gradients. Internal temporaries live in per-thread scratch buffers (``_scratch_array``).
 Conv and pool ops work independently per sample along dim 0: ``rule_batch_local``.
 """
 import threading
