@@ -729,3 +729,28 @@ def test_inprocess_rank_that_leaves_fails_its_peers_at_once():
     for r in (0, 2):
         assert isinstance(excs[r], CollectiveAbortedError), excs[r]
         assert excs[r].missing_ranks == [1] and "rank 1 left the step" in str(excs[r])
+
+
+def test_tcp_socket_buffers_are_fixed_only_where_the_system_allows_their_size(monkeypatch):
+    # A fixed SO_SNDBUF/SO_RCVBUF disables Linux's autotuning: with the common 208 KiB cap
+    # a fixed "4 MB" buffer would be silently small for good, so it is left alone there.
+    import socket
+    from types import SimpleNamespace
+    from distgrad.workers.collective import tcp_links
+
+    def tuned_sizes(system_max):
+        monkeypatch.setattr(tcp_links, "_sysctl_net_core", lambda name: system_max)
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname()) as sock:
+            before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            tcp_links.TcpLinks._tune(SimpleNamespace(_io_timeout=5.0), sock)
+            return before, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+    before, after = tuned_sizes(212992)
+    assert after == before                       # autotuning kept
+    real_cap = tcp_links._sysctl_net_core.__wrapped__("wmem_max")
+    if not real_cap:
+        pytest.skip("no /proc/sys/net/core/wmem_max here")
+    _, after = tuned_sizes(64 << 20)
+    # fixed: Linux reports twice the request, itself capped by the real system maximum
+    assert after == 2 * min(tcp_links._SOCK_BUF, real_cap)

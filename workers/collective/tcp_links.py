@@ -10,6 +10,7 @@ client never becomes a peer. What runs over the links is ``tcp.py``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import socket
 import struct
@@ -158,8 +159,12 @@ class TcpLinks:
 
     def _tune(self, sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
+        # A fixed size turns Linux's buffer autotuning off for the socket: only worth it
+        # when the system lets it be as large as asked; otherwise (the common 208 KiB
+        # maximum) autotuning grows the buffers further than a capped fixed size would.
+        for opt, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+            if _sysctl_net_core(limit) >= _SOCK_BUF:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
         sock.settimeout(self._io_timeout)
 
     def _connect(self, peer, ch, deadline):
@@ -208,3 +213,13 @@ class TcpLinks:
                 except OSError:
                     pass
             d.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _sysctl_net_core(name):
+    """/proc/sys/net/core/<name> in bytes (0 where it cannot be read: not Linux)."""
+    try:
+        with open(f"/proc/sys/net/core/{name}") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
