@@ -737,6 +737,7 @@ def test_tcp_socket_buffers_are_fixed_only_where_the_system_allows_their_size(mo
     import socket
     from types import SimpleNamespace
     from distgrad.workers.collective import tcp_links
+    real_cap = tcp_links._sysctl_net_core("wmem_max")
 
     def tuned_sizes(system_max):
         monkeypatch.setattr(tcp_links, "_sysctl_net_core", lambda name: system_max)
@@ -748,7 +749,6 @@ def test_tcp_socket_buffers_are_fixed_only_where_the_system_allows_their_size(mo
 
     before, after = tuned_sizes(212992)
     assert after == before                       # autotuning kept
-    real_cap = tcp_links._sysctl_net_core.__wrapped__("wmem_max")
     if not real_cap:
         pytest.skip("no /proc/sys/net/core/wmem_max here")
     _, after = tuned_sizes(64 << 20)
