@@ -66,9 +66,10 @@ class LazyStorage:
         self.__class__ = HomeStorage
 
     def __del__(self):
-        # getattr: a Ctrl-C may land inside __init__, before the slot is set.
-        cluster = getattr(self, "cluster", None)
-        vid = getattr(self, "vid", None)
+        try:
+            cluster, vid = self.cluster, self.vid
+        except AttributeError:        # a Ctrl-C landed inside __init__, before the slot was set
+            return
         if cluster is not None and vid is not None:
             recorder = cluster.recorder
             recorder.live.refs.pop(vid, None)
@@ -176,8 +177,10 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
 
     def release(self, vid):
         """The driver no longer references ``vid``: the workers drop it with the next program."""
-        self.sources.pop(vid, None)
-        self.lost.pop(vid, None)
+        if vid in self.sources:
+            del self.sources[vid]
+        if vid in self.lost:
+            del self.lost[vid]
         rec = self.rec.root
         if vid in rec.slot_of and rec.slot_of[vid] in rec.outputs:
             return                      # defined in the pending program: simply not kept
@@ -425,28 +428,30 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         if self.cluster.closed:
             self.check_open()
         inputs = list(inputs)
-        cls, requires_grad = Tensor, False
-        for x in inputs:
+        n = len(inputs)
+        args, placements, shapes, stores = [None] * n, [None] * n, [None] * n, [None] * n
+        cls, requires_grad, partial = Tensor, False, False
+        for i, x in enumerate(inputs):
             if isinstance(x, Tensor):
-                cls = Variable if isinstance(x, Variable) else cls
-                requires_grad = requires_grad or bool(x.requires_grad)
-        args, placements, shapes, stores = [], [], [], []
-        partial = False
-        for x in inputs:
-            store = x.store if isinstance(x, Tensor) else None
-            if store is not None and store.lazy and store.cluster is self.cluster \
-                    and store.vid not in self.lost:      # what arg() does for the usual input
-                rec = self.rec
-                slot = rec.slot_of.get(store.vid)
-                a = ["s", rec.ref(store.vid) if slot is None else slot]
-                p, s = store.placement, store.shape
-            else:
-                a, p, s, store = self.arg(x)
-            args.append(a)
-            placements.append(p)
-            shapes.append(s)
-            stores.append(store)
-            partial = partial or isinstance(p, Partial)
+                if cls is Tensor and isinstance(x, Variable):
+                    cls = Variable
+                if x.requires_grad:
+                    requires_grad = True
+                store = x.store
+                if store.lazy and store.cluster is self.cluster and store.vid not in self.lost:
+                    # What arg() does, for the usual input.
+                    rec = self.rec
+                    slot = rec.slot_of.get(store.vid)
+                    args[i] = ["s", rec.ref(store.vid) if slot is None else slot]
+                    p = placements[i] = store.placement
+                    shapes[i], stores[i] = store.shape, store
+                    if isinstance(p, Partial):
+                        partial = True
+                    continue
+            args[i], p, shapes[i], stores[i] = self.arg(x)
+            placements[i] = p
+            if isinstance(p, Partial):
+                partial = True
         for i in pl.partial_inputs_to_reduce(op, placements) if partial else ():
             x = inputs[i]
             inputs[i] = self.allreduce_partial(stores[i], cls, isinstance(x, Tensor) and x.requires_grad, x)
@@ -549,18 +554,10 @@ def op_key(op, args, placements, shapes, stores, attrs):
     Example: ``x * 2.0`` on ``Shard(0, (3, 2))`` of shape (5, 4) float32 gives
     ``(mul, 2, (Shard, 0, (3, 2), (5, 4), float32), "k")``.
     """
-    parts = [op, len(args)]
-    for a, p, s, st in zip(args, placements, shapes, stores):
-        kind = a[0]
-        if kind == "s":
-            parts.append((Shard, p.dim, p.sizes, s, st.dtype) if isinstance(p, Shard)
-                         else (type(p), s, st.dtype))
-        elif kind == "k":
-            parts.append("k")
-        else:
-            parts.append((type(a[1]), a[1]))      # True != 1 here
+    key = (op, len(args), *[
+        ((Shard, p.dim, p.sizes, s, st.dtype) if isinstance(p, Shard) else (type(p), s, st.dtype))
+        if a[0] == "s" else "k" if a[0] == "k" else (type(a[1]), a[1])      # True != 1 here
+        for a, p, s, st in zip(args, placements, shapes, stores)])
     if attrs:
-        for k, v in attrs.items():
-            parts.append(k)
-            parts.append("k" if type(v) is float else (type(v), v))
-    return tuple(parts)
+        key += tuple([(k, "k" if type(v) is float else (type(v), v)) for k, v in attrs.items()])
+    return key
