@@ -37,3 +37,11 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def backend(request):
+    """Each distributed backend in turn: the in-process one, then Ray (the shared instance)."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_session")
+    return request.param

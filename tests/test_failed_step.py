@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import distgrad as dg
-import distgrad.nn.functional as F
 from distgrad.errors import RemoteError
+
+from training_loop import train_classifier  # noqa: E402  (tests/ is on sys.path under pytest)
 
 X = np.random.default_rng(0).standard_normal((9, 4)).astype(np.float32)
 GOOD = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
@@ -19,32 +20,22 @@ def _model():
     return dg.nn.Sequential(dg.nn.Linear(4, 5), dg.nn.ReLU(), dg.nn.Linear(5, 3))
 
 
-def _train(cluster, model, labels_per_step):
-    """Run SGD steps (one per entry); a step whose labels fail is expected to raise."""
-    opt = dg.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for labels in labels_per_step:
-        x = cluster.shard(X) if cluster else dg.from_numpy(X)
-        y = cluster.shard(labels) if cluster else dg.from_numpy(labels)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if labels is BAD:
-            with pytest.raises(RemoteError, match="index 7 is out of bounds"):
-                loss.item()
-        else:
-            losses.append(loss.item())
-    return losses, [p.detach().numpy().copy() for p in model.parameters()]
+def _sgd(params):
+    return dg.optim.SGD(params, lr=0.1, momentum=0.9)
 
 
 def _check(backend, workers):
-    want_losses, want_params = _train(None, _model(), [GOOD, GOOD])
+    model = _model()
+    _, want_losses = train_classifier(None, model, X, [GOOD, GOOD], _sgd)
+    want_params = [p.detach().numpy().copy() for p in model.parameters()]
     with dg.init(workers=workers, backend=backend, timeout_s=300) as cluster:
         # The model is replicated in the same program as the failing first step.
-        model = cluster.replicate(_model())
-        losses, params = _train(cluster, model, [BAD, GOOD, BAD, GOOD])
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+        model = _model()
+        _, results = train_classifier(cluster, model, X, [BAD, GOOD, BAD, GOOD], _sgd)
+        params = [p.detach().numpy().copy() for p in model.parameters()]
+    for failed in (results[0], results[2]):
+        assert isinstance(failed, RemoteError) and "index 7 is out of bounds" in str(failed)
+    np.testing.assert_allclose([results[1], results[3]], want_losses, rtol=1e-5)
     for got, want in zip(params, want_params):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

@@ -14,6 +14,8 @@ import distgrad.nn.functional as F
 from distgrad.autograd import Variable
 from distgrad.errors import RemoteError, WorkerError
 
+from training_loop import train_classifier  # noqa: E402  (tests/ is on sys.path under pytest)
+
 
 def replicas(cluster, t):
     """The value of replicated ``t`` as each worker holds it."""
@@ -26,13 +28,6 @@ def replicas(cluster, t):
 def assert_replicas(cluster, t, expected):
     for r, a in enumerate(replicas(cluster, t)):
         np.testing.assert_array_equal(a, expected, err_msg=f"worker {r}")
-
-
-@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.ray)])
-def backend(request):
-    if request.param == "ray":
-        request.getfixturevalue("ray_session")
-    return request.param
 
 
 def _step(cluster, W, labels):
@@ -66,20 +61,8 @@ def test_a_failed_training_step_changes_no_parameter_and_no_optimizer_state(back
     def train(cluster, batches):
         dg.manual_seed(0)
         model = nn.Linear(4, 3).double()
-        if cluster is not None:
-            cluster.replicate(model)
-        opt = dg.optim.Adam(model.parameters(), lr=0.1)
-        for labels in batches:
-            xb = cluster.shard(X, sizes=(5, 3)) if cluster else dg.tensor(X)
-            yb = cluster.shard(labels, sizes=(5, 3)) if cluster else dg.tensor(labels)
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            try:
-                loss.item()
-            except RemoteError:
-                continue                      # the user retries the batch
+        opt, _ = train_classifier(cluster, model, X, batches,        # a failed batch is skipped
+                                  lambda ps: dg.optim.Adam(ps, lr=0.1), sizes=(5, 3))
         return model, opt
     ref, _ = train(None, [good, good, good])
     with dg.init(workers=2, backend=backend, timeout_s=3) as cluster:

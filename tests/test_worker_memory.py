@@ -16,15 +16,10 @@ from distgrad import program as prog
 from distgrad.autograd import Variable
 from distgrad.errors import RemoteError
 
+from training_loop import train_classifier  # noqa: E402  (tests/ is on sys.path under pytest)
+
 X = np.random.default_rng(4).standard_normal((10, 6))
 GOOD, BAD = np.arange(10) % 3, np.array([0, 1, 2, 0, 1, 2, 0, 9, 1, 2])   # 9: out of range
-
-
-@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.ray)])
-def backend(request):
-    if request.param == "ray":
-        request.getfixturevalue("ray_session")
-    return request.param
 
 
 def _control(cluster, ranks, msg):
@@ -49,20 +44,8 @@ def train(cluster, batches):
     """Adam on a two-layer MLP; a batch that fails is skipped (the user retries)."""
     dg.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
-    if cluster is not None:
-        cluster.replicate(model)
-    opt = dg.optim.Adam(model.parameters(), lr=0.1)
-    for labels in batches:
-        xb = cluster.shard(X, sizes=(6, 4)) if cluster else dg.tensor(X)
-        yb = cluster.shard(labels, sizes=(6, 4)) if cluster else dg.tensor(labels)
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        try:
-            loss.item()
-        except RemoteError:
-            continue
+    opt, _ = train_classifier(cluster, model, X, batches,
+                              lambda ps: dg.optim.Adam(ps, lr=0.1), sizes=(6, 4))
     return model, opt
 
 
