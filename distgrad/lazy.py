@@ -217,7 +217,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
     def _send_again(self, failed, vid, put):
         """Re-record ``put`` (an instruction of the failed recording) in the pending one."""
         rec = self.rec.root
-        _, slot, idx, requires_grad = put
+        _, _, idx, requires_grad = put
         new_idx = rec.add_input([failed.inputs[r][idx] for r in range(len(failed.inputs))])
         rec.instrs.append(["put", rec.new_slot(vid), new_idx, requires_grad])
         rec.shard_puts.extend((new_idx, store) for i, store in failed.shard_puts if i == idx)
