@@ -6,7 +6,10 @@ If that is a ``__del__`` method or a weakref callback (``WeakValueDictionary``,
 exception is printed as "Exception ignored in ..." and lost, and training goes on.
 :func:`install` puts a SIGINT handler in place that raises as the default one does,
 except inside a finalizer, where it re-delivers the interrupt a moment later, once the
-finalizer has returned.
+finalizer has returned. It does the same inside functions marked with
+:func:`atomic`: the driver's bookkeeping of what the workers hold (recording an op,
+taking a program to send, undoing a failed one), where an interrupt half-way would leave
+the driver and the workers disagreeing about which values exist.
 
 An uncaught ``KeyboardInterrupt`` makes CPython exit by SIGINT (status 130 in a shell),
 but Ray's exit handler (``ray.shutdown`` at exit) loses that and the process exits 1.
@@ -32,7 +35,24 @@ import weakref
 # an interrupt there by a few milliseconds costs nothing).
 _FINALIZER_FILES = frozenset({weakref.__file__, _weakrefset.__file__})
 _RETRY_S = 0.005
+_ATOMIC_CODES = set()      # code objects of the functions marked with atomic()
 _hooked = False
+
+
+def atomic(fn):
+    """Mark ``fn`` as all-or-nothing with respect to Ctrl-C: an interrupt that arrives
+    while it (or anything it calls) runs is delivered just after it returns. For short
+    bookkeeping only: a wait inside it would hold the interrupt back as long.
+
+    Example::
+
+        @atomic
+        def take(self):
+            rec, self.rec = self.rec, Recording()
+            return rec
+    """
+    _ATOMIC_CODES.add(fn.__code__)
+    return fn
 
 
 def in_finalizer(frame):
@@ -48,9 +68,24 @@ def in_finalizer(frame):
     return False
 
 
-def _handler(signum, frame):
+def must_defer(frame):
+    """Whether an interrupt at ``frame`` must wait: inside a finalizer (where it would be
+    lost) or inside an :func:`atomic` function (where it would tear the driver's state).
+
+    Example: ``must_defer(sys._getframe())`` is False in ordinary code.
+    """
     if in_finalizer(frame):
-        # Raising here would be swallowed: interrupt the main thread again shortly.
+        return True
+    while frame is not None:
+        if frame.f_code in _ATOMIC_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _handler(signum, frame):
+    if must_defer(frame):
+        # Raising here would be swallowed or tear state: interrupt the main thread again shortly.
         timer = threading.Timer(_RETRY_S, _thread.interrupt_main)
         timer.daemon = True
         timer.start()

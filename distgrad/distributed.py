@@ -339,7 +339,11 @@ def _dispatch(op, inputs, attrs):
         if isinstance(x, Tensor):
             store = x.store
             if store.lazy:
-                return store.cluster.recorder.record_op(op, inputs, attrs)
+                recorder = store.cluster.recorder
+                out = recorder.record_op(op, inputs, attrs)
+                if recorder.too_long():
+                    store.cluster.sync()
+                return out
     raise AssertionError("lazy dispatch without a lazy input")
 
 

@@ -21,6 +21,7 @@ import weakref
 import numpy as np
 
 from . import _backend, _hints, engine, placement as pl
+from ._interrupt import atomic
 from .errors import RecoveryError
 from .ops import get_op
 from .placement import REPLICATE, Partial, PlacementError, Replicate, Shard
@@ -136,6 +137,9 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
     again, a resize re-splits it); ``leaf_objects`` the driver tensors whose ``.grad``
     receives gradients.
 
+    The methods that change these tables are :func:`~distgrad._interrupt.atomic`: a
+    Ctrl-C lands before or after an op's recording, never half-way through it.
+
     Example::
 
         t = cluster.recorder.record_op(get_op("mul"), [X, 2.0], {})   # as X * 2.0 does
@@ -168,6 +172,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
                                "replicated ones came home as local tensors); to keep a sharded "
                                "value, call cluster.gather(x) before shutdown")
 
+    @atomic
     def new_storage(self, shape, dtype, placement, leaves=frozenset(), device=None):
         """A LazyStorage for a value the pending program is about to define."""
         vid = next(self._ids)
@@ -175,6 +180,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         self.live.refs[vid] = weakref.ref(store)
         return store
 
+    @atomic
     def release(self, vid):
         """The driver no longer references ``vid``: the workers drop it with the next program."""
         if vid in self.sources:
@@ -186,11 +192,13 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             return                      # defined in the pending program: simply not kept
         self._free.append(vid)
 
+    @atomic
     def take(self):
         """The pending program, replaced by an empty one (the executor sends it)."""
         rec, self.rec = self.rec, Recording(self.cluster.world_size)
         return rec
 
+    @atomic
     def take_free(self):
         free, self._free = self._free, []
         return free
@@ -198,6 +206,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
     def pending_free(self):
         return bool(self._free)
 
+    @atomic
     def rolled_back(self, rec, free):
         """``rec`` failed and was undone: its values never existed, its frees are still due.
 
@@ -214,6 +223,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             else:
                 self.lost.setdefault(vid, "was computed by a step that failed and was rolled back")
 
+    @atomic
     def _send_again(self, failed, vid, put):
         """Re-record ``put`` (an instruction of the failed recording) in the pending one."""
         rec = self.rec.root
@@ -240,6 +250,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
                 self.lost[vid] = f"was computed inside {what}, which runs on the workers"
 
     # ---------------------------------------------------------------- values from the driver
+    @atomic
     def put_storage(self, pieces, shape, dtype, placement, requires_grad):
         """Record sending ``pieces[r]`` to worker r as one value; returns its storage."""
         self.check_open()
@@ -255,6 +266,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             rec.shard_puts.append((idx, store))
         return store
 
+    @atomic
     def put(self, pieces, shape, dtype, placement, requires_grad, cls):
         """As :meth:`put_storage`, wrapped in a new tensor of class ``cls``."""
         store = self.put_storage(pieces, shape, dtype, placement, requires_grad)
@@ -291,6 +303,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             memo[id(node)] = (node, self.record_op(node.op, args, node.attrs))
         return memo[id(t.grad_fn)][1]
 
+    @atomic
     def local_replica(self, t):
         """Implicit replication of a driver-local tensor: sent once, again when its version changes."""
         if t.grad_fn is not None:
@@ -347,6 +360,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             raise TypeError(f"unsupported operand of type {type(x).__name__} in a distributed op")
         return ["c", x], None, None, None
 
+    @atomic
     def emit(self, op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs=()):
         """Record one op whose inputs are already resolved; return the result tensor.
 
@@ -396,10 +410,12 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             grad_fn = engine.node_class(op.name, LazyNode)(
                 tuple([engine.next_node_of(x) if isinstance(x, Tensor) else None for x in inputs]))
             grad_fn.vid = store.vid
-        t = cls.from_storage(store, grad_fn=grad_fn, requires_grad=requires_grad)
-        if len(rec.instrs) >= self.cluster.max_instructions and not self.traced:
-            self.cluster.sync()
-        return t
+        return cls.from_storage(store, grad_fn=grad_fn, requires_grad=requires_grad)
+
+    def too_long(self):
+        """Whether the pending program has grown long enough to be sent now (the caller,
+        outside the atomic recording, sends it)."""
+        return len(self.rec.instrs) >= self.cluster.max_instructions and not self.traced
 
     def _infer_out(self, op, args, placements, shapes, stores, attrs):
         """(placement, global shape, dtype, attrs the workers run with) of ``op``'s output:
@@ -417,12 +433,14 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             shape = list(decision.shape)     # the rule knows the global shape (a gather)
         return out_p, tuple(map(int, shape)), np.dtype(dtype), decision.attrs
 
+    @atomic
     def allreduce_partial(self, store, cls=Tensor, requires_grad=False, source=None):
         """Forward collective: the sum over workers of a Partial value, replicated."""
         return self.emit(get_op("allreduce"), [["s", self.rec.ref(store.vid)]], [store.placement],
                          [store.shape], [store], {}, cls, requires_grad,
                          () if source is None else (source,))
 
+    @atomic
     def record_op(self, op, inputs, attrs):
         """Record ``op(*inputs, **attrs)`` on distributed values (``tensor.lazy_dispatch``)."""
         if self.cluster.closed:
@@ -464,6 +482,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             return total / pl.global_count(shapes[0], attrs.get("dim"))
         return self.emit(op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs)
 
+    @atomic
     def record_assign(self, target, result):
         """In-place write of ``result`` into the distributed value ``target``."""
         if self.cluster.closed:
@@ -482,6 +501,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         rec.instrs.append(["assign", rec.ref(target.vid), rec.ref(src.vid)])
         target.leaves = target.leaves | src.leaves
 
+    @atomic
     def record_detach(self, t, requires_grad=False):
         """A new value on the workers: ``t`` without its history (sharing its memory and
         version counter), a fresh leaf of ``t`` if ``requires_grad``."""

@@ -45,6 +45,7 @@ class Recording:
             self.shard_puts = []      # (input index, store) of sharded inputs
             self.source_reads = []    # (input index, data source, batch rows, stores)
             self.rollback = []        # driver-side undo, run if this program fails
+            self.committed = False    # every worker finished it: nothing to undo
 
     def new_slot(self, vid=None):
         s = self.nslots

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from distgrad import _backend, program as prog
+from distgrad._interrupt import atomic
 from distgrad.errors import RecoveryError, RemoteError, WorkerError
 from distgrad.placement import Partial, Shard
 
@@ -70,29 +71,46 @@ class Executor:
                 f"{recorder.traced[-1]} needs the value of a distributed tensor (.item(), .numpy(), "
                 "printing, bool()): it is traced into the program the workers run, so it can "
                 "only combine its arguments with distgrad ops")
-        rec = recorder.take()
-        if not rec.instrs and not recorder.pending_free():
+        taken = self._take(recorder)
+        if taken is None:
             return [{"fetched": {}} for _ in range(self.cluster.world_size)]
-        keep = sorted(s for s, vid in rec.outputs.items() if vid in recorder.live)
-        structure = {"instrs": rec.instrs, "nslots": rec.nslots, "ext": rec.ext, "keep": keep}
-        key = prog.structure_key(structure)
-        inv = {s: v for v, s in rec.slot_of.items()}
-        bind = [inv[s] for s in rec.ext] + [rec.outputs[s] for s in keep]
-        lost = [v for v in bind[:len(rec.ext)] if v in recorder.lost]
-        if lost:
-            raise RecoveryError(f"values {lost} cannot be used: {recorder.lost[lost[0]]} "
-                                "(only inputs given to cluster.shard/replicate are kept): "
-                                "recompute them")
-        free = recorder.take_free()
-        header = {"v": prog.PROTOCOL, "key": key, "bind": bind, "free": free,
-                  "scalars": rec.scalars}
+        header, structure, rec, free = taken
         try:
             return self.run_program(header, structure, rec)
         except BaseException:
-            for restore in reversed(rec.rollback):
-                restore()
-            recorder.rolled_back(rec, free)
+            if not rec.committed:       # (a Ctrl-C after every worker committed it changes nothing)
+                self._undo(rec, free)
             raise
+
+    @atomic
+    def _take(self, recorder):
+        """(header, structure, recording, frees) of the pending program, taken from the
+        recorder; None if there is nothing to send. All or nothing, even on Ctrl-C."""
+        if not recorder.rec.instrs and not recorder.pending_free():
+            return None
+        rec = recorder.take()
+        keep = sorted(s for s, vid in rec.outputs.items() if vid in recorder.live)
+        structure = {"instrs": rec.instrs, "nslots": rec.nslots, "ext": rec.ext, "keep": keep}
+        inv = {s: v for v, s in rec.slot_of.items()}
+        bind = [inv[s] for s in rec.ext] + [rec.outputs[s] for s in keep]
+        free = recorder.take_free()
+        lost = [v for v in bind[:len(rec.ext)] if v in recorder.lost]
+        if lost:
+            self._undo(rec, free)
+            raise RecoveryError(f"values {lost} cannot be used: {recorder.lost[lost[0]]} "
+                                "(only inputs given to cluster.shard/replicate are kept): "
+                                "recompute them")
+        header = {"v": prog.PROTOCOL, "key": prog.structure_key(structure), "bind": bind,
+                  "free": free, "scalars": rec.scalars}
+        return header, structure, rec, free
+
+    @atomic
+    def _undo(self, rec, free):
+        """The driver's side of a program that did not run: its in-place effects on driver
+        tensors are restored, its values are gone (those sent from here go again)."""
+        for restore in reversed(rec.rollback):
+            restore()
+        self.cluster.recorder.rolled_back(rec, free)
 
     def fetch(self, store):
         """The global value of ``store``: fetched from every worker and assembled (a sync)."""
@@ -124,21 +142,20 @@ class Executor:
             try:
                 results = cluster.gang.run(payloads)
             except WorkerError as err:
+                self.driver_spans.append((start, time.time()))
                 if not cluster.fault_tolerant or attempt == cluster.max_retries or \
                         not hasattr(cluster.gang, "replace"):
                     self.abort(repair=True)    # whoever ran or still runs it undoes it
                     raise
                 cluster.recovery.recover(err, rec)
                 continue
-            finally:
-                self.driver_spans.append((start, time.time()))
-            errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
+            except KeyboardInterrupt:
+                # Every worker got the program (posting is atomic) and runs it to the end:
+                # undo it there too, as the driver does, so that both forget it.
+                self.abort()
+                raise
+            errors = self._settle(results, rec, start)
             if not errors:
-                self.messages_sent += 1
-                cluster.sizing.measure(rec, results)
-                self._observe_streams(results)
-                if max(res.get("undo_bytes", 0) for res in results) >= self.commit_bytes:
-                    self.commit()
                 return results
             missed = [r for r, e in errors if prog.NOT_CACHED in e]
             waited = [r for r, e in errors if _waited_for_peer(e)]
@@ -158,19 +175,40 @@ class Executor:
             raise _remote_error(errors)
         raise AssertionError("unreachable")
 
+    @atomic
+    def _settle(self, results, rec, start):
+        """The errors in the replies of a program every worker finished; none means it
+        committed there, and the driver's bookkeeping follows at once (atomic: from here a
+        Ctrl-C must not undo it on the driver alone)."""
+        self.driver_spans.append((start, time.time()))
+        errors = [(r, res["error"]) for r, res in enumerate(results) if res.get("error")]
+        if errors:
+            return errors
+        rec.committed = True
+        self.messages_sent += 1
+        self.cluster.sizing.measure(rec, results)
+        self._observe_streams(results)
+        if max(res.get("undo_bytes", 0) for res in results) >= self.commit_bytes:
+            self.commit()
+        return errors
+
     def abort(self, ranks=None, repair=False):
         """Roll the last program back on those workers (default: all), without waiting: the
         rollback runs after whatever the worker is running, before any later message.
         ``repair``: the collective group may be broken (a peer timed out): form a new one."""
         cluster = self.cluster
         ranks = list(range(cluster.world_size)) if ranks is None else list(ranks)
-        msg = self.encode({"v": prog.PROTOCOL, "control": "rollback"})
         try:
-            cluster.gang.post([msg] * len(ranks), ranks)
+            self._post_rollback(ranks)
             if repair and cluster.world_size > 1:
                 cluster.gang.repair()
         except Exception as e:        # a dead worker is replaced (and re-hydrated) anyway
             log.warning("could not roll workers %s back: %s", ranks, e)
+
+    @atomic
+    def _post_rollback(self, ranks):
+        msg = self.encode({"v": prog.PROTOCOL, "control": "rollback"})
+        self.cluster.gang.post([msg] * len(ranks), ranks)
 
     def commit(self):
         """Every worker finished the last program: tell them, without waiting, so that what

@@ -7,6 +7,7 @@ import os
 from threadpoolctl import threadpool_limits
 
 from distgrad import program as prog
+from distgrad._interrupt import atomic
 from distgrad.workers.collective.inprocess import InProcessGroup
 from distgrad.workers.worker import Worker
 
@@ -42,8 +43,7 @@ class LocalGang:
     def run(self, payloads, ranks=None):
         """Send ``payloads[i]`` to worker ``ranks[i]`` (default: all); return the replies."""
         ranks = list(range(self.n)) if ranks is None else list(ranks)
-        futures = [self._pools[r].submit(self.workers[r].execute, data, side)
-                   for r, (data, side) in zip(ranks, payloads)]
+        futures = self.post(payloads, ranks)
         # Workers stuck in a collective with a failed peer give up after timeout_s themselves
         # and report it; the slack lets them, so only a worker that is itself late times out.
         return self._replies(futures, ranks, self.timeout_s * 1.5 + 1, "finish its program")
@@ -74,10 +74,12 @@ class LocalGang:
         for r, w in enumerate(self.workers):
             self._pools[r].submit(w.set_communicator, group.communicator(r))
 
+    @atomic
     def post(self, payloads, ranks):
-        """Queue messages behind whatever each worker runs now; do not wait for replies."""
-        for r, (data, side) in zip(ranks, payloads):
-            self._pools[r].submit(self.workers[r].execute, data, side)
+        """Queue messages behind whatever each worker runs now, to all of ``ranks`` or (on
+        Ctrl-C) none; return the futures of the replies without waiting for them."""
+        return [self._pools[r].submit(self.workers[r].execute, data, side)
+                for r, (data, side) in zip(ranks, payloads)]
 
     def stats(self):
         return [w.get_stats() for w in self.workers]

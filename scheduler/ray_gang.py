@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import distgrad
 from distgrad import _backend, program as prog
+from distgrad._interrupt import atomic
 from distgrad.workers.actor import WorkerActor
 
 from .errors import ResizeError, WorkerError, WorkerTimeoutError
@@ -259,8 +260,7 @@ class RayGang:
     def run(self, payloads, ranks=None):
         """Send ``payloads[i]`` to worker ``ranks[i]`` (default: all) and return the replies."""
         ranks = list(range(self.n)) if ranks is None else list(ranks)
-        refs = [self.actors[r].execute.remote(data, *[ray.put(a) for a in side])
-                for r, (data, side) in zip(ranks, payloads)]
+        refs = self.post(payloads, ranks)
         # Workers stuck in a collective with a dead peer give up after timeout_s themselves;
         # the extra slack lets them report that, so only the culprit counts as hung.
         try:
@@ -300,11 +300,12 @@ class RayGang:
         after whatever they run now."""
         self._form_group()
 
+    @atomic
     def post(self, payloads, ranks):
-        """Queue messages behind whatever each actor runs now (actor calls run in order);
-        do not wait for replies."""
-        for r, (data, side) in zip(ranks, payloads):
-            self.actors[r].execute.remote(data, *[ray.put(a) for a in side])
+        """Queue messages behind whatever each actor runs now (actor calls run in order),
+        to all of ``ranks`` or (on Ctrl-C) none; return the replies' refs without waiting."""
+        return [self.actors[r].execute.remote(data, *[ray.put(a) for a in side])
+                for r, (data, side) in zip(ranks, payloads)]
 
     def inject_failure(self, rank, kind, seconds=0.0):
         """Test hook: worker ``rank`` crashes or hangs at its next program."""
