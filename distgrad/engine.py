@@ -17,16 +17,19 @@ from contextlib import contextmanager
 
 from .storage import StaleStorage, check_version  # noqa: F401  (check_version: part of this API)
 
-_state = threading.local()          # grad mode is per thread: local-backend workers are threads
+class _GradMode(threading.local):
+    """Grad mode per thread (local-backend workers are threads); on in a new thread."""
+
+    def __init__(self):
+        self.grad_enabled = True
+
+
+_state = _GradMode()
 _seq = itertools.count()            # creation order = a valid topological order of the graph
 
 
 def is_grad_enabled():
-    try:
-        return _state.grad_enabled
-    except AttributeError:          # a new thread: recording is on by default
-        _state.grad_enabled = True
-        return True
+    return _state.grad_enabled
 
 
 def set_grad_enabled(mode):
@@ -123,11 +126,15 @@ class OpNode(Node):
 
     __slots__ = ("op", "inputs", "versions", "attrs", "out_array", "out_store", "out_version")
 
-    def __init__(self, op, inputs, attrs, out_array, next_nodes):
-        super().__init__(next_nodes)
+    def __init__(self, op, inputs, attrs, out_array, next_nodes, versions):
+        # Node.__init__ written out: this runs once per recorded op.
+        self.next_nodes = next_nodes
+        self.seq = next(_seq)
+        self.pre_hooks = None
+        self.released = False
         self.op = op
         self.inputs = inputs
-        self.versions = tuple([x._store.version if isinstance(x, _Tensor) else None for x in inputs])
+        self.versions = versions
         self.attrs = attrs
         self.out_array = out_array
         self.out_store = None         # the output's storage (set by apply_op) for its version check
@@ -138,10 +145,15 @@ class OpNode(Node):
             raise RuntimeError(
                 f"Trying to backward through the graph a second time ({self.name()}), but its "
                 "saved values were already freed. Specify retain_graph=True on the first backward.")
-        saved = tuple([x if v is None or x._store.version == v else saved_tensor(x, v, self)
-                       for x, v in zip(self.inputs, self.versions)])
+        saved = self.inputs
+        for x, v in zip(saved, self.versions):
+            if v is not None and x._store.version != v:     # modified in place since: stand-ins
+                saved = tuple([x if v is None or x._store.version == v else saved_tensor(x, v, self)
+                               for x, v in zip(self.inputs, self.versions)])
+                break
         ans = None
-        if self.op.uses_output:
+        op = self.op
+        if op.uses_output:
             store = self.out_store
             if store is not None and store.version != self.out_version:
                 raise RuntimeError(
@@ -151,18 +163,21 @@ class OpNode(Node):
                     f"{self.out_version} instead.")
             # Differentiable under create_graph: the output depends on the inputs through
             # this very node, which higher-order gradients must follow.
-            ans = _Tensor.from_array(self.out_array, grad_fn=self, requires_grad=is_grad_enabled())
+            ans = _Tensor.from_array(self.out_array, grad_fn=self, requires_grad=_state.grad_enabled)
+        attrs, vjps = self.attrs, op.vjps
+        plain = op.variadic_vjp is None and not attrs
         out = []
         for i, nxt in enumerate(self.next_nodes):
             if nxt is None:
                 out.append(None)
-                continue
-            g = self.op.vjp(i, grad, ans, saved, self.attrs)
-            out.append(g)
+            elif plain and i < len(vjps) and vjps[i] is not None:
+                out.append(vjps[i](grad, ans, *saved))
+            else:
+                out.append(op.vjp(i, grad, ans, saved, attrs))
         return out
 
     def release(self):
-        super().release()
+        self.released = True
         self.inputs = self.out_array = self.out_store = None
 
 
@@ -242,30 +257,11 @@ def _needed(order, targets):
     return need
 
 
-def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inputs=None,
-                 on_leaf_ready=None):
-    """Propagate ``root_grads`` from ``roots`` (tensors) to the leaves.
-
-    With ``inputs`` given, returns their gradients instead of accumulating into
-    ``.grad`` (``autograd.grad``). ``on_leaf_ready(leaf)`` is called as soon as a leaf's
-    gradient is final: the distributed worker launches its all-reduce buckets from it.
-    """
-    buffers, heap = {}, []          # gradients waiting, keyed by node id; nodes by -seq
-    capture, ready = {}, []
-    owners = _Owners()
-
-    def receive(node, g):
-        key = id(node)
-        prev = buffers.get(key)
-        if prev is None:
-            buffers[key] = g
-            # A node is created after the nodes of its inputs: popping the highest seq
-            # first visits every consumer before its producers (seq is unique: the
-            # tuples never compare nodes).
-            heapq.heappush(heap, (-node.seq, node))
-        else:
-            buffers[key] = prev + g
-
+def _seed(roots, root_grads, inputs):
+    """The walk's start: gradients waiting (by node id), the heap of nodes to visit, the
+    nodes whose gradient ``autograd.grad`` captures, and (with ``inputs``) the ids of the
+    nodes on a path to one of them."""
+    buffers, heap, capture = {}, [], {}
     if inputs is not None:
         for t in inputs:
             capture[id(next_node_of(t) if t.requires_grad else None)] = None
@@ -275,24 +271,47 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
         if node is None:
             raise RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn")
         root_nodes.append(node)
-        receive(node, g)
+        prev = buffers.get(id(node))
+        if prev is None:
+            buffers[id(node)] = g
+            # A node is created after the nodes of its inputs: popping the highest seq
+            # first visits every consumer before its producers (seq is unique: the
+            # tuples never compare nodes).
+            heapq.heappush(heap, (-node.seq, node))
+        else:
+            buffers[id(node)] = prev + g
     need = (_needed(_topo_order(root_nodes), [next_node_of(t) for t in inputs])
             if inputs is not None else None)
+    return buffers, heap, capture, need
+
+
+def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inputs=None,
+                 on_leaf_ready=None):
+    """Propagate ``root_grads`` from ``roots`` (tensors) to the leaves.
+
+    With ``inputs`` given, returns their gradients instead of accumulating into
+    ``.grad`` (``autograd.grad``). ``on_leaf_ready(leaf)`` is called as soon as a leaf's
+    gradient is final: the distributed worker launches its all-reduce buckets from it.
+    """
+    buffers, heap, capture, need = _seed(roots, root_grads, inputs)
+    ready, owners = [], _Owners()
     prev_mode = is_grad_enabled()
     set_grad_enabled(create_graph)
+    heappop, heappush = heapq.heappop, heapq.heappush
     try:
         while heap:
-            node = heapq.heappop(heap)[1]
-            grad = buffers.pop(id(node))
-            if need is not None and id(node) not in need:
+            node = heappop(heap)[1]
+            key = id(node)
+            grad = buffers.pop(key)
+            if need is not None and key not in need:
                 continue
             if node.pre_hooks:
                 for hook in node.pre_hooks:
                     res = hook(grad)
                     if res is not None:
                         grad = res
-            if id(node) in capture:
-                capture[id(node)] = grad
+            if capture and key in capture:
+                capture[key] = grad
                 if isinstance(node, AccumulateGrad):
                     continue
             if isinstance(node, AccumulateGrad):
@@ -306,8 +325,15 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
             if not retain_graph:
                 node.release()
             for nxt, g in zip(node.next_nodes, grads):
-                if nxt is not None and g is not None and (need is None or id(nxt) in need):
-                    receive(nxt, g)
+                if nxt is None or g is None or need is not None and id(nxt) not in need:
+                    continue
+                k = id(nxt)                      # as in _seed
+                prev = buffers.get(k)
+                if prev is None:
+                    buffers[k] = g
+                    heappush(heap, (-nxt.seq, nxt))
+                else:
+                    buffers[k] = prev + g
         # Leaves are written only once the whole walk succeeded: an error anywhere in the
         # backward pass (a freed graph, a modified saved tensor) leaves no partial .grad.
         for node, grad in ready:
@@ -350,10 +376,32 @@ def saved_tensor(tensor, version, node):
 
 
 def make_node(op, inputs, attrs, out_array):
-    """Record a node for an op application, or None if no input needs a gradient."""
-    if not op.differentiable or not is_grad_enabled():
+    """Record a node for an op application, or None if no input needs a gradient.
+
+    Example: ``node = make_node(get_op("mul"), (x, 2.0), {}, x.numpy() * 2)``.
+    """
+    if not op.differentiable or not _state.grad_enabled:
         return None
-    next_nodes = tuple([next_node_of(x) if isinstance(x, _Tensor) else None for x in inputs])
-    if not any(next_nodes):
+    # One pass over the inputs (this runs for every recorded op): the node each input's
+    # gradient goes to, and the version of each tensor input for the in-place check.
+    next_nodes, versions, wanted = [], [], False
+    for x in inputs:
+        if isinstance(x, _Tensor):
+            versions.append(x._store.version)
+            if x.requires_grad:
+                nxt = x.grad_fn
+                next_nodes.append(nxt if nxt is not None else next_node_of(x))
+                wanted = True
+                continue
+        else:
+            versions.append(None)
+        next_nodes.append(None)
+    if not wanted:
         return None
-    return node_class(op.name, OpNode)(op, inputs, attrs, out_array, next_nodes)
+    cls = _op_node_classes.get(op)
+    if cls is None:
+        cls = _op_node_classes[op] = node_class(op.name, OpNode)
+    return cls(op, inputs, attrs, out_array, tuple(next_nodes), tuple(versions))
+
+
+_op_node_classes = {}       # OpDef -> its OpNode subclass: node_class without building a key

@@ -19,11 +19,13 @@ import numpy as np
 
 from . import _backend, engine, random, views
 from ._printing import format_tensor, parse_type_name, type_name
-from .ops.registry import get_op
+from .ops.registry import OPS, get_op
 from .placement import Shard
 from .storage import StaleStorage, Storage  # noqa: F401  (Storage: the distributed layer reuses its protocol)
 
 DEFAULT_DTYPE = np.dtype(np.float32)
+# Operand types that are never a GPU array (apply_op's per-operand test skips them).
+_HOST_TYPES = frozenset((np.ndarray, float, int, bool))
 MaxResult = collections.namedtuple("MaxResult", ["values", "indices"])
 # Set by the distributed layer: called for ops that touch a lazy (distributed) tensor.
 lazy_dispatch = None
@@ -104,17 +106,21 @@ def apply_op(name, *inputs, **attrs):
 
         y = apply_op("mul", x, 3)      # same as x * 3
     """
-    op = get_op(name)
+    op = OPS.get(name)
+    if op is None:
+        op = get_op(name)                 # the error naming the unknown op
     # One pass over the inputs: this runs for every op, so it is kept plain.
-    tensors, arrays, on_host = [], [], True
+    tensors, arrays, on_host, cls = [], [], True, Tensor
     for x in inputs:
         if isinstance(x, Tensor):
             tensors.append(x)
+            if isinstance(x, Variable):
+                cls = Variable
             store = x._store
             if store.lazy:
                 return lazy_dispatch(op, inputs, attrs)
             x = store.array
-        if on_host and type(x) is not np.ndarray and _backend.is_cupy_array(x):
+        if on_host and type(x) not in _HOST_TYPES and _backend.is_cupy_array(x):
             on_host = False
         arrays.append(x)
     xp = np
@@ -133,13 +139,9 @@ def apply_op(name, *inputs, **attrs):
             out = xp.asarray(out)
         elif not hasattr(out, "flags") and not _backend.is_cupy_array(out):
             out = np.asarray(out)          # numpy scalar -> 0-d array
-    node = engine.make_node(op, inputs, attrs, out)
-    cls = Tensor
-    for t in tensors:
-        if isinstance(t, Variable):
-            cls = Variable
-            break
-    result = cls.from_array(out, grad_fn=node, requires_grad=node is not None)
+    # Under no_grad (every VJP of a plain backward) no node is asked for.
+    node = engine.make_node(op, inputs, attrs, out) if engine._state.grad_enabled else None
+    result = cls.from_array(out, node, node is not None)
     if op.view is not None:
         views.track_view(result, inputs[0], op, attrs, out, arrays[0], xp)
     if node is not None and op.uses_output:
@@ -247,7 +249,16 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
         """
         t = cls.__new__(cls)
         t._store = Storage(array)
-        t._init_autograd(grad_fn, requires_grad)
+        if requires_grad and grad_fn is None:
+            t._init_autograd(None, True)          # checks the dtype
+            return t
+        # _init_autograd written out: every op's result is made here.
+        t.grad_fn = grad_fn
+        t.requires_grad = bool(requires_grad)
+        t._grad = None
+        t._accum_ref = None
+        t._retains_grad = False
+        t.volatile = False
         return t
 
     @classmethod

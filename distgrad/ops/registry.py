@@ -122,7 +122,8 @@ def get_op(name):
 
 def shape_of(x):
     """The shape of a tensor or array, ``()`` for a Python number. Example: ``shape_of(2.0)``."""
-    return tuple(x.shape) if hasattr(x, "shape") else ()
+    shape = getattr(x, "shape", None)     # one read: a tensor's shape is a property
+    return () if shape is None else tuple(shape)
 
 
 def unbroadcast(g, shape):
@@ -131,11 +132,12 @@ def unbroadcast(g, shape):
     Example: ``unbroadcast(g, (3,))`` for a gradient ``g`` of shape (2, 3).
     """
     shape = tuple(shape)
-    if tuple(g.shape) == shape:
+    gshape = g.shape
+    if gshape == shape:                   # the common case: nothing was broadcast
         return g
     lead = g.ndim - len(shape)
     dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
-                                     if n == 1 and g.shape[i + lead] != 1)
+                                     if n == 1 and gshape[i + lead] != 1)
     if dims:
         g = g.sum(dim=dims, keepdim=True)
     return g.reshape(shape)
