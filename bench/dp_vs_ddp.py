@@ -237,6 +237,34 @@ def _breakdown(cluster, since, starts):
     return phases, buckets / steps, statistics.median(lags) if lags else float("nan")
 
 
+def _cpu_faults(pid):
+    """(CPU seconds, minor page faults) process ``pid`` used so far (Linux ``/proc``; None
+    elsewhere): per-step CPU shows whether a side's compute costs more, or only waits more."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
+
+
+def _per_step(before, after, steps):
+    """'CPU x ms, y page faults' per step between two ``_cpu_faults`` readings."""
+    if before is None or after is None:
+        return "n/a"
+    return (f"CPU {(after[0] - before[0]) / steps * 1e3:.1f} ms, "
+            f"{(after[1] - before[1]) / steps:.0f} page faults")
+
+
+def _collective_wait(cluster):
+    """Seconds worker 0's thread has spent blocked in collectives so far (waiting for the
+    other workers, or running a collective itself)."""
+    import ray
+    ref = cluster.gang.actors[0].__ray_call__.remote(
+        lambda actor: actor.worker.comm.wait_s if actor.worker.comm is not None else 0.0)
+    return ray.get(ref, timeout=60)
+
+
 def _load():
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -325,11 +353,17 @@ def main():
                     block(2)
                     ddp.block(2)                                   # warm-up
                     ours, theirs, since = [], [], None
+                    usage = [_cpu_faults(cluster.gang.pid(0)), _cpu_faults(ddp.pids[0]),
+                             _collective_wait(cluster)]
                     for _ in range(rounds):
                         since = time.time()
                         del starts[:]
                         ours.append(block(steps))
                         theirs.append(ddp.block(steps))
+                    n = rounds * steps
+                    usage = (_per_step(usage[0], _cpu_faults(cluster.gang.pid(0)), n),
+                             _per_step(usage[1], _cpu_faults(ddp.pids[0]), n),
+                             (_collective_wait(cluster) - usage[2]) / n)
                     phases, buckets, lag = _breakdown(cluster, since, starts)
                     links = _tcp_links([cluster.gang.pid(r) for r in range(workers)])
                 gloo_s, grad_bytes = ddp.allreduce(3 if args.quick else 5)
@@ -357,7 +391,9 @@ def main():
                           f"{statistics.median(record) * 1e3:.2f} ms; driver step start to worker "
                           f"0 decode {lag * 1e3:.1f} ms; gloo all-reduce of the same "
                           f"{grad_bytes / 2**20:.1f} MB alone ({args.bucket_cap_mb or 25:g} MB "
-                          f"buckets, no compute beside it) {gloo_s * 1e3:.1f} ms")
+                          f"buckets, no compute beside it) {gloo_s * 1e3:.1f} ms; per step: "
+                          f"worker 0 {usage[0]}, its thread blocked in collectives "
+                          f"{usage[2] * 1e3:.1f} ms; DDP process 0 {usage[1]}")
     text = lines + ["", "Breakdown (distgrad):"] + detail + [
         "", f"Transport (last model): {transport}.",
         f"Load average at the start: {load_start}; at the end: {_load()} "

@@ -3,6 +3,7 @@ as they are final (in the backward pass's order, the same on every worker) and r
 one communication thread while the rest of backward goes on (as DDP's ``bucket_cap_mb``).
 """
 import concurrent.futures as cf
+import threading
 import time
 
 import numpy as np
@@ -13,7 +14,9 @@ from .collective.base import CollectiveMismatchError
 
 
 class OrderedComm:
-    """Serialises every collective of one worker on a single thread, in submission order.
+    """Serialises every collective of one worker, in submission order: on one comm thread
+    when they overlap the worker's compute (gradient buckets during backward), on the
+    worker's own thread when it would only wait for them (``run`` with nothing queued).
 
     Both gradient buckets and collectives inside the program (forward all-reduce, its
     transpose in backward) go through it, so all workers issue the same sequence.
@@ -26,9 +29,20 @@ class OrderedComm:
         self.bytes = 0                    # payload bytes all-reduced (for cluster.stats())
         self.wait_s = 0.0                 # time the worker's main thread spent blocked here
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-comm-{comm.rank}")
+        self._queued = 0                  # submitted and not yet finished on the comm thread
+        self._lock = threading.Lock()
 
     def submit(self, fn, *args):
-        return self._pool.submit(fn, *args)
+        with self._lock:
+            self._queued += 1
+        return self._pool.submit(self._job, fn, args)
+
+    def _job(self, fn, args):
+        try:
+            return fn(*args)
+        finally:                          # before the future's result is set
+            with self._lock:
+                self._queued -= 1
 
     def wait(self, fut):
         # The communicator enforces its own timeout; this one only guards against a stuck thread.
@@ -38,13 +52,31 @@ class OrderedComm:
         finally:
             self.wait_s += time.perf_counter() - start
 
+    def run(self, fn, *args):
+        """``fn(*args)`` in order after everything submitted, and its result; the caller
+        blocks meanwhile. With nothing queued it runs on the calling thread: no hand-off to
+        the comm thread and back (two wake-ups, each a wait for a core on a busy machine).
+        Only the worker's thread submits, so nothing can be queued behind it meanwhile.
+
+        Example: ``total = comm.run(comm.comm.allreduce, array, "sum")``.
+        """
+        with self._lock:
+            queued = self._queued
+        if queued:
+            return self.wait(self.submit(fn, *args))
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
     def allreduce(self, array, op="sum"):
         self.bytes += array.nbytes
-        return self.wait(self.submit(_host_call, self.comm.allreduce, array, op))
+        return self.run(_host_call, self.comm.allreduce, array, op)
 
     def allgather(self, array):
         self.bytes += array.nbytes
-        return self.wait(self.submit(_host_call, self.comm.allgather, array))
+        return self.run(_host_call, self.comm.allgather, array)
 
     def abort(self, detail=""):
         """Leave the current step's collectives (see ``Communicator.abort``)."""
@@ -166,8 +198,11 @@ class Bucketer:
                 and nbytes <= getattr(comm, "arena_bytes", 0))
 
     def finish(self):
-        """Launch the last bucket and wait until every sum is written back into ``.grad``."""
-        self._launch()
-        for fut in self._launched:
+        """Sum the last bucket and wait until every sum is written back into ``.grad``: the
+        earlier buckets first, then the last one on this thread (nothing is left to overlap)."""
+        launched, self._launched = self._launched, []
+        for fut in launched:
             self.comm.wait(fut)
-        self._launched = []
+        if self._bucket:
+            leaves, self._bucket, self._bytes = self._bucket, [], 0
+            self.comm.run(self._reduce, leaves, len(launched))
