@@ -15,6 +15,8 @@ import threading
 import weakref
 from contextlib import contextmanager
 
+import numpy as np
+
 from .storage import StaleStorage, check_version  # noqa: F401  (check_version: part of this API)
 
 class _GradMode(threading.local):
@@ -124,9 +126,10 @@ def node_class(name, base):
 class OpNode(Node):
     """grad_fn of a registry op: calls the op's per-input VJPs."""
 
-    __slots__ = ("op", "inputs", "versions", "attrs", "out_array", "out_store", "out_version")
+    __slots__ = ("op", "inputs", "versions", "attrs", "out_array", "out_store", "out_version",
+                 "out_class")
 
-    def __init__(self, op, inputs, attrs, out_array, next_nodes, versions):
+    def __init__(self, op, inputs, attrs, out_array, next_nodes, versions, out_class=None):
         # Node.__init__ written out: this runs once per recorded op.
         self.next_nodes = next_nodes
         self.seq = next(_seq)
@@ -139,12 +142,23 @@ class OpNode(Node):
         self.out_array = out_array
         self.out_store = None         # the output's storage (set by apply_op) for its version check
         self.out_version = 0
+        self.out_class = out_class    # the output's class (Variable or Tensor), for its gradient
 
     def input_grads(self, grad):
+        """The VJPs' gradients for the inputs. In a plain backward (grad mode off) an op
+        whose VJPs run on arrays (``array_vjps``) gets and returns raw arrays: no tensor
+        per intermediate gradient; otherwise ``grad`` is a tensor (wrapped if need be)."""
         if self.released:
             raise RuntimeError(
                 f"Trying to backward through the graph a second time ({self.name()}), but its "
                 "saved values were already freed. Specify retain_graph=True on the first backward.")
+        op = self.op
+        if op.array_vjps and not _state.grad_enabled:
+            out = self._array_grads(grad)
+            if out is not None:
+                return out
+        if not isinstance(grad, _Tensor):
+            grad = as_gradient(self, grad)
         saved = self.inputs
         for x, v in zip(saved, self.versions):
             if v is not None and x._store.version != v:     # modified in place since: stand-ins
@@ -152,18 +166,10 @@ class OpNode(Node):
                                for x, v in zip(self.inputs, self.versions)])
                 break
         ans = None
-        op = self.op
         if op.uses_output:
-            store = self.out_store
-            if store is not None and store.version != self.out_version:
-                raise RuntimeError(
-                    f"one of the variables needed for gradient computation has been modified by "
-                    f"an inplace operation: the output of {self.name()} (shape "
-                    f"{tuple(store.shape)}) is at version {store.version}; expected version "
-                    f"{self.out_version} instead.")
             # Differentiable under create_graph: the output depends on the inputs through
             # this very node, which higher-order gradients must follow.
-            ans = _Tensor.from_array(self.out_array, grad_fn=self, requires_grad=_state.grad_enabled)
+            ans = _Tensor.from_array(self._output(), grad_fn=self, requires_grad=_state.grad_enabled)
         attrs, vjps = self.attrs, op.vjps
         plain = op.variadic_vjp is None and not attrs
         out = []
@@ -175,6 +181,40 @@ class OpNode(Node):
             else:
                 out.append(op.vjp(i, grad, ans, saved, attrs))
         return out
+
+    def _array_grads(self, grad):
+        """input_grads on the raw arrays; None if an input was modified in place since the
+        forward (the tensor path then raises where a VJP reads it, and only there)."""
+        arrays = []
+        for x, v in zip(self.inputs, self.versions):
+            if v is None:
+                arrays.append(x)              # a Python scalar
+                continue
+            store = x._store
+            if store.version != v:
+                return None
+            arrays.append(store.array)
+        ans = self._output() if self.op.uses_output else None
+        if isinstance(grad, _Tensor):
+            grad = grad._store.array
+        vjps, attrs, out = self.op.vjps, self.attrs, []
+        for i, nxt in enumerate(self.next_nodes):
+            g = None if nxt is None else vjps[i](grad, ans, *arrays, **attrs)
+            if g is not None and type(g) is not np.ndarray and not hasattr(g, "shape"):
+                g = np.asarray(g)             # a Python number: an array, as apply_op makes
+            out.append(g)
+        return out
+
+    def _output(self):
+        """The saved output, checked against in-place writes since the forward."""
+        store = self.out_store
+        if store is not None and store.version != self.out_version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by "
+                f"an inplace operation: the output of {self.name()} (shape "
+                f"{tuple(store.shape)}) is at version {store.version}; expected version "
+                f"{self.out_version} instead.")
+        return self.out_array
 
     def release(self):
         self.released = True
@@ -285,6 +325,15 @@ def _seed(roots, root_grads, inputs):
     return buffers, heap, capture, need
 
 
+def _add(a, b):
+    """Two gradients of one node summed: tensors, raw arrays (OpNode's plain path) or one of each."""
+    if isinstance(a, _Tensor) is isinstance(b, _Tensor):
+        return a + b
+    # Only in a plain backward (raw arrays never reach a create_graph walk): arrays.
+    return (a._store.array if isinstance(a, _Tensor) else a) + (
+        b._store.array if isinstance(b, _Tensor) else b)
+
+
 def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inputs=None,
                  on_leaf_ready=None):
     """Propagate ``root_grads`` from ``roots`` (tensors) to the leaves.
@@ -305,6 +354,9 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
             grad = buffers.pop(key)
             if need is not None and key not in need:
                 continue
+            if not isinstance(grad, _Tensor) and (node.pre_hooks or capture
+                                                  or not isinstance(node, OpNode)):
+                grad = as_gradient(node, grad)     # a raw array (see OpNode) leaves the walk
             if node.pre_hooks:
                 for hook in node.pre_hooks:
                     res = hook(grad)
@@ -333,7 +385,7 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
                     buffers[k] = g
                     heappush(heap, (-nxt.seq, nxt))
                 else:
-                    buffers[k] = prev + g
+                    buffers[k] = _add(prev, g)
         # Leaves are written only once the whole walk succeeded: an error anywhere in the
         # backward pass (a freed graph, a modified saved tensor) leaves no partial .grad.
         for node, grad in ready:
@@ -348,15 +400,33 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
 
 
 _Tensor = None      # distgrad.tensor.Tensor, registered by that module at its import
+_Variable = None    # and its Variable
 
 
-def register_tensor_type(cls):
-    """Called once by ``distgrad.tensor`` (the layer above) with its ``Tensor`` class.
+def register_tensor_type(cls, variable_cls=None):
+    """Called once by ``distgrad.tensor`` (the layer above) with its ``Tensor`` class (and
+    ``Variable``, the class of the gradients of Variables).
 
-    Example: ``engine.register_tensor_type(Tensor)`` at the end of ``distgrad/tensor.py``.
+    Example: ``engine.register_tensor_type(Tensor, Variable)`` at the end of ``distgrad/tensor.py``.
     """
-    global _Tensor
-    _Tensor = cls
+    global _Tensor, _Variable
+    _Tensor, _Variable = cls, variable_cls or cls
+
+
+def as_gradient(node, array):
+    """A raw gradient array (an ``array_vjps`` op's plain backward) as a tensor, for what
+    needs one (a hook, a leaf, another kind of node), of the class of the value whose
+    gradient it is: a Variable's gradient is a Variable.
+
+    Example: ``as_gradient(y.grad_fn, np.ones(3))`` is a Variable when ``y`` is one.
+    """
+    if isinstance(node, OpNode):
+        cls = node.out_class or _Tensor
+    elif isinstance(node, AccumulateGrad):
+        cls = _Variable if isinstance(node.variable, _Variable) else _Tensor
+    else:
+        cls = _Tensor
+    return cls.from_array(array)
 
 
 def saved_tensor(tensor, version, node):
@@ -375,8 +445,9 @@ def saved_tensor(tensor, version, node):
         return stale
 
 
-def make_node(op, inputs, attrs, out_array):
+def make_node(op, inputs, attrs, out_array, out_class=None):
     """Record a node for an op application, or None if no input needs a gradient.
+    ``out_class`` is the class of the op's result (Variable or Tensor).
 
     Example: ``node = make_node(get_op("mul"), (x, 2.0), {}, x.numpy() * 2)``.
     """
@@ -401,7 +472,7 @@ def make_node(op, inputs, attrs, out_array):
     cls = _op_node_classes.get(op)
     if cls is None:
         cls = _op_node_classes[op] = node_class(op.name, OpNode)
-    return cls(op, inputs, attrs, out_array, tuple(next_nodes), tuple(versions))
+    return cls(op, inputs, attrs, out_array, tuple(next_nodes), tuple(versions), out_class)
 
 
 _op_node_classes = {}       # OpDef -> its OpNode subclass: node_class without building a key

@@ -17,37 +17,38 @@ defop("add", lambda xp, a, b: xp.add(a, b),
       lambda g, ans, a, b: unbroadcast(g, shape_of(a)),
       lambda g, ans, a, b: unbroadcast(g, shape_of(b)),
       placement=ELEMENTWISE, linear_in=LINEAR_SUM,
-      inplace=lambda xp, a, b: xp.add(a, b, out=a), snapshot=False)
+      inplace=lambda xp, a, b: xp.add(a, b, out=a), snapshot=False, array_vjps=True)
 defop("sub", lambda xp, a, b: xp.subtract(a, b),
       lambda g, ans, a, b: unbroadcast(g, shape_of(a)),
       lambda g, ans, a, b: unbroadcast(-g, shape_of(b)),
       placement=ELEMENTWISE, linear_in=LINEAR_SUM,
-      inplace=lambda xp, a, b: xp.subtract(a, b, out=a), snapshot=False)
+      inplace=lambda xp, a, b: xp.subtract(a, b, out=a), snapshot=False, array_vjps=True)
 defop("mul", lambda xp, a, b: xp.multiply(a, b),
       lambda g, ans, a, b: unbroadcast(g * b, shape_of(a)),
       lambda g, ans, a, b: unbroadcast(g * a, shape_of(b)),
       placement=ELEMENTWISE, linear_in=LINEAR_EACH,
-      inplace=lambda xp, a, b: xp.multiply(a, b, out=a), snapshot=True)
+      inplace=lambda xp, a, b: xp.multiply(a, b, out=a), snapshot=True, array_vjps=True)
 defop("div", lambda xp, a, b: xp.true_divide(a, b),
       lambda g, ans, a, b: unbroadcast(g / b, shape_of(a)),
       lambda g, ans, a, b: unbroadcast(-g * a / (b * b), shape_of(b)),
-      placement=ELEMENTWISE, linear_in=(0,), inplace=True, snapshot=True)
+      placement=ELEMENTWISE, linear_in=(0,), inplace=True, snapshot=True, array_vjps=True)
 defop("pow", lambda xp, a, b: xp.power(a, b),
       lambda g, ans, a, b: unbroadcast(g * b * a ** (b - 1), shape_of(a)),
       lambda g, ans, a, b: unbroadcast(g * ans * log(a), shape_of(b)), uses_output=True,
       placement=ELEMENTWISE, inplace=True, snapshot=True)
 defop("neg", lambda xp, x: xp.negative(x), lambda g, ans, x: -g,
-      placement=ELEMENTWISE, linear_in=LINEAR_ALL, inplace=True, snapshot=False)
+      placement=ELEMENTWISE, linear_in=LINEAR_ALL, inplace=True, snapshot=False, array_vjps=True)
 defop("exp", lambda xp, x: xp.exp(x), lambda g, ans, x: g * ans, uses_output=True,
-      placement=ELEMENTWISE, inplace=True, snapshot=False)
-defop("log", lambda xp, x: xp.log(x), lambda g, ans, x: g / x, placement=ELEMENTWISE)
+      placement=ELEMENTWISE, inplace=True, snapshot=False, array_vjps=True)
+defop("log", lambda xp, x: xp.log(x), lambda g, ans, x: g / x, placement=ELEMENTWISE,
+      array_vjps=True)
 defop("sqrt", lambda xp, x: xp.sqrt(x), lambda g, ans, x: g / (2 * ans), uses_output=True,
-      placement=ELEMENTWISE, inplace=True, snapshot=False)
+      placement=ELEMENTWISE, inplace=True, snapshot=False, array_vjps=True)
 defop("abs", lambda xp, x: xp.abs(x), lambda g, ans, x: g * x.sign(), placement=ELEMENTWISE)
 defop("sin", lambda xp, x: xp.sin(x), lambda g, ans, x: g * x.cos(), placement=ELEMENTWISE)
 defop("cos", lambda xp, x: xp.cos(x), lambda g, ans, x: -g * x.sin(), placement=ELEMENTWISE)
 defop("tanh", lambda xp, x: xp.tanh(x), lambda g, ans, x: g * (1 - ans * ans), uses_output=True,
-      placement=ELEMENTWISE)
+      placement=ELEMENTWISE, array_vjps=True)
 
 
 def _sigmoid(xp, x):
@@ -57,7 +58,7 @@ def _sigmoid(xp, x):
 
 
 defop("sigmoid", _sigmoid, lambda g, ans, x: g * ans * (1 - ans), uses_output=True,
-      placement=ELEMENTWISE)
+      placement=ELEMENTWISE, array_vjps=True)
 defop("relu", lambda xp, x: xp.maximum(x, 0).astype(x.dtype, copy=False),
       lambda g, ans, x: g.apply("relu_grad", ans), uses_output=True,
       placement=ELEMENTWISE, inplace=True, snapshot=False)
@@ -135,7 +136,7 @@ defop("astype", lambda xp, x, dtype: x.astype(dtype),
       placement=ELEMENTWISE, linear_in=LINEAR_ALL)
 # Keeps the memory layout, as PyTorch's clone (preserve_format) does.
 defop("clone", lambda xp, x: x.copy(order="K"), lambda g, ans, x: g,
-      placement=ELEMENTWISE, linear_in=LINEAR_ALL)
+      placement=ELEMENTWISE, linear_in=LINEAR_ALL, array_vjps=True)
 # A constant shaped like x (zeros_like on a distributed value stays on the workers).
 defop("full_like", lambda xp, x, value, dtype=None: xp.full(x.shape, value, dtype=dtype or x.dtype),
       differentiable=False, placement=P.rule_like)

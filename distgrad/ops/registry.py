@@ -11,6 +11,8 @@ A fact an op declares here is read from here and nowhere else:
 - ``vjps[i](g, ans, *inputs, **attrs)`` is input i's gradient, written with tensor
   methods so that ``create_graph=True`` differentiates it again (``variadic_vjp(i, ...)``
   for ops taking any number of inputs). A missing VJP is an error naming the op;
+  ``array_vjps``: the VJPs are plain arithmetic that runs on raw arrays too (a plain
+  backward calls them so);
 - ``placement``: the rule (a function from ``distgrad.placement`` or one defined beside
   the op) mapping input placements to the output placement;
 - ``linear_in``: through which inputs a ``Partial`` (per-worker sum) value may flow
@@ -43,11 +45,12 @@ class OpDef:
 
     __slots__ = ("name", "forward", "vjps", "variadic_vjp", "differentiable", "uses_output",
                  "placement", "linear_in", "view", "inplace", "snapshot", "device_attr",
-                 "divides_by_count", "defined_at")
+                 "divides_by_count", "defined_at", "array_vjps")
 
     def __init__(self, name, forward, vjps=(), variadic_vjp=None, differentiable=True,
                  uses_output=False, placement=None, linear_in=None, view=None, inplace=None,
-                 snapshot=None, device_attr=None, divides_by_count=False, defined_at=("?", 0)):
+                 snapshot=None, device_attr=None, divides_by_count=False, defined_at=("?", 0),
+                 array_vjps=False):
         self.name = name
         self.forward = forward
         self.vjps = tuple(vjps)
@@ -62,6 +65,7 @@ class OpDef:
         self.device_attr = device_attr
         self.divides_by_count = divides_by_count
         self.defined_at = defined_at
+        self.array_vjps = array_vjps
 
     def vjp(self, i, g, ans, inputs, attrs):
         if self.variadic_vjp is not None:
@@ -82,7 +86,7 @@ class OpDef:
 
 def defop(name, forward, *vjps, variadic_vjp=None, differentiable=True, uses_output=False,
           placement=None, linear_in=None, view=None, inplace=None, snapshot=None,
-          device_attr=None, divides_by_count=False):
+          device_attr=None, divides_by_count=False, array_vjps=False):
     """Register an op with all its facts; returns its ``OpDef``. Example::
 
         defop("exp", lambda xp, x: xp.exp(x), lambda g, ans, x: g * ans, uses_output=True,
@@ -96,7 +100,11 @@ def defop(name, forward, *vjps, variadic_vjp=None, differentiable=True, uses_out
     in-place write through the view (``out`` is the view). ``inplace`` is True, or the
     kernel ``inplace(xp, x, *others, **attrs)`` that writes into ``x`` itself when no
     graph is recorded (optimizer steps: no temporary, no copy); with it, ``snapshot``
-    says whether the VJP reads input 0's value from before the write.
+    says whether the VJP reads input 0's value from before the write. ``array_vjps=True``
+    says the VJPs use only arithmetic operators and this module's helpers, so they run on
+    raw arrays as well: a plain backward (no ``create_graph``) calls them so, without a
+    tensor per intermediate gradient (one VJP per input, no ``variadic_vjp``, no
+    keyword-only attrs other than the op's own).
     """
     if name in OPS:
         raise ValueError(f"op '{name}' is already registered")
@@ -106,7 +114,7 @@ def defop(name, forward, *vjps, variadic_vjp=None, differentiable=True, uses_out
     caller = sys._getframe(1)
     OPS[name] = OpDef(name, forward, vjps, variadic_vjp, differentiable, uses_output, placement,
                       linear_in, view, inplace, snapshot, device_attr, divides_by_count,
-                      (caller.f_code.co_filename, caller.f_lineno))
+                      (caller.f_code.co_filename, caller.f_lineno), array_vjps)
     return OPS[name]
 
 
@@ -139,7 +147,9 @@ def unbroadcast(g, shape):
     dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
                                      if n == 1 and gshape[i + lead] != 1)
     if dims:
-        g = g.sum(dim=dims, keepdim=True)
+        # A tensor, or a raw array in a plain backward (``array_vjps``).
+        g = (g.sum(dim=dims, keepdim=True) if hasattr(g, "requires_grad")
+             else g.sum(axis=dims, keepdims=True))
     return g.reshape(shape)
 
 
