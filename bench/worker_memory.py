@@ -6,7 +6,9 @@ Adam, batch 64, three steps. Reported: each side's resident set (VmRSS) between 
 the training loop leaves it (the worker has committed the last step: the old parameters
 and moments it kept to undo it are gone), its peak (VmHWM), their ratios (worker over
 local process), and how much of the worker's resident set is pages of Ray's shared object
-store (RssShmem: the parameters the driver shipped, read in place).
+store (RssShmem). The worker reads the parameters the driver shipped in place there, and
+after each program gives back the pages it read (``workers/shared_pages.py``): a few MB
+are left.
 
     python bench/worker_memory.py [--quick] [--save]
 """

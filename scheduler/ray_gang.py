@@ -81,6 +81,23 @@ def describe_nodes(address):
             ray.shutdown()
 
 
+def _putter():
+    """``put(array)``: ``ray.put`` once per array object, the same reference for every
+    worker a message sends it to (a replicated value is stored once, not once per worker).
+    Arrays are told apart by ``id``: the caller keeps them all alive while it sends.
+
+    Example: ``put = _putter(); refs = [put(a) for a in side]``.
+    """
+    refs = {}
+
+    def put(a):
+        ref = refs.get(id(a))
+        if ref is None:
+            ref = refs[id(a)] = ray.put(a)
+        return ref
+    return put
+
+
 class RayGang:
     """N worker actors; ``run`` sends one message to each and detects dead or hung ones."""
 
@@ -273,7 +290,8 @@ class RayGang:
     def add_source(self, payloads, ranks):
         """Register a data source on workers ``ranks``: ``payloads[i]`` is (msgpack bytes,
         side arrays, the object only Ray's serializer carries, or None). Returns the replies."""
-        refs = [self.actors[r].add_source.remote(data, obj, *[ray.put(a) for a in side])
+        put = _putter()
+        refs = [self.actors[r].add_source.remote(data, obj, *[put(a) for a in side])
                 for r, (data, side, obj) in zip(ranks, payloads)]
         deadline, out = time.time() + self.timeout_s, []
         for r, ref in zip(ranks, refs):
@@ -304,7 +322,8 @@ class RayGang:
     def post(self, payloads, ranks):
         """Queue messages behind whatever each actor runs now (actor calls run in order),
         to all of ``ranks`` or (on Ctrl-C) none; return the replies' refs without waiting."""
-        return [self.actors[r].execute.remote(data, *[ray.put(a) for a in side])
+        put = _putter()
+        return [self.actors[r].execute.remote(data, *[put(a) for a in side])
                 for r, (data, side) in zip(ranks, payloads)]
 
     def inject_failure(self, rank, kind, seconds=0.0):

@@ -6,6 +6,9 @@ moments of an optimizer step, no copy: the arrays themselves). Once the driver h
 worker's reply the step is committed and that undo data goes at once, not at the next
 step: between steps a worker holds what a local process holds.
 """
+import mmap
+import sys
+
 import numpy as np
 import pytest
 
@@ -66,7 +69,7 @@ def commits_posted(cluster, monkeypatch):
     def spy(payloads, ranks):
         if prog.decode(*payloads[0]).get("control") == "commit":
             seen.append(list(ranks))
-        post(payloads, ranks)
+        return post(payloads, ranks)
     monkeypatch.setattr(cluster.gang, "post", spy)
     return seen
 
@@ -99,7 +102,8 @@ def test_until_it_commits_a_step_keeps_the_old_parameters_and_moments_and_no_cop
 
         def no_commit(payloads, ranks):     # the driver's commits never reach the workers
             if prog.decode(*payloads[0]).get("control") != "commit":
-                post(payloads, ranks)
+                return post(payloads, ranks)
+            return []
         monkeypatch.setattr(cluster.gang, "post", no_commit)
         model, _ = train(cluster, [GOOD, GOOD])
         params = list(model.parameters())
@@ -179,3 +183,70 @@ def test_sigkill_among_commit_messages_leaves_bitwise_equal_replicas_and_the_und
             a, b = replicas(cluster, p)
             np.testing.assert_array_equal(a, b)
             np.testing.assert_allclose(a, q.data.numpy(), rtol=1e-10)
+
+
+def rss_shmem_mb(pid="self"):
+    """The resident pages of shared memory of process ``pid`` (RssShmem), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssShmem:")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise: Linux")
+def test_released_shared_pages_leave_the_resident_set_and_keep_their_values():
+    from distgrad.workers.shared_pages import release_shared_pages
+    n = 32 << 20
+    mm = mmap.mmap(-1, n, flags=mmap.MAP_SHARED)          # as Ray's object store maps its file
+    a = np.frombuffer(mm, np.float32)
+    a[:] = np.arange(a.size, dtype=np.float32)
+    a.flags.writeable = False                               # as Ray hands an input over
+    expected = np.arange(a.size, dtype=np.float32)
+    before = rss_shmem_mb()
+    assert release_shared_pages([a[1:]]) >= n - 2 * mmap.PAGESIZE   # a view: all its memory
+    assert rss_shmem_mb() < before - 28
+    np.testing.assert_array_equal(a, expected)             # read back from the shared file
+    assert rss_shmem_mb() > before - 4
+    del a                                                   # the last array on it goes: once more
+    assert rss_shmem_mb() < before - 28
+    np.testing.assert_array_equal(np.frombuffer(mm, np.float32), expected)
+    private = np.arange(n // 4, dtype=np.float32)           # private memory: never released
+    private.flags.writeable = False
+    assert release_shared_pages([private]) == 0
+    np.testing.assert_array_equal(private, expected)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux")
+def test_a_ray_worker_keeps_no_object_store_pages_of_the_parameters_it_replaced(ray_session):
+    def run(cluster):
+        dg.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 1024)).double()
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((16, 1024)), np.arange(16) % 7
+        opt, _ = train_classifier(cluster, model, x, [y, y, y], lambda ps: dg.optim.Adam(ps, lr=1e-3))
+        return model
+    ref = run(None)
+    # The TCP collective: its buffers are private memory, so every shared page of a worker
+    # is the object store's.
+    with dg.init(workers=2, backend="ray", timeout_s=30, collective="tcp") as cluster:
+        model = run(cluster)         # 32 MB of parameters shipped through the object store
+        cluster.stats()              # after the last step's commit
+        for r in range(2):
+            assert rss_shmem_mb(cluster.gang.pid(r)) < 4, f"worker {r} keeps object-store pages"
+        for p, q in zip(model.parameters(), ref.parameters()):
+            a, b = replicas(cluster, p)
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, q.data.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.ray
+def test_a_replicated_value_goes_into_the_object_store_once_for_every_worker(ray_session, monkeypatch):
+    from distgrad.scheduler import ray_gang
+    puts, put = [], ray_gang.ray.put
+    monkeypatch.setattr(ray_gang.ray, "put", lambda a: puts.append(a.nbytes) or put(a))
+    w = np.random.default_rng(1).standard_normal((512, 512))      # 2 MB: beside the message
+    with dg.init(workers=2, backend="ray", timeout_s=30) as cluster:
+        W = cluster.replicate(dg.tensor(w))
+        np.testing.assert_array_equal((W * 2).numpy(), w * 2)
+        assert puts == [w.nbytes]
+        for a in replicas(cluster, W):
+            np.testing.assert_array_equal(a, w)

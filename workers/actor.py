@@ -1,6 +1,7 @@
 """The Ray actor around :class:`~distgrad.workers.worker.Worker` (``backend="ray"``)."""
 import numpy as np
 
+from .shared_pages import release_shared_pages
 from .worker import Worker
 
 
@@ -91,8 +92,14 @@ class WorkerActor:
 
     def execute(self, payload, *side):
         # Arrays that came through the object store are read-only views: the worker copies
-        # on write (Tensor._write), so they are used as they are.
-        return self.worker.execute(payload, [np.asarray(a) for a in side])
+        # on write (Tensor._write), so they are used as they are. Once the program has run,
+        # the object-store pages it read leave this worker's resident set (the data stays
+        # in the store: a value still read in place faults its pages back in when read).
+        side = [np.asarray(a) for a in side]
+        try:
+            return self.worker.execute(payload, side)
+        finally:
+            release_shared_pages(side)
 
     def add_source(self, payload, obj, *side):
         """Register a data source (see ``Worker.add_source``)."""
