@@ -153,10 +153,34 @@ class OpNode(Node):
                 f"Trying to backward through the graph a second time ({self.name()}), but its "
                 "saved values were already freed. Specify retain_graph=True on the first backward.")
         op = self.op
-        if op.array_vjps and not _state.grad_enabled:
-            out = self._array_grads(grad)
-            if out is not None:
-                return out
+        if not op.array_vjps or _state.grad_enabled:
+            return self._tensor_grads(grad)
+        arrays = []
+        for x, v in zip(self.inputs, self.versions):
+            if v is None:
+                arrays.append(x)              # a Python scalar
+                continue
+            store = x._store
+            if store.counter[0] != v:         # modified in place since the forward: the
+                return self._tensor_grads(grad)   # tensor path raises where a VJP reads it
+            arrays.append(store.array)
+        ans = self._output() if op.uses_output else None
+        if isinstance(grad, _Tensor):
+            grad = grad._store.array
+        vjps, attrs, out = op.vjps, self.attrs, []
+        for i, nxt in enumerate(self.next_nodes):
+            if nxt is None:
+                out.append(None)
+                continue
+            g = vjps[i](grad, ans, *arrays, **attrs) if attrs else vjps[i](grad, ans, *arrays)
+            if type(g) is not np.ndarray and g is not None and not hasattr(g, "shape"):
+                g = np.asarray(g)             # a Python number: an array, as apply_op makes
+            out.append(g)
+        return out
+
+    def _tensor_grads(self, grad):
+        """input_grads on tensors: differentiable again under create_graph."""
+        op = self.op
         if not isinstance(grad, _Tensor):
             grad = as_gradient(self, grad)
         saved = self.inputs
@@ -180,29 +204,6 @@ class OpNode(Node):
                 out.append(vjps[i](grad, ans, *saved))
             else:
                 out.append(op.vjp(i, grad, ans, saved, attrs))
-        return out
-
-    def _array_grads(self, grad):
-        """input_grads on the raw arrays; None if an input was modified in place since the
-        forward (the tensor path then raises where a VJP reads it, and only there)."""
-        arrays = []
-        for x, v in zip(self.inputs, self.versions):
-            if v is None:
-                arrays.append(x)              # a Python scalar
-                continue
-            store = x._store
-            if store.version != v:
-                return None
-            arrays.append(store.array)
-        ans = self._output() if self.op.uses_output else None
-        if isinstance(grad, _Tensor):
-            grad = grad._store.array
-        vjps, attrs, out = self.op.vjps, self.attrs, []
-        for i, nxt in enumerate(self.next_nodes):
-            g = None if nxt is None else vjps[i](grad, ans, *arrays, **attrs)
-            if g is not None and type(g) is not np.ndarray and not hasattr(g, "shape"):
-                g = np.asarray(g)             # a Python number: an array, as apply_op makes
-            out.append(g)
         return out
 
     def _output(self):
@@ -458,7 +459,7 @@ def make_node(op, inputs, attrs, out_array, out_class=None):
     next_nodes, versions, wanted = [], [], False
     for x in inputs:
         if isinstance(x, _Tensor):
-            versions.append(x._store.version)
+            versions.append(x._store.counter[0])   # its version (Storage.version, read direct)
             if x.requires_grad:
                 nxt = x.grad_fn
                 next_nodes.append(nxt if nxt is not None else next_node_of(x))

@@ -215,6 +215,14 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
     """
 
     __array_priority__ = 100          # numpy scalar op tensor -> our reflected method
+    # The autograd fields' values for a tensor outside the graph: ``from_array`` (every
+    # op's result) sets only those that differ.
+    grad_fn = None
+    requires_grad = False
+    _grad = None
+    _accum_ref = None
+    _retains_grad = False
+    volatile = False
 
     def __init__(self, data=None, *sizes, requires_grad=False, dtype=None, device=None,
                  volatile=False):
@@ -249,16 +257,14 @@ class Tensor:  # long: torch.Tensor's methods, mostly one-line apply_op calls (w
         """
         t = cls.__new__(cls)
         t._store = Storage(array)
-        if requires_grad and grad_fn is None:
-            t._init_autograd(None, True)          # checks the dtype
-            return t
-        # _init_autograd written out: every op's result is made here.
-        t.grad_fn = grad_fn
-        t.requires_grad = bool(requires_grad)
-        t._grad = None
-        t._accum_ref = None
-        t._retains_grad = False
-        t.volatile = False
+        if requires_grad:
+            if grad_fn is None:
+                t._init_autograd(None, True)      # a leaf: checks the dtype
+                return t
+            t.grad_fn = grad_fn                   # the rest: the class's defaults
+            t.requires_grad = True
+        elif grad_fn is not None:
+            t.grad_fn = grad_fn
         return t
 
     @classmethod
