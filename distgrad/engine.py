@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .ops.registry import number_operand
 from .storage import StaleStorage, check_version  # noqa: F401  (check_version: part of this API)
 
 class _GradMode(threading.local):
@@ -27,6 +28,7 @@ class _GradMode(threading.local):
 
 
 _state = _GradMode()
+_NUMBER_TYPES = frozenset((float, int))     # Python numbers (not bool) for number_operand
 _seq = itertools.count()            # creation order = a valid topological order of the graph
 
 
@@ -155,18 +157,19 @@ class OpNode(Node):
         op = self.op
         if not op.array_vjps or _state.grad_enabled:
             return self._tensor_grads(grad)
+        g_array = grad._store.array if isinstance(grad, _Tensor) else grad
         arrays = []
         for x, v in zip(self.inputs, self.versions):
-            if v is None:
-                arrays.append(x)              # a Python scalar
+            if v is None:                     # a Python number: as numpy casts it against
+                arrays.append(number_operand(x, g_array.dtype)   # the gradient
+                              if type(x) in _NUMBER_TYPES else x)
                 continue
             store = x._store
             if store.counter[0] != v:         # modified in place since the forward: the
                 return self._tensor_grads(grad)   # tensor path raises where a VJP reads it
             arrays.append(store.array)
+        grad = g_array
         ans = self._output() if op.uses_output else None
-        if isinstance(grad, _Tensor):
-            grad = grad._store.array
         vjps, attrs, out = op.vjps, self.attrs, []
         for i, nxt in enumerate(self.next_nodes):
             if nxt is None:

@@ -19,13 +19,14 @@ import numpy as np
 
 from . import _backend, engine, random, views
 from ._printing import format_tensor, parse_type_name, type_name
-from .ops.registry import OPS, get_op
+from .ops.registry import OPS, get_op, number_operand
 from .placement import Shard
 from .storage import StaleStorage, Storage  # noqa: F401  (Storage: the distributed layer reuses its protocol)
 
 DEFAULT_DTYPE = np.dtype(np.float32)
 # Operand types that are never a GPU array (apply_op's per-operand test skips them).
 _HOST_TYPES = frozenset((np.ndarray, float, int, bool))
+_NUMBER_TYPES = frozenset((float, int))     # not bool: True * x keeps numpy's own rule
 MaxResult = collections.namedtuple("MaxResult", ["values", "indices"])
 # Set by the distributed layer: called for ops that touch a lazy (distributed) tensor.
 lazy_dispatch = None
@@ -123,6 +124,14 @@ def apply_op(name, *inputs, **attrs):
         if on_host and type(x) not in _HOST_TYPES and _backend.is_cupy_array(x):
             on_host = False
         arrays.append(x)
+    if op.array_vjps and len(arrays) == 2 and on_host and len(tensors) == 1:
+        # Arithmetic with a Python number: a cached 0-d array of the tensor's float dtype
+        # (numpy's own cast of the number, without its per-call cost).
+        a, b = arrays
+        if type(b) in _NUMBER_TYPES:
+            arrays[1] = number_operand(b, a.dtype)
+        elif type(a) in _NUMBER_TYPES:
+            arrays[0] = number_operand(a, b.dtype)
     xp = np
     if not on_host:                     # the CPU-only case skips this
         devices = {t.device for t in tensors}

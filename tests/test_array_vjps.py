@@ -141,3 +141,34 @@ def test_create_graph_still_differentiates_the_vjps():
         g, = m.autograd.grad(y, [x], create_graph=True)
         g.sum().backward()
     np.testing.assert_allclose(dx.grad.numpy(), tx.grad.numpy(), rtol=1e-10)
+
+
+def test_number_operands_give_numpys_own_results():
+    """A Python number meets an array as a cached 0-d array of its float dtype: the same
+    values and dtypes numpy gives for the number itself (NEP 50), both operand orders."""
+    from distgrad.ops.registry import number_operand
+    rng = np.random.default_rng(2)
+    numbers = [1.001, 0.5, -3, 7, 1e-30, 3e38, 65504.0, 2 ** 24 + 1, 1 / 3, -2.5e-8]
+    for dtype in (np.float16, np.float32, np.float64):
+        a = (rng.standard_normal(50) * 10.0 ** rng.integers(-4, 4, 50)).astype(dtype)
+        for s in numbers:
+            z = number_operand(s, np.dtype(dtype))
+            for f in (np.add, np.subtract, np.multiply, np.true_divide):
+                with np.errstate(all="ignore"):
+                    for want, got in ((f(a, s), f(a, z)), (f(s, a), f(z, a)),
+                                      (f(a[0], s), f(a[0], z))):
+                        assert type(got) is type(want) and got.dtype == want.dtype
+                        np.testing.assert_array_equal(got, want)
+    z = number_operand(0.25, np.dtype(np.float32))
+    assert not z.flags.writeable and number_operand(0.25, np.dtype(np.float32)) is z
+    for kept in (0.0, -0.0, float("nan"), float("inf"), 1e39, 2 ** 80):
+        assert number_operand(kept, np.dtype(np.float32)) is kept
+    assert number_operand(3, np.dtype(np.int64)) == 3
+
+
+def test_integer_and_bool_operands_keep_numpys_rules():
+    x = dg.tensor(np.array([1, 2, 3], dtype=np.int16))
+    assert (x * 2).dtype == np.int16 and (x * 1.5).dtype == np.float64
+    f = dg.tensor(np.array([1.0, 2.0], dtype=np.float32))
+    assert (f * True).dtype == np.float32
+    np.testing.assert_array_equal((2 ** 24 + 1 + f).numpy(), 2 ** 24 + 1 + f.numpy())
