@@ -128,10 +128,11 @@ def node_class(name, base):
 class OpNode(Node):
     """grad_fn of a registry op: calls the op's per-input VJPs."""
 
-    __slots__ = ("op", "inputs", "versions", "attrs", "out_array", "out_store", "out_version",
-                 "out_class")
+    # out_array, out_store, out_version: only for an op whose VJPs read its output (set by
+    # make_node; apply_op sets the output's storage and version for the in-place check).
+    __slots__ = ("op", "inputs", "versions", "attrs", "out_array", "out_store", "out_version")
 
-    def __init__(self, op, inputs, attrs, out_array, next_nodes, versions, out_class=None):
+    def __init__(self, op, inputs, attrs, next_nodes, versions):
         # Node.__init__ written out: this runs once per recorded op.
         self.next_nodes = next_nodes
         self.seq = next(_seq)
@@ -141,10 +142,6 @@ class OpNode(Node):
         self.inputs = inputs
         self.versions = versions
         self.attrs = attrs
-        self.out_array = out_array
-        self.out_store = None         # the output's storage (set by apply_op) for its version check
-        self.out_version = 0
-        self.out_class = out_class    # the output's class (Variable or Tensor), for its gradient
 
     def input_grads(self, grad):
         """The VJPs' gradients for the inputs. In a plain backward (grad mode off) an op
@@ -424,8 +421,8 @@ def as_gradient(node, array):
 
     Example: ``as_gradient(y.grad_fn, np.ones(3))`` is a Variable when ``y`` is one.
     """
-    if isinstance(node, OpNode):
-        cls = node.out_class or _Tensor
+    if isinstance(node, OpNode):      # its output's class, as apply_op chose it
+        cls = _Variable if any(isinstance(x, _Variable) for x in node.inputs or ()) else _Tensor
     elif isinstance(node, AccumulateGrad):
         cls = _Variable if isinstance(node.variable, _Variable) else _Tensor
     else:
@@ -449,9 +446,8 @@ def saved_tensor(tensor, version, node):
         return stale
 
 
-def make_node(op, inputs, attrs, out_array, out_class=None):
+def make_node(op, inputs, attrs, out_array):
     """Record a node for an op application, or None if no input needs a gradient.
-    ``out_class`` is the class of the op's result (Variable or Tensor).
 
     Example: ``node = make_node(get_op("mul"), (x, 2.0), {}, x.numpy() * 2)``.
     """
@@ -476,7 +472,10 @@ def make_node(op, inputs, attrs, out_array, out_class=None):
     cls = _op_node_classes.get(op)
     if cls is None:
         cls = _op_node_classes[op] = node_class(op.name, OpNode)
-    return cls(op, inputs, attrs, out_array, tuple(next_nodes), tuple(versions), out_class)
+    node = cls(op, inputs, attrs, tuple(next_nodes), tuple(versions))
+    if op.uses_output:
+        node.out_array, node.out_store, node.out_version = out_array, None, 0
+    return node
 
 
 _op_node_classes = {}       # OpDef -> its OpNode subclass: node_class without building a key

@@ -149,7 +149,7 @@ def apply_op(name, *inputs, **attrs):
         elif not hasattr(out, "flags") and not _backend.is_cupy_array(out):
             out = np.asarray(out)          # numpy scalar -> 0-d array
     # Under no_grad (every VJP of a plain backward) no node is asked for.
-    node = engine.make_node(op, inputs, attrs, out, cls) if engine._state.grad_enabled else None
+    node = engine.make_node(op, inputs, attrs, out) if engine._state.grad_enabled else None
     result = cls.from_array(out, node, node is not None)
     if op.view is not None:
         views.track_view(result, inputs[0], op, attrs, out, arrays[0], xp)
