@@ -229,7 +229,7 @@ def _breakdown(cluster, since, starts):
     for name, start, end, _thread in cluster.gang.spans()[0]:
         if start < since:
             continue
-        key = "all-reduce (comm thread)" if name.startswith("allreduce") else name
+        key = "all-reduce buckets" if name.startswith("allreduce") else name
         buckets += key != name
         phases[key] = phases.get(key, 0.0) + (end - start) / steps
         if name == "decode":
