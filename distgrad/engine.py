@@ -312,15 +312,7 @@ def _seed(roots, root_grads, inputs):
         if node is None:
             raise RuntimeError("element 0 of tensors does not require grad and does not have a grad_fn")
         root_nodes.append(node)
-        prev = buffers.get(id(node))
-        if prev is None:
-            buffers[id(node)] = g
-            # A node is created after the nodes of its inputs: popping the highest seq
-            # first visits every consumer before its producers (seq is unique: the
-            # tuples never compare nodes).
-            heapq.heappush(heap, (-node.seq, node))
-        else:
-            buffers[id(node)] = prev + g
+        _receive(buffers, heap, node, g)
     need = (_needed(_topo_order(root_nodes), [next_node_of(t) for t in inputs])
             if inputs is not None else None)
     return buffers, heap, capture, need
@@ -347,46 +339,9 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     ready, owners = [], _Owners()
     prev_mode = is_grad_enabled()
     set_grad_enabled(create_graph)
-    heappop, heappush = heapq.heappop, heapq.heappush
     try:
-        while heap:
-            node = heappop(heap)[1]
-            key = id(node)
-            grad = buffers.pop(key)
-            if need is not None and key not in need:
-                continue
-            if not isinstance(grad, _Tensor) and (node.pre_hooks or capture
-                                                  or not isinstance(node, OpNode)):
-                grad = as_gradient(node, grad)     # a raw array (see OpNode) leaves the walk
-            if node.pre_hooks:
-                for hook in node.pre_hooks:
-                    res = hook(grad)
-                    if res is not None:
-                        grad = res
-            if capture and key in capture:
-                capture[key] = grad
-                if isinstance(node, AccumulateGrad):
-                    continue
-            if isinstance(node, AccumulateGrad):
-                if on_leaf_ready is None:
-                    ready.append((node, grad))   # written after the walk (see below)
-                    continue
-                node.accumulate(grad, create_graph, owners.take(grad))
-                on_leaf_ready(node.variable)
-                continue
-            grads = node.input_grads(grad)
-            if not retain_graph:
-                node.release()
-            for nxt, g in zip(node.next_nodes, grads):
-                if nxt is None or g is None or need is not None and id(nxt) not in need:
-                    continue
-                k = id(nxt)                      # as in _seed
-                prev = buffers.get(k)
-                if prev is None:
-                    buffers[k] = g
-                    heappush(heap, (-nxt.seq, nxt))
-                else:
-                    buffers[k] = _add(prev, g)
+        _walk(buffers, heap, capture, need, ready, owners, retain_graph, create_graph,
+              on_leaf_ready)
         # Leaves are written only once the whole walk succeeded: an error anywhere in the
         # backward pass (a freed graph, a modified saved tensor) leaves no partial .grad.
         for node, grad in ready:
@@ -398,6 +353,71 @@ def run_backward(roots, root_grads, retain_graph=False, create_graph=False, inpu
     if inputs is not None:
         return [capture.get(id(next_node_of(t)) if t.requires_grad else None) for t in inputs]
     return None
+
+
+def _walk(buffers, heap, capture, need, ready, owners, retain_graph, create_graph, on_leaf_ready):
+    """run_backward's loop: visit nodes consumers first, each once all its gradients came.
+
+    A node whose gradients all went to one node, with nothing else pending (a chain), hands
+    it on directly (``follow``): nothing else can still reach that node, so it is next.
+    """
+    heappop = heapq.heappop
+    follow = None
+    while follow is not None or heap:
+        if follow is None:
+            node = heappop(heap)[1]
+            grad = buffers.pop(id(node))
+        else:
+            node, grad, follow = follow, follow_grad, None
+        key = id(node)
+        if need is not None and key not in need:
+            continue
+        if not isinstance(grad, _Tensor) and (node.pre_hooks or capture
+                                              or not isinstance(node, OpNode)):
+            grad = as_gradient(node, grad)     # a raw array (see OpNode) leaves the walk
+        if node.pre_hooks:
+            for hook in node.pre_hooks:
+                res = hook(grad)
+                if res is not None:
+                    grad = res
+        if capture and key in capture:
+            capture[key] = grad
+            if isinstance(node, AccumulateGrad):
+                continue
+        if isinstance(node, AccumulateGrad):
+            if on_leaf_ready is None:
+                ready.append((node, grad))   # written after the walk (see run_backward)
+                continue
+            node.accumulate(grad, create_graph, owners.take(grad))
+            on_leaf_ready(node.variable)
+            continue
+        grads = node.input_grads(grad)
+        if not retain_graph:
+            node.release()
+        for nxt, g in zip(node.next_nodes, grads):
+            if nxt is None or g is None or need is not None and id(nxt) not in need:
+                continue
+            if follow is None and not heap:
+                follow, follow_grad = nxt, g     # maybe the only one: kept off the heap
+                continue
+            if follow is not None:           # not the only one after all
+                _receive(buffers, heap, follow, follow_grad)
+                follow = None
+            _receive(buffers, heap, nxt, g)
+
+
+def _receive(buffers, heap, node, g):
+    """A gradient for ``node``: the first one queues it, later ones add up."""
+    key = id(node)
+    prev = buffers.get(key)
+    if prev is None:
+        buffers[key] = g
+        # A node is created after the nodes of its inputs: popping the highest seq first
+        # visits every consumer before its producers (seq is unique: the tuples never
+        # compare nodes).
+        heapq.heappush(heap, (-node.seq, node))
+    else:
+        buffers[key] = _add(prev, g)
 
 
 _Tensor = None      # distgrad.tensor.Tensor, registered by that module at its import
