@@ -24,34 +24,6 @@ from .bucketing import OrderedComm
 from .sources import make_table
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3        # glibc's mallopt parameters
-_heap_kept = []
-
-
-def keep_freed_heap(trim_bytes=64 << 20, mmap_bytes=32 << 20):
-    """Keep freed memory in this process's heap for the next step (glibc; once per process).
-
-    By default glibc hands the top of the heap back to the OS whenever ``free`` leaves a
-    few MB there, so a step that frees its activations at the end of backward faults the
-    same pages in (zero-filled by the kernel) in the next forward: LeNet at 128 rows, 1,800
-    page faults and a quarter of the step's CPU time. Up to ``trim_bytes`` now stay, and
-    blocks under ``mmap_bytes`` (glibc's own upper bound for its moving threshold) come
-    from the heap. Returns whether the settings took. Example: ``keep_freed_heap()``.
-    """
-    if not _heap_kept:
-        ok = False
-        if sys.platform.startswith("linux"):
-            import ctypes
-            try:
-                mallopt = ctypes.CDLL("libc.so.6").mallopt
-                ok = bool(mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(
-                    mallopt(M_TRIM_THRESHOLD, trim_bytes))
-            except (OSError, AttributeError):      # not glibc (musl): nothing to tune
-                pass
-        _heap_kept.append(ok)
-    return _heap_kept[0]
-
-
 class Worker(AutogradSteps):  # long: the instruction interpreter, one short method per message or instruction kind
     """One rank of the gang. Example (in-process, one rank)::
 
@@ -62,7 +34,6 @@ class Worker(AutogradSteps):  # long: the instruction interpreter, one short met
     def __init__(self, rank, world_size, device="cpu", communicator=None, bucket_cap_mb=25.0,
                  timeout_s=60.0, cache_size=prog.PROGRAM_CACHE_SIZE,
                  max_message_bytes=prog.MAX_MESSAGE_BYTES, compress=None):
-        keep_freed_heap()
         self.rank, self.world_size = rank, world_size
         self.device = _backend.normalize_device(device)
         self.xp = _backend.xp_for_device(self.device)
