@@ -7,30 +7,30 @@ import numpy as np
 
 from .. import _backend, placement as P
 from .registry import (LINEAR_ALL, LINEAR_EACH, LINEAR_SUM, count, defop, keep, log, np_axis,
-                       shape_of, unbroadcast)
+                       shape_of, unbroadcast, unbroadcast_to)
 
 ELEMENTWISE = P.rule_elementwise
 
 # ---------------------------------------------------------------- elementwise arithmetic
 
 defop("add", lambda xp, a, b: xp.add(a, b),
-      lambda g, ans, a, b: unbroadcast(g, shape_of(a)),
-      lambda g, ans, a, b: unbroadcast(g, shape_of(b)),
+      lambda g, ans, a, b: unbroadcast_to(g, a),
+      lambda g, ans, a, b: unbroadcast_to(g, b),
       placement=ELEMENTWISE, linear_in=LINEAR_SUM,
       inplace=lambda xp, a, b: xp.add(a, b, out=a), snapshot=False, array_vjps=True)
 defop("sub", lambda xp, a, b: xp.subtract(a, b),
-      lambda g, ans, a, b: unbroadcast(g, shape_of(a)),
-      lambda g, ans, a, b: unbroadcast(-g, shape_of(b)),
+      lambda g, ans, a, b: unbroadcast_to(g, a),
+      lambda g, ans, a, b: unbroadcast_to(-g, b),
       placement=ELEMENTWISE, linear_in=LINEAR_SUM,
       inplace=lambda xp, a, b: xp.subtract(a, b, out=a), snapshot=False, array_vjps=True)
 defop("mul", lambda xp, a, b: xp.multiply(a, b),
-      lambda g, ans, a, b: unbroadcast(g * b, shape_of(a)),
-      lambda g, ans, a, b: unbroadcast(g * a, shape_of(b)),
+      lambda g, ans, a, b: unbroadcast_to(g * b, a),
+      lambda g, ans, a, b: unbroadcast_to(g * a, b),
       placement=ELEMENTWISE, linear_in=LINEAR_EACH,
       inplace=lambda xp, a, b: xp.multiply(a, b, out=a), snapshot=True, array_vjps=True)
 defop("div", lambda xp, a, b: xp.true_divide(a, b),
-      lambda g, ans, a, b: unbroadcast(g / b, shape_of(a)),
-      lambda g, ans, a, b: unbroadcast(-g * a / (b * b), shape_of(b)),
+      lambda g, ans, a, b: unbroadcast_to(g / b, a),
+      lambda g, ans, a, b: unbroadcast_to(-g * a / (b * b), b),
       placement=ELEMENTWISE, linear_in=(0,), inplace=True, snapshot=True, array_vjps=True)
 defop("pow", lambda xp, a, b: xp.power(a, b),
       lambda g, ans, a, b: unbroadcast(g * b * a ** (b - 1), shape_of(a)),

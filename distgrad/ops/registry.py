@@ -163,6 +163,18 @@ def number_operand(x, dtype):
     return arr
 
 
+def unbroadcast_to(g, x):
+    """Sum ``g`` down to the shape of ``x`` (a tensor, an array or a Python number):
+    ``unbroadcast(g, shape_of(x))`` in one call, ``g`` itself when the shapes match.
+
+    Example: ``unbroadcast_to(g * b, a)`` in mul's VJP for ``a``.
+    """
+    shape = getattr(x, "shape", ())
+    if g.shape == shape:
+        return g
+    return unbroadcast(g, shape)
+
+
 def unbroadcast(g, shape):
     """Sum ``g`` down to ``shape``: the one place broadcasting is undone.
 
