@@ -274,19 +274,36 @@ def test_worker_output_reaches_the_driver_prefixed_with_the_rank(forward):
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
+def interrupt_lands_after(fn):
+    """Whether an interrupt deferred while ``fn()`` ran is delivered within a minute after."""
+    try:
+        fn()
+        for _ in range(6000):            # the re-delivered interrupt lands in this loop
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
 def test_an_interrupt_inside_a_finalizer_is_delivered_after_it():
     class Finalized:
         def __del__(self):
             _interrupt._handler(signal.SIGINT, sys._getframe())     # SIGINT arriving right here
 
-    landed = False
-    try:
-        Finalized()
-        for _ in range(6000):            # the re-delivered interrupt lands in this loop
-            time.sleep(0.01)
-    except KeyboardInterrupt:
-        landed = True
-    assert landed
+    assert interrupt_lands_after(Finalized)
+
+
+def test_an_interrupt_inside_an_atomic_function_is_delivered_after_it():
+    returned = []
+
+    @_interrupt.atomic
+    def bookkeeping():
+        assert _interrupt.must_defer(sys._getframe())
+        _interrupt._handler(signal.SIGINT, sys._getframe())    # SIGINT arriving right here
+        returned.append(True)                                  # ...does not stop this
+
+    assert interrupt_lands_after(bookkeeping) and returned
+    assert not _interrupt.must_defer(sys._getframe())
 
 
 def _new_segments(before):

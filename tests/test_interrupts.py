@@ -2,43 +2,20 @@
 
 The driver's bookkeeping (recording an op, taking a program to send, posting it to every
 worker, undoing a failed one) is marked atomic: an interrupt arriving inside it lands just
-after. An interrupt while the driver waits for a program makes every worker undo it too.
-The differential check: after hundreds of interrupts at random moments, a step on the
-cluster gives what one process computes from the same parameters and optimizer state.
+after (tests/test_first_hour.py checks the deferral itself). An interrupt while the driver
+waits for a program makes every worker undo it too. The differential check: after hundreds
+of interrupts at random moments, a step on the cluster gives what one process computes
+from the same parameters and optimizer state.
 """
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from distgrad import _interrupt
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "interrupted_recording.py"
-
-
-def test_an_interrupt_inside_an_atomic_function_is_delivered_after_it():
-    returned = []
-
-    @_interrupt.atomic
-    def bookkeeping():
-        assert _interrupt.must_defer(sys._getframe())
-        _interrupt._handler(signal.SIGINT, sys._getframe())    # SIGINT arriving right here
-        returned.append(True)                                  # ...does not stop this
-
-    landed = False
-    try:
-        bookkeeping()
-        for _ in range(6000):            # the re-delivered interrupt lands in this loop
-            time.sleep(0.01)
-    except KeyboardInterrupt:
-        landed = True
-    assert returned and landed
-    assert not _interrupt.must_defer(sys._getframe())
 
 
 @pytest.mark.parametrize("backend,interrupts", [
