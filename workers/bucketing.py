@@ -3,7 +3,6 @@ as they are final (in the backward pass's order, the same on every worker) and r
 one communication thread while the rest of backward goes on (as DDP's ``bucket_cap_mb``).
 """
 import concurrent.futures as cf
-import threading
 import time
 
 import numpy as np
@@ -29,20 +28,11 @@ class OrderedComm:
         self.bytes = 0                    # payload bytes all-reduced (for cluster.stats())
         self.wait_s = 0.0                 # time the worker's main thread spent blocked here
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix=f"distgrad-comm-{comm.rank}")
-        self._queued = 0                  # submitted and not yet finished on the comm thread
-        self._lock = threading.Lock()
+        self._last = None                 # the last job submitted (one thread: FIFO)
 
     def submit(self, fn, *args):
-        with self._lock:
-            self._queued += 1
-        return self._pool.submit(self._job, fn, args)
-
-    def _job(self, fn, args):
-        try:
-            return fn(*args)
-        finally:                          # before the future's result is set
-            with self._lock:
-                self._queued -= 1
+        self._last = self._pool.submit(fn, *args)
+        return self._last
 
     def wait(self, fut):
         # The communicator enforces its own timeout; this one only guards against a stuck thread.
@@ -60,9 +50,7 @@ class OrderedComm:
 
         Example: ``total = comm.run(comm.comm.allreduce, array, "sum")``.
         """
-        with self._lock:
-            queued = self._queued
-        if queued:
+        if self._last is not None and not self._last.done():    # (one thread runs them in order)
             return self.wait(self.submit(fn, *args))
         start = time.perf_counter()
         try:
