@@ -41,8 +41,10 @@ class LazyStorage:
                  "device", "_cache", "__weakref__")
 
     def __init__(self, cluster, vid, shape, dtype, placement, leaves=frozenset(), device=None):
+        # ``shape`` a tuple of ints and ``dtype`` a numpy dtype: Recorder.new_storage
+        # converts what it is given; a memoized op output is already in that form.
         self.cluster, self.vid = cluster, vid
-        self.shape, self.dtype = tuple(map(int, shape)), np.dtype(dtype)
+        self.shape, self.dtype = shape, dtype
         self.placement, self.leaves = placement, leaves
         self.device = device or cluster.device       # where the workers hold it
         self.counter = [0]       # a one-item list, shared with aliases (detach, .data)
@@ -172,9 +174,14 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
                                "replicated ones came home as local tensors); to keep a sharded "
                                "value, call cluster.gather(x) before shutdown")
 
-    @atomic
     def new_storage(self, shape, dtype, placement, leaves=frozenset(), device=None):
         """A LazyStorage for a value the pending program is about to define."""
+        return self._new_value(tuple(map(int, shape)), np.dtype(dtype), placement, leaves, device)
+
+    @atomic
+    def _new_value(self, shape, dtype, placement, leaves, device):
+        """:meth:`new_storage` of a ``shape`` (tuple of ints) and ``dtype`` (numpy dtype)
+        already in the storage's form (a memoized op output)."""
         vid = next(self._ids)
         store = LazyStorage(self.cluster, vid, shape, dtype, placement, leaves, device)
         self.live.refs[vid] = weakref.ref(store)
@@ -366,25 +373,20 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
 
         ``stores[i]`` is the input's storage, or the value of a float operand (which
         travels as a message scalar); ``inputs`` are the tensors, for the graph's edges.
-        The output's placement, global shape and dtype are memoized by :func:`op_key`: a
-        cached step records the same ops on the same placements and shapes every time."""
+        What the output and its instruction depend on besides the inputs' ids (placement,
+        global shape, dtype, the attrs the workers run with) is memoized by :func:`op_key`:
+        a cached step records the same ops on the same placements and shapes every time."""
         key = op_key(op, args, placements, shapes, stores, attrs)
         try:
-            hit = self._out_cache.get(key)
+            out = self._out_cache.get(key)
         except TypeError:             # an unhashable attr (a list, an index array)
-            key, hit = None, None
-        if hit is None:
-            out_p, shape, dtype, dattrs = self._infer_out(op, args, placements, shapes, stores, attrs)
-            if key is not None and dattrs is attrs:
-                # Only a rule that runs with the attrs as given is memoized: their float
-                # values (keyed by kind only) are this call's.
-                if len(self._out_cache) > 4096:
-                    self._out_cache.clear()
-                self._out_cache[key] = (out_p, shape, dtype)
-        else:
-            (out_p, shape, dtype), dattrs = hit, attrs
+            key, out = None, None
+        if out is None:
+            out = self._work_out(op, args, placements, shapes, stores, attrs, key)
+        out_p, shape, dtype, rule_attrs, static, floats = out
+        dattrs = attrs if rule_attrs is None else rule_attrs
         grad_enabled = engine.is_grad_enabled()
-        requires_grad = requires_grad and op.differentiable and grad_enabled
+        requires_grad = requires_grad and grad_enabled and op.differentiable
         leaves, device = frozenset(), None
         for s in stores:
             if isinstance(s, LazyStorage):
@@ -394,23 +396,44 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
                     leaves = leaves | s.leaves
         if op.device_attr:
             device = dattrs[op.device_attr]
-        store = self.new_storage(shape, dtype, out_p, leaves, device)
+        store = self._new_value(shape, dtype, out_p, leaves, device)
         rec = self.rec
         slot = rec.new_slot(store.vid)
-        ins = ["op", op.name, args, dattrs, slot, grad_enabled]
-        floats = [k for k, v in dattrs.items() if type(v) is float] if dattrs else None
         if floats:
             # Float attrs (learning rates, betas, eps...) are message scalars, not part of
             # the structure: a scheduler changing them keeps the program cached.
-            ins[3] = {k: v for k, v in dattrs.items() if type(v) is not float}
-            ins.append({k: rec.add_scalar(dattrs[k]) for k in floats})
-        rec.instrs.append(ins)
+            add = rec.add_scalar
+            rec.instrs.append(["op", op.name, args, static, slot, grad_enabled,
+                               {k: add(dattrs[k]) for k in floats}])
+        else:
+            rec.instrs.append(["op", op.name, args, dattrs, slot, grad_enabled])
         grad_fn = None
         if requires_grad:
             grad_fn = engine.node_class(op.name, LazyNode)(
                 tuple([engine.next_node_of(x) if isinstance(x, Tensor) else None for x in inputs]))
             grad_fn.vid = store.vid
         return cls.from_storage(store, grad_fn=grad_fn, requires_grad=requires_grad)
+
+    def _work_out(self, op, args, placements, shapes, stores, attrs, key):
+        """The memo entry of an op's output, memoized under ``key`` (unless None):
+        ``(placement, global shape, dtype, rule_attrs, static, floats)``. ``rule_attrs``
+        are the attrs the placement rule gave the workers (a reshape's local shape), None
+        when they are the call's own; ``floats`` the names of the float attrs (message
+        scalars) and ``static`` the others, None when there is no float. Raises what the
+        rule or the shape inference raise (nothing is memoized then)."""
+        out_p, shape, dtype, dattrs = self._infer_out(op, args, placements, shapes, stores, attrs)
+        floats = tuple([k for k, v in dattrs.items() if type(v) is float])
+        static = {k: v for k, v in dattrs.items() if type(v) is not float} if floats else None
+        rule_attrs = None if dattrs is attrs else dattrs
+        out = (out_p, shape, dtype, rule_attrs, static, floats)
+        # The key fixes every attr but a float's value: the rule's own attrs are the same
+        # for every call only when the call has no float attr (a float could reach them).
+        if key is not None and (rule_attrs is None or
+                                not any(type(v) is float for v in attrs.values())):
+            if len(self._out_cache) > 4096:
+                self._out_cache.clear()
+            self._out_cache[key] = out
+        return out
 
     def too_long(self):
         """Whether the pending program has grown long enough to be sent now (the caller,
@@ -567,17 +590,28 @@ def infer_local(cache, op, placements, shapes, stores, args, attrs):
 
 
 def op_key(op, args, placements, shapes, stores, attrs):
-    """What an op's output placement, global shape and dtype depend on: the op, each
-    input's placement (a shard's sizes too), global shape and dtype, the constants, and the
-    attrs (a float by kind only, as in :func:`infer_local`). Unhashable when an attr is.
+    """What an op's output placement, global shape and dtype, and the attrs its workers run
+    with, depend on: the op, each input's placement (a shard's sizes too), global shape
+    and dtype, the constants, and the attrs (a float by kind only, as in
+    :func:`infer_local`; a tuple with its items' types, so ``(1,)`` and ``(True,)`` differ).
+    Unhashable when an attr is.
 
     Example: ``x * 2.0`` on ``Shard(0, (3, 2))`` of shape (5, 4) float32 gives
     ``(mul, 2, (Shard, 0, (3, 2), (5, 4), float32), "k")``.
     """
-    key = (op, len(args), *[
-        ((Shard, p.dim, p.sizes, s, st.dtype) if isinstance(p, Shard) else (type(p), s, st.dtype))
-        if a[0] == "s" else "k" if a[0] == "k" else (type(a[1]), a[1])      # True != 1 here
-        for a, p, s, st in zip(args, placements, shapes, stores)])
+    key = [op, len(args)]
+    for a, p, s, st in zip(args, placements, shapes, stores):
+        kind = a[0]
+        if kind == "s":
+            key.append((Shard, p.dim, p.sizes, s, st.dtype) if isinstance(p, Shard)
+                       else (type(p), s, st.dtype))
+        elif kind == "k":
+            key.append("k")
+        else:
+            key.append((type(a[1]), a[1]))      # True != 1 here
     if attrs:
-        key += tuple([(k, "k" if type(v) is float else (type(v), v)) for k, v in attrs.items()])
-    return key
+        for k, v in attrs.items():
+            t = type(v)
+            key.append((k, "k" if t is float else (t, v) if t is not tuple else
+                        (t, tuple(map(type, v)), v)))
+    return tuple(key)
