@@ -6,6 +6,7 @@ to restore is decided by the driver (``distgrad.scheduler.recovery``).
 """
 import logging
 import os
+import secrets
 import time
 import uuid
 
@@ -18,7 +19,9 @@ from distgrad import _backend, program as prog
 from distgrad._interrupt import atomic
 from distgrad.workers.actor import WorkerActor
 
+from . import socket_channel
 from .errors import ResizeError, WorkerError, WorkerTimeoutError
+from .socket_channel import SocketChannel, Ticket
 
 log = logging.getLogger("distgrad.scheduler")
 
@@ -98,13 +101,65 @@ def _putter():
     return put
 
 
+def _open_channel(actor, rank, timeout_s, start_timeout_s):
+    """A socket channel to ``actor`` (on this node), or None if it cannot open one: its
+    programs then go by Ray calls, slower but the same."""
+    token = secrets.token_bytes(32)
+    try:
+        path = ray.get(actor.open_channel.remote(token), timeout=start_timeout_s)
+        return SocketChannel(path, token, rank, timeout_s)
+    except Exception as e:
+        log.warning("worker %d: no direct channel (%s: %s); programs go by Ray calls",
+                    rank, type(e).__name__, e)
+        return None
+
+
+def wait_replies(refs, what, deadline, nodes):
+    """The replies to ``refs`` (Ray refs or channel tickets, one per worker, in order).
+    Both kinds are watched at once: a dead worker is reported as soon as it is seen,
+    whichever way its messages go (its peers may wait for it in a collective meanwhile);
+    ranks still running at ``deadline`` are reported as hung. ``nodes[i]`` names the node
+    of the worker ``refs[i]`` went to.
+
+    Example: ``wait_replies(gang.post(payloads, ranks), "its program", time.time() + 60, nodes)``.
+    """
+    tickets = {i: t for i, t in enumerate(refs) if isinstance(t, Ticket)}
+    pending = {ref: i for i, ref in enumerate(refs) if i not in tickets}
+    out = [None] * len(refs)
+    while pending or tickets:
+        left = max(deadline - time.time(), 0)
+        socket_channel.poll(tickets, min(left, socket_channel.MIXED_POLL_S) if pending else left,
+                            what, nodes)
+        ready = ray.wait(list(pending), num_returns=1, timeout=0 if tickets else max(
+            deadline - time.time(), 0))[0] if pending else []
+        if time.time() >= deadline and not ready and (pending or tickets):
+            late = sorted(list(pending.values()) + list(tickets))
+            raise WorkerTimeoutError(f"workers {late} did not finish {what} within the timeout",
+                                     ranks=late, nodes=[nodes[r] for r in late])
+        for ref in ready:
+            r = pending.pop(ref)
+            try:
+                out[r] = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ActorUnavailableError) as e:
+                raise WorkerError(f"worker {r} (node {nodes[r]}) died during {what}: "
+                                  f"{type(e).__name__}", ranks=[r], nodes=[nodes[r]]) from None
+    for i, t in enumerate(refs):
+        if isinstance(t, Ticket):
+            out[i] = t.reply
+    return out
+
+
 class RayGang:
     """N worker actors; ``run`` sends one message to each and detects dead or hung ones."""
 
     def __init__(self, n, device="cpu", address=None, bucket_cap_mb=25.0, timeout_s=60.0,
                  num_cpus_per_worker=1, collective=None, strategy="PACK", place_timeout_s=None,
-                 compress=None, log_to_driver=True):
+                 compress=None, log_to_driver=True, driver_socket=True):
         self.timeout_s = timeout_s
+        # Programs to CPU workers on the driver's own node go over a Unix socket
+        # (scheduler.socket_channel), not one Ray call each; False: always Ray calls.
+        self.driver_socket = driver_socket
         self.compress = compress
         self.device, self.bucket_cap_mb = device, bucket_cap_mb
         self.requested_collective, self.strategy = collective, strategy
@@ -127,6 +182,7 @@ class RayGang:
         if self._owns_ray:
             log.info("Ray is up (%.1f s)", time.time() - t0)
         self.actors, self.slots, self.nodes, self.pgs = [], [], [], []
+        self.channels = []          # per rank: a SocketChannel, or None (Ray calls)
         self.collective = None
         try:
             t0 = time.time()
@@ -174,6 +230,7 @@ class RayGang:
         self.pgs.append(pg)
         for i in range(count):
             self.actors.append(None)
+            self.channels.append(None)
             self.slots.append((pg, i))
             self.nodes.append(None)
             self._start(len(self.actors) - 1)
@@ -187,10 +244,12 @@ class RayGang:
                  self.blas_threads)
         self.actors[rank] = actor
         self.nodes[rank] = None
+        self._close_channel(rank)
 
     def _form_group(self):
         """(Re)build the collective group over the current actors: shm inside one node,
         hierarchical (shm + tcp ring) across nodes."""
+        self._drain()
         self.nodes = self._get([a.node_id.remote() for a in self.actors], "start",
                                time.time() + self.start_timeout_s)
         name = f"distgrad_{uuid.uuid4().hex[:12]}"
@@ -205,10 +264,38 @@ class RayGang:
                    for r, a in enumerate(self.actors)], "collective setup",
                   time.time() + self.start_timeout_s)
         self.collective = kind
+        self._open_channels()
+
+    # ------------------------------------------------------------------ direct channels
+    def _open_channels(self):
+        """A socket channel to each CPU worker on this node that lacks one (a worker that
+        cannot open one keeps Ray calls: slower, not wrong)."""
+        if not self.driver_socket or self.device != "cpu":
+            return
+        here = ray.get_runtime_context().get_node_id()
+        for r, actor in enumerate(self.actors):
+            if self.channels[r] is None and self.nodes[r] == here:
+                self.channels[r] = _open_channel(actor, r, self.timeout_s, self.start_timeout_s)
+
+    def _close_channel(self, rank):
+        if rank < len(self.channels) and self.channels[rank] is not None:
+            self.channels[rank].close()
+            self.channels[rank] = None
+
+    def _drain(self, ranks=None, wait_s=None):
+        """Wait until the workers' channels answered all that was posted on them: a Ray
+        call that changes a worker's state must run after the programs queued before it
+        (as calls on one actor do), not beside them on the channel's thread."""
+        deadline = time.time() + (self.timeout_s * 1.5 + 5 if wait_s is None else wait_s)
+        for r in range(self.n) if ranks is None else ranks:
+            if self.channels[r] is not None:
+                socket_channel.drain(self.channels[r], deadline, "its queued messages",
+                                     self.nodes[r])
 
     def replace(self, ranks):
         """Kill workers ``ranks`` (dead or hung) and start fresh ones in their bundles."""
         for r in ranks:
+            self._close_channel(r)
             try:
                 ray.kill(self.actors[r], no_restart=True)
             except Exception:
@@ -236,12 +323,17 @@ class RayGang:
         """Remove workers ``ranks``; the others are renumbered 0..n-1 in order."""
         ranks = set(ranks)
         for r in sorted(ranks):
+            self._close_channel(r)
             try:
                 ray.kill(self.actors[r], no_restart=True)
             except Exception:
                 pass
         keep = [r for r in range(self.n) if r not in ranks]
         self.actors = [self.actors[r] for r in keep]
+        self.channels = [self.channels[r] for r in keep]
+        for r, ch in enumerate(self.channels):
+            if ch is not None:
+                ch.rank = r
         self.slots = [self.slots[r] for r in keep]
         self.nodes = [self.nodes[r] for r in keep]
         used = {id(pg) for pg, _ in self.slots}
@@ -255,24 +347,8 @@ class RayGang:
     def _get(self, refs, what, deadline=None):
         """Wait for one reply per worker. A dead actor is reported at once; ranks still
         running at the deadline are reported as hung."""
-        deadline = deadline or time.time() + self.timeout_s
-        pending = dict(zip(refs, range(len(refs))))
-        out = [None] * len(refs)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(deadline - time.time(), 0))
-            if not ready:
-                late = sorted(pending.values())
-                raise WorkerTimeoutError(f"workers {late} did not finish {what} within the timeout",
-                                         ranks=late, nodes=[self.nodes[r] for r in late])
-            for ref in ready:
-                r = pending.pop(ref)
-                try:
-                    out[r] = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                        ray.exceptions.ActorUnavailableError) as e:
-                    raise WorkerError(f"worker {r} (node {self.nodes[r]}) died during {what}: "
-                                      f"{type(e).__name__}", ranks=[r], nodes=[self.nodes[r]]) from None
-        return out
+        nodes = [self.nodes[r] if r < len(self.nodes) else None for r in range(len(refs))]
+        return wait_replies(refs, what, deadline or time.time() + self.timeout_s, nodes)
 
     def run(self, payloads, ranks=None):
         """Send ``payloads[i]`` to worker ``ranks[i]`` (default: all) and return the replies."""
@@ -290,6 +366,7 @@ class RayGang:
     def add_source(self, payloads, ranks):
         """Register a data source on workers ``ranks``: ``payloads[i]`` is (msgpack bytes,
         side arrays, the object only Ray's serializer carries, or None). Returns the replies."""
+        self._drain(ranks)
         put = _putter()
         refs = [self.actors[r].add_source.remote(data, obj, *[put(a) for a in side])
                 for r, (data, side, obj) in zip(ranks, payloads)]
@@ -321,25 +398,36 @@ class RayGang:
     @atomic
     def post(self, payloads, ranks):
         """Queue messages behind whatever each actor runs now (actor calls run in order),
-        to all of ``ranks`` or (on Ctrl-C) none; return the replies' refs without waiting."""
+        to all of ``ranks`` or (on Ctrl-C) none; return the replies' refs (or a direct
+        channel's tickets) without waiting."""
         put = _putter()
-        return [self.actors[r].execute.remote(data, *[put(a) for a in side])
+        return [self.channels[r].post(data, side) if self.channels[r] is not None
+                else self.actors[r].execute.remote(data, *[put(a) for a in side])
                 for r, (data, side) in zip(ranks, payloads)]
 
     def inject_failure(self, rank, kind, seconds=0.0):
         """Test hook: worker ``rank`` crashes or hangs at its next program."""
+        self._drain([rank])
         ray.get(self.actors[rank].inject_failure.remote(kind, seconds), timeout=self.timeout_s)
 
     def pid(self, rank):
         return ray.get(self.actors[rank].pid.remote(), timeout=self.timeout_s)
 
     def stats(self):
+        self._drain()
         return self._get([a.stats.remote() for a in self.actors], "stats")
 
     def spans(self):
+        self._drain()
         return self._get([a.spans.remote() for a in self.actors], "spans")
 
     def shutdown(self):
+        try:
+            self._drain(wait_s=10)
+        except WorkerError:           # a hung worker is killed below anyway
+            pass
+        for r in range(len(self.channels)):
+            self._close_channel(r)
         for a in self.actors:
             try:
                 ray.get(a.close.remote(), timeout=10)

@@ -25,6 +25,7 @@ class WorkerActor:
         self.device, self.bucket_cap_mb, self.timeout_s = device, bucket_cap_mb, timeout_s
         self.worker = None
         self.comm = None
+        self.channel = None
 
     def __repr__(self):
         # Ray prefixes each line this actor prints with its repr: "(rank 1 pid=...) ...".
@@ -103,6 +104,16 @@ class WorkerActor:
         finally:
             release_shared_pages(side)
 
+    def open_channel(self, token):
+        """Serve the driver's messages from a Unix socket (``workers.socket_channel``);
+        returns its path. Messages that come that way run on the channel's thread, in
+        order; the driver sends none by Ray calls while the channel is open."""
+        from .socket_channel import SocketChannelServer
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = SocketChannelServer(token, self.worker.execute)
+        return self.channel.path
+
     def add_source(self, payload, obj, *side):
         """Register a data source (see ``Worker.add_source``)."""
         return self.worker.add_source(payload, [np.asarray(a) for a in side], obj)
@@ -114,6 +125,8 @@ class WorkerActor:
         return self.worker.get_spans()
 
     def close(self):
+        if self.channel is not None:
+            self.channel.close()
         if self.worker is not None:
             self.worker.close()
         if self.comm is not None:
