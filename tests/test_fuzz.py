@@ -1,4 +1,5 @@
-"""Fuzzing the decoders: saved files, program messages, TCP frames (issue 12).
+"""Fuzzing the decoders: saved files, program messages, TCP frames (issue 12), the
+driver's socket-channel frames.
 
 Two kinds of tests:
 
@@ -366,6 +367,31 @@ def _hostile_metas(rng, n):
         yield w
 
 
+def campaign_channel_frames(seed, cases):
+    """The driver's socket channel: mutated frames fed in random pieces end in a frame,
+    a wait for more bytes, or a FrameError (``distgrad.framing``)."""
+    from distgrad.framing import FrameError, FrameReader, frame_buffers
+    rng = random.Random(seed)
+    tally = {}
+    msg = prog.encode({"v": prog.PROTOCOL, "key": "k", "bind": [1, 2]})
+    valid = [b"".join(bytes(b) for b in frame_buffers(msg, side)) for side in
+             ([], [np.arange(6, dtype=np.float32).reshape(2, 3)],
+              [np.ones(4, np.int64), np.zeros((2, 0)), np.array(1.5)])]
+
+    def feed(data):
+        reader = FrameReader()
+        cut = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randint(0, 3)))
+        for a, b in zip([0] + cut, cut + [len(data)]):
+            reader.feed(data[a:b])
+            while reader.next_frame() is not None:
+                pass
+    for n in range(cases):
+        bad = mutate(rng.choice(valid), rng)
+        _expect(lambda: feed(bad), FrameError, f"channel seed={seed} case {n} ({bad[:48].hex()})",
+                tally)
+    return tally
+
+
 # ---------------------------------------------------------------- the campaign runner
 
 def _expect(fn, allowed, where, tally):
@@ -417,6 +443,11 @@ def test_fuzz_tcp_frames():
     assert sum(tally.values()) >= 1200 and tally.get("MalformedMessage", 0) > 300, tally
     assert tally.get("CollectiveError", 0) + tally.get("CollectiveTimeoutError", 0) \
         + tally.get("CollectiveMismatchError", 0) >= 15, tally
+
+
+def test_fuzz_channel_frames():
+    tally = _run_capped("campaign_channel_frames", seed=12, cases=600)
+    assert sum(tally.values()) >= 600 and tally.get("FrameError", 0) > 100, tally
 
 
 def test_the_memory_cap_is_real():
