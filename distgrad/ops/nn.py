@@ -9,8 +9,7 @@ another; the pooling ops pair with their scatter/gather twins), so
 Convolutions use im2col through ``as_strided`` views and batched matmuls; the
 transposed direction (col2im) loops over kernel offsets (and output rows) only, never
 over pixels. Output rows shorter than 16 (LeNet's second layer) take layouts whose
-copies move long runs: whole input rows for the forward, the batch innermost for the
-gradients. Internal temporaries live in per-thread scratch buffers (``_scratch_array``).
+copies move long runs: the batch innermost, for the forward and the gradients. Internal temporaries live in per-thread scratch buffers (``_scratch_array``).
 Conv and pool ops work independently per sample along dim 0: ``rule_batch_local``.
 """
 import threading
@@ -186,33 +185,41 @@ def _conv_geom(x_shape, w_shape, stride, padding, dilation):
     return kernel, out_hw, pads
 
 
-def _conv2d_wide(xp, x, w, b, kernel, pads, dilation, out_hw):
-    """Stride-1 convolution over whole input rows: im2col without short-row copies.
+def _conv2d_batch_last(xp, x, w, b, kernel, stride, pads, dilation, out_hw,
+                       chunk_bytes=8 << 20):
+    """Convolution for short output rows (groups == 1): im2col with the batch innermost.
 
-    Window offset (i, j) of output position p = oh*W + ow reads input position
-    p + i*dh*W + j*dw, so each offset's im2col row is one contiguous run of
-    (OH-1)*W + OW inputs (a copy numpy does fast), and the matmul computes the
-    outputs of all W columns: the kw-1 that wrap past a row's end are dropped.
+    With the batch innermost each im2col run is OW*N contiguous values (whole runs
+    instead of OW-long rows, as in the weight gradient), and every output position is
+    computed once (the wide-row layout computed kw-1 wasted columns per row: 44% more
+    flops at LeNet's 8x8). The gemm is written as cols^T @ w^T, a (positions, O)
+    result: OpenBLAS runs that tall, thin shape ~1.5x faster than w @ cols with its
+    O (6 or 16) rows. Output rows are taken in chunks of at most ``chunk_bytes`` of
+    columns; one chunk at LeNet sizes.
     """
-    x = xp.ascontiguousarray(_pad(xp, x, pads))
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
     O = w.shape[0]
-    (kh, kw), (dh, dw), (oh, ow) = kernel, dilation, out_hw
-    span = (oh - 1) * W + ow
-    sN, sC, sH, sW = x.strides
-    view = xp.lib.stride_tricks.as_strided(x, (N, C, kh, kw, span), (sN, sC, sH * dh, sW * dw, sW))
-    cols = _scratch_array(xp, "cols", view.shape, x.dtype)
-    cols[...] = view
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
+    xt = _batch_last(xp, x, pads)
+    sC, sH, sW, sN = xt.strides
+    view = xp.lib.stride_tricks.as_strided(
+        xt, (C, kh, kw, oh, ow, N), (sC, sH * dh, sW * dw, sH * sh, sW * sw, sN))
     dtype = xp.result_type(w.dtype, x.dtype)
-    wide = xp.matmul(w.reshape(O, -1), cols.reshape(N, C * kh * kw, span),
-                     out=_scratch_array(xp, "gemm", (N, O, span), dtype))            # (N, O, span)
-    s = wide.strides
-    out = xp.lib.stride_tricks.as_strided(wide, (N, O, oh, ow), (s[0], s[1], W * s[2], s[2]))
-    res = xp.empty((N, O, oh, ow), dtype=wide.dtype)
-    if b is None:
-        res[...] = out
-    else:
-        xp.add(out, b.reshape(1, O, 1, 1), out=res)
+    wt = w.reshape(O, C * kh * kw).T
+    per_row = C * kh * kw * ow * N * x.itemsize
+    rows = max(1, min(oh, chunk_bytes // max(per_row, 1)))
+    res = xp.empty((N, O, oh, ow), dtype=dtype)
+    for r in range(0, oh, rows):
+        e = min(oh, r + rows)
+        cols = _scratch_array(xp, "cols", (C, kh, kw, e - r, ow, N), x.dtype)
+        cols[...] = view[:, :, :, r:e]
+        out = xp.matmul(cols.reshape(C * kh * kw, -1).T, wt, out=_scratch_array(
+            xp, "gemm", ((e - r) * ow * N, O), dtype))                   # (rows*OW*N, O)
+        out = out.reshape(e - r, ow, N, O).transpose(2, 3, 0, 1)
+        if b is None:
+            res[:, :, r:e] = out
+        else:
+            xp.add(out, b.reshape(1, O, 1, 1), out=res[:, :, r:e])
     return res
 
 
@@ -220,8 +227,8 @@ def _conv2d(xp, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gr
     N, C = x.shape[:2]
     O = w.shape[0]
     kernel, out_hw, pads = _conv_geom(x.shape, w.shape, stride, padding, dilation)
-    if tuple(stride) == (1, 1) and _short_rows(out_hw, groups):
-        return _conv2d_wide(xp, x, w, b, kernel, pads, dilation, out_hw)
+    if _short_rows(out_hw, groups):
+        return _conv2d_batch_last(xp, x, w, b, kernel, stride, pads, dilation, out_hw)
     view = _unfold(xp, x, kernel, stride, pads, dilation, out_hw)
     L = out_hw[0] * out_hw[1]
     wg = w.reshape(groups, O // groups, -1)
