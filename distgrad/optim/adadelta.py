@@ -1,5 +1,5 @@
 """Adadelta (Zeiler 2012), step for step as PyTorch computes it."""
-from .optimizer import Optimizer
+from .optimizer import Optimizer, axpby_
 
 
 class Adadelta(Optimizer):
@@ -32,7 +32,7 @@ class Adadelta(Optimizer):
             state["square_avg"] = grad * 0
             state["acc_delta"] = grad * 0
         square_avg, acc_delta = state["square_avg"], state["acc_delta"]
-        square_avg.axpby_(grad * grad, rho, 1 - rho)
+        axpby_(square_avg, grad * grad, rho, 1 - rho)
         delta = (acc_delta + eps).sqrt() / (square_avg + eps).sqrt() * grad
-        acc_delta.axpby_(delta * delta, rho, 1 - rho)
-        p.data.axpby_(delta, 1.0, -lr)
+        axpby_(acc_delta, delta * delta, rho, 1 - rho)
+        axpby_(p.data, delta, 1.0, -lr)

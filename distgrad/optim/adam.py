@@ -1,7 +1,7 @@
 """Adam and AdamW (decoupled weight decay), with optional AMSGrad."""
 import math
 
-from .optimizer import Optimizer
+from .optimizer import Optimizer, axpby_
 
 
 class Adam(Optimizer):
@@ -41,8 +41,8 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = v = grad * grad * (1 - b2)
         else:
             m, v = state["exp_avg"], state["exp_avg_sq"]
-            m.axpby_(grad, b1, 1 - b1)
-            v.axpby_(grad * grad, b2, 1 - b2)
+            axpby_(m, grad, b1, 1 - b1)
+            axpby_(v, grad * grad, b2, 1 - b2)
         if group["amsgrad"]:
             vmax = state.get("max_exp_avg_sq")
             vmax = state["max_exp_avg_sq"] = v.clone() if vmax is None else vmax.maximum(v)
@@ -50,7 +50,7 @@ class Adam(Optimizer):
         bc1 = 1 - b1 ** step
         bc2_sqrt = math.sqrt(1 - b2 ** step)
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        p.data.axpby_(m / denom, 1.0, -lr / bc1)
+        axpby_(p.data, m / denom, 1.0, -lr / bc1)
 
 
 class AdamW(Adam):

@@ -10,6 +10,21 @@ from ..nn.module import clear_grad
 from ..tensor import Tensor
 
 
+def axpby_(t, o, a, b):
+    """``t.axpby_(o, a, b)`` (``t = a*t + b*o`` in place), the optimizers' update. On a
+    distributed ``t`` with grad recording off (as in every ``step``) its storage records
+    it directly: the same instructions, without the intermediate tensor the general
+    in-place path makes (issue 13: the driver records every step's updates while the
+    workers wait).
+
+    Example: ``axpby_(p.data, grad, 1.0, -lr)``.
+    """
+    store = t.store
+    if store.lazy and not engine.is_grad_enabled():
+        return store.record_inplace(t, "axpby", (o,), {"a": a, "b": b})
+    return t.axpby_(o, a, b)
+
+
 class _Required:
     def __repr__(self):
         return "<required parameter>"

@@ -1,5 +1,5 @@
 """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
-from .optimizer import Optimizer, required
+from .optimizer import Optimizer, axpby_, required
 
 
 class SGD(Optimizer):
@@ -33,6 +33,6 @@ class SGD(Optimizer):
             if buf is None:
                 buf = state["momentum_buffer"] = d_p.clone()
             else:
-                buf.axpby_(d_p, momentum, 1 - group["dampening"])
+                axpby_(buf, d_p, momentum, 1 - group["dampening"])
             d_p = d_p.axpby(buf, 1.0, momentum) if group["nesterov"] else buf
-        p.data.axpby_(d_p, 1.0, -lr)
+        axpby_(p.data, d_p, 1.0, -lr)
