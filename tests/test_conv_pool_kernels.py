@@ -114,3 +114,46 @@ def test_lenet_layers_match_torch_in_float32(n):
         (tout * torch.tensor(g)).sum().backward()
         for a, b in zip(d, t):
             _close(a.grad.numpy(), b.grad, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_kernels_on_non_contiguous_inputs_match_torch_and_leave_them_unchanged(layout, dtype):
+    """Strided inputs (views of a leaf) through the batch-innermost conv and the tiling
+    pool, whose argmax scans read x through strided views and must never write into it;
+    single-tile and ragged pools included."""
+    dt, tol = DTYPES[dtype]
+    rng = np.random.default_rng(7)
+
+    def base(shape):                      # the leaf's array: NHWC, or every other column
+        if layout == "channels_last":
+            return rng.standard_normal(shape[:1] + shape[2:] + shape[1:2]).astype(dt)
+        return rng.standard_normal(shape[:3] + (shape[3] * 2,)).astype(dt)
+
+    def view(leaf):                       # the same view in distgrad and in torch
+        return leaf.permute(0, 3, 1, 2) if layout == "channels_last" else leaf[..., ::2]
+
+    def run(arrays, pool, conv):
+        grads = []
+        for m in (dg, torch):
+            leaves = [m.tensor(a, requires_grad=True) for a in arrays]
+            x = view(leaves[0])
+            if conv:
+                x = m.nn.functional.conv2d(x, leaves[1]).relu()
+            out = m.nn.functional.max_pool2d(x, pool)
+            g = np.random.default_rng(1).standard_normal(tuple(out.shape)).astype(dt)
+            (out * m.tensor(g)).sum().backward()
+            grads.append((out, leaves))
+        (dout, dl), (tout, tl) = grads
+        if arrays[0].shape[-1] > 1:       # (NHWC with one channel is NCHW too)
+            assert not view(dl[0]).detach().numpy().flags["C_CONTIGUOUS"]
+        _close(dout.detach().numpy(), tout, tol)
+        for a, b in zip(dl, tl):
+            _close(a.grad.numpy(), b.grad, tol)
+        np.testing.assert_array_equal(dl[0].detach().numpy(), arrays[0])    # x unchanged
+
+    for xshape, wshape, pool in (((48, 6, 12, 12), (16, 6, 5, 5), 2), ((5, 2, 9, 7), (3, 2, 3, 2), 3),
+                                 ((3, 1, 4, 6), (2, 1, 3, 5), (2, 1)), ((2, 2, 3, 3), (1, 2, 2, 2), 2)):
+        run([base(xshape), rng.standard_normal(wshape).astype(dt)], pool, conv=True)
+        # The pool alone on small integers: tied maxima.
+        run([np.maximum(np.rint(base(xshape) * 2), 0)], pool, conv=False)
