@@ -38,7 +38,7 @@ class LazyStorage:
 
     lazy = True
     __slots__ = ("cluster", "vid", "shape", "dtype", "placement", "counter", "leaves",
-                 "device", "_cache", "__weakref__")
+                 "device", "_cache", "sig", "sig_for", "__weakref__")
 
     def __init__(self, cluster, vid, shape, dtype, placement, leaves=frozenset(), device=None):
         # ``shape`` a tuple of ints and ``dtype`` a numpy dtype: Recorder.new_storage
@@ -49,6 +49,9 @@ class LazyStorage:
         self.device = device or cluster.device       # where the workers hold it
         self.counter = [0]       # a one-item list, shared with aliases (detach, .data)
         self._cache = None
+        # Recorder.sig of this value, valid while ``placement is sig_for`` (a resize puts
+        # a new Shard in place of the old one).
+        self.sig = self.sig_for = None
 
     @property
     def array(self):
@@ -128,6 +131,23 @@ class LiveTable:
         return [store for _, store in self.items()]
 
 
+class Signature:
+    """An interned description of a distributed value as ops see it (placement with a
+    shard's sizes, global shape, dtype): compared and hashed by identity, the recorder
+    making one per description (``Recorder.signature``).
+
+    Example: ``Signature((Replicate, (3, 4), np.dtype("float32")))``.
+    """
+
+    __slots__ = ("desc",)
+
+    def __init__(self, desc):
+        self.desc = desc
+
+    def __repr__(self):
+        return f"Signature{self.desc!r}"
+
+
 class HomeStorage(LazyStorage):
     """A replicated value brought home when its cluster shut down: from then on a plain
     local storage (same object, so every tensor that held it is local now)."""
@@ -175,7 +195,8 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         self._free = []            # vids the workers may drop with the next program
         self._replicas = {}        # (id(storage), requires_grad) -> [weakref(store), lazy, version]
         self._infer_cache = {}
-        self._out_cache = {}       # op_key -> (placement, global shape, dtype) of the output
+        self._out_cache = {}       # op_key -> what an op's output is (see _work_out)
+        self._sigs = {}            # description -> Signature (see sig)
 
     # ---------------------------------------------------------------- the table of values
     def new_id(self):
@@ -193,13 +214,64 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         return self._new_value(tuple(map(int, shape)), np.dtype(dtype), placement, leaves, device)
 
     @atomic
-    def _new_value(self, shape, dtype, placement, leaves, device):
+    def _new_value(self, shape, dtype, placement, leaves, device, sig=None):
         """:meth:`new_storage` of a ``shape`` (tuple of ints) and ``dtype`` (numpy dtype)
-        already in the storage's form (a memoized op output)."""
+        already in the storage's form, and its :meth:`sig` if known (a memoized op output)."""
         vid = next(self._ids)
         store = LazyStorage(self.cluster, vid, shape, dtype, placement, leaves, device)
+        if sig is not None:
+            store.sig, store.sig_for = sig, placement
         self.live.refs[vid] = weakref.ref(store)
         return store
+
+    def sig(self, store):
+        """What an op's output depends on of a distributed input ``store``: its placement
+        (a shard's sizes too), global shape and dtype, as one interned
+        :class:`Signature` (kept on the store), so that an :meth:`op_key` is built,
+        hashed and compared in a few steps.
+
+        Example: ``rec.sig(a.store) is rec.sig(b.store)`` for two values placed alike."""
+        p = store.placement
+        sig = self.signature(p, store.shape, store.dtype)
+        store.sig, store.sig_for = sig, p
+        return sig
+
+    def signature(self, placement, shape, dtype):
+        """The interned :class:`Signature` of a value placed ``placement`` of global
+        ``shape`` and ``dtype``."""
+        p = placement
+        desc = (Shard, p.dim, p.sizes, shape, dtype) if isinstance(p, Shard) else (type(p), shape, dtype)
+        sig = self._sigs.get(desc)
+        if sig is None:
+            if len(self._sigs) > 4096:
+                self._sigs.clear()        # the old ones stay valid: each means what it says
+            sig = self._sigs[desc] = Signature(desc)
+        return sig
+
+    def op_key(self, op, args, stores, attrs):
+        """What an op's output (placement, global shape, dtype) and the attrs its workers
+        run with depend on: the op, each distributed input's :meth:`sig`, the constants
+        (``True != 1`` here), and the attrs (a float by kind only, as in
+        :func:`infer_local`; a tuple with its items' types, so ``(1,)`` and ``(True,)``
+        differ). Unhashable when an attr is.
+
+        Example: ``x * 2.0`` on a sharded ``x`` gives ``(mul, sig(x.store), "k")``.
+        """
+        key = [op]
+        for a, st in zip(args, stores):
+            kind = a[0]
+            if kind == "s":
+                key.append(st.sig if st.sig_for is st.placement else self.sig(st))
+            elif kind == "k":
+                key.append("k")
+            else:
+                key.append((type(a[1]), a[1]))
+        if attrs:
+            for k, v in attrs.items():
+                t = type(v)
+                key.append((k, "k" if t is float else (t, v) if t is not tuple else
+                            (t, tuple(map(type, v)), v)))
+        return tuple(key)
 
     @atomic
     def release(self, vid):
@@ -389,21 +461,21 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         ``stores[i]`` is the input's storage, or the value of a float operand (which
         travels as a message scalar); ``inputs`` are the tensors, for the graph's edges.
         What the output and its instruction depend on besides the inputs' ids (placement,
-        global shape, dtype, the attrs the workers run with) is memoized by :func:`op_key`:
+        global shape, dtype, the attrs the workers run with) is memoized by :meth:`op_key`:
         a cached step records the same ops on the same placements and shapes every time.
 
         ``into`` (a LazyStorage, from :meth:`record_inplace`): the result is written into
         it. Where that assign needs nothing of the result but its slot (no graph, same
         placement and shape) it is recorded here and None returned: the result gets its id
         and slot as before, but no storage or tensor, which nothing would observe."""
-        key = op_key(op, args, placements, shapes, stores, attrs)
+        key = self.op_key(op, args, stores, attrs)
         try:
             out = self._out_cache.get(key)
         except TypeError:             # an unhashable attr (a list, an index array)
             key, out = None, None
         if out is None:
             out = self._work_out(op, args, placements, shapes, stores, attrs, key)
-        out_p, shape, dtype, rule_attrs, static, floats = out
+        out_p, shape, dtype, sig, rule_attrs, static, floats, node_cls = out
         dattrs = attrs if rule_attrs is None else rule_attrs
         grad_enabled = engine.is_grad_enabled()
         requires_grad = requires_grad and grad_enabled and op.differentiable
@@ -423,12 +495,12 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
                     leaves = leaves | s.leaves
         if op.device_attr:
             device = dattrs[op.device_attr]
-        store = self._new_value(shape, dtype, out_p, leaves, device)
+        store = self._new_value(shape, dtype, out_p, leaves, device, sig)
         slot = rec.new_slot(store.vid)
         self._append_op(rec, op, args, dattrs, static, floats, slot, grad_enabled)
         grad_fn = None
         if requires_grad:
-            grad_fn = engine.node_class(op.name, LazyNode)(
+            grad_fn = node_cls(
                 tuple([engine.next_node_of(x) if isinstance(x, Tensor) else None for x in inputs]))
             grad_fn.vid = store.vid
         return cls.from_storage(store, grad_fn=grad_fn, requires_grad=requires_grad)
@@ -447,16 +519,18 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
 
     def _work_out(self, op, args, placements, shapes, stores, attrs, key):
         """The memo entry of an op's output, memoized under ``key`` (unless None):
-        ``(placement, global shape, dtype, rule_attrs, static, floats)``. ``rule_attrs``
-        are the attrs the placement rule gave the workers (a reshape's local shape), None
-        when they are the call's own; ``floats`` the names of the float attrs (message
-        scalars) and ``static`` the others, None when there is no float. Raises what the
-        rule or the shape inference raise (nothing is memoized then)."""
+        ``(placement, global shape, dtype, sig, rule_attrs, static, floats, node class)``.
+        ``sig`` is the output's :meth:`signature`; ``rule_attrs`` the attrs the placement
+        rule gave the workers (a reshape's local shape), None when they are the call's
+        own; ``floats`` the names of the float attrs (message scalars) and ``static`` the
+        others, None when there is no float; the node class names the driver's grad_fn.
+        Raises what the rule or the shape inference raise (nothing is memoized then)."""
         out_p, shape, dtype, dattrs = self._infer_out(op, args, placements, shapes, stores, attrs)
         floats = tuple([k for k, v in dattrs.items() if type(v) is float])
         static = {k: v for k, v in dattrs.items() if type(v) is not float} if floats else None
         rule_attrs = None if dattrs is attrs else dattrs
-        out = (out_p, shape, dtype, rule_attrs, static, floats)
+        out = (out_p, shape, dtype, self.signature(out_p, shape, dtype), rule_attrs, static, floats,
+               engine.node_class(op.name, LazyNode))
         # The key fixes every attr but a float's value: the rule's own attrs are the same
         # for every call only when the call has no float attr (a float could reach them).
         if key is not None and (rule_attrs is None or
@@ -576,7 +650,9 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         if self.cluster.closed:
             self.check_open()
         src = t.store
-        store = self.new_storage(src.shape, src.dtype, src.placement, device=src.device)
+        # The same placement, shape and dtype: already in the storage's form, and its sig.
+        store = self._new_value(src.shape, src.dtype, src.placement, frozenset(), src.device,
+                                src.sig if src.sig_for is src.placement else None)
         store.counter = src.counter
         rec = self.rec
         rec.instrs.append(["detach", rec.ref(src.vid), rec.new_slot(store.vid), bool(requires_grad)])
@@ -633,30 +709,3 @@ def infer_local(cache, op, placements, shapes, stores, args, attrs):
         cache[key] = hit
     return hit
 
-
-def op_key(op, args, placements, shapes, stores, attrs):
-    """What an op's output placement, global shape and dtype, and the attrs its workers run
-    with, depend on: the op, each input's placement (a shard's sizes too), global shape
-    and dtype, the constants, and the attrs (a float by kind only, as in
-    :func:`infer_local`; a tuple with its items' types, so ``(1,)`` and ``(True,)`` differ).
-    Unhashable when an attr is.
-
-    Example: ``x * 2.0`` on ``Shard(0, (3, 2))`` of shape (5, 4) float32 gives
-    ``(mul, 2, (Shard, 0, (3, 2), (5, 4), float32), "k")``.
-    """
-    key = [op, len(args)]
-    for a, p, s, st in zip(args, placements, shapes, stores):
-        kind = a[0]
-        if kind == "s":
-            key.append((Shard, p.dim, p.sizes, s, st.dtype) if isinstance(p, Shard)
-                       else (type(p), s, st.dtype))
-        elif kind == "k":
-            key.append("k")
-        else:
-            key.append((type(a[1]), a[1]))      # True != 1 here
-    if attrs:
-        for k, v in attrs.items():
-            t = type(v)
-            key.append((k, "k" if t is float else (t, v) if t is not tuple else
-                        (t, tuple(map(type, v)), v)))
-    return tuple(key)
