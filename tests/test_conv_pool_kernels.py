@@ -152,8 +152,10 @@ def test_kernels_on_non_contiguous_inputs_match_torch_and_leave_them_unchanged(l
             _close(a.grad.numpy(), b.grad, tol)
         np.testing.assert_array_equal(dl[0].detach().numpy(), arrays[0])    # x unchanged
 
-    for xshape, wshape, pool in (((48, 6, 12, 12), (16, 6, 5, 5), 2), ((5, 2, 9, 7), (3, 2, 3, 2), 3),
-                                 ((3, 1, 4, 6), (2, 1, 3, 5), (2, 1)), ((2, 2, 3, 3), (1, 2, 2, 2), 2)):
+    for xshape, wshape, pool in (((48, 6, 12, 12), (16, 6, 5, 5), 2),
+                                 ((5, 2, 9, 7), (3, 2, 3, 2), 3),
+                                 ((3, 1, 4, 6), (2, 1, 3, 5), (2, 1)),
+                                 ((2, 2, 3, 3), (1, 2, 2, 2), 2)):
         run([base(xshape), rng.standard_normal(wshape).astype(dt)], pool, conv=True)
         # The pool alone on small integers: tied maxima.
         run([np.maximum(np.rint(base(xshape) * 2), 0)], pool, conv=False)

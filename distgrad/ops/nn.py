@@ -9,7 +9,8 @@ another; the pooling ops pair with their scatter/gather twins), so
 Convolutions use im2col through ``as_strided`` views and batched matmuls; the
 transposed direction (col2im) loops over kernel offsets (and output rows) only, never
 over pixels. Output rows shorter than 16 (LeNet's second layer) take layouts whose
-copies move long runs: the batch innermost, for the forward and the gradients. Internal temporaries live in per-thread scratch buffers (``_scratch_array``).
+copies move long runs: the batch innermost, for the forward and the gradients.
+Internal temporaries live in per-thread scratch buffers (``_scratch_array``).
 Conv and pool ops work independently per sample along dim 0: ``rule_batch_local``.
 """
 import threading
@@ -241,37 +242,41 @@ def _conv2d(xp, x, w, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), gr
     return out
 
 
-def _conv2d_input_grad_rows(xp, g, w, in_hw, kernel, stride, pads, dilation, out_hw):
+def _conv2d_input_grad_rows(xp, g, w, in_hw, kernel, stride, pads, dilation, out_hw,
+                            piece_bytes=1 << 20):
     """d(conv2d)/dx for groups == 1, batch innermost, one output row (or part of one) at a time.
 
-    Each piece's columns (W^T @ g for at most 512 (col, sample) positions of a row) are
-    added into the input slots right away, while they are in cache, with one add per
-    kernel column (its kh input rows at once): the whole column matrix (C*kh*kw by
-    OH*OW*N) is never built. 2-3x faster than one gemm and a fold at LeNet sizes.
+    Each piece's columns (W^T @ g for the (col, sample) positions of a row, at most
+    ``piece_bytes`` of them: a whole row at LeNet sizes) are added into the input slots
+    right away, while they are in cache, with one add per kernel column (its kh input
+    rows at once): the whole column matrix (C*kh*kw by OH*OW*N) is never built. 2-3x
+    faster than one gemm and a fold at LeNet sizes. W^T's rows are ordered (kernel
+    column, channel, kernel row), so each add reads one contiguous block of columns.
     """
     N, O = g.shape[:2]
     C = w.shape[1]
     (H, W), ((ph0, ph1), (pw0, pw1)) = in_hw, pads
     (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
     gt = _batch_last(xp, g, slot="batch_last_g").reshape(O, oh, ow * N)
-    wt = w.reshape(O, C * kh * kw).T
+    wt = xp.ascontiguousarray(w.transpose(3, 1, 2, 0)).reshape(kw * C * kh, O)
     Hp, Wp = H + ph0 + ph1, W + pw0 + pw1
     dtype = xp.result_type(g.dtype, w.dtype)
     dx = _scratch_array(xp, "dx", (C, Hp, Wp, N), dtype, zero=True)
     flat = dx.reshape(C, Hp, Wp * N)
-    piece = 512 if sw == 1 else ow * N      # a stride-1 row's columns land contiguously
+    # A stride-1 row's columns land contiguously, so any piece of it works.
+    piece = max(N, piece_bytes // (kw * C * kh * np.dtype(dtype).itemsize)) if sw == 1 else ow * N
     for r in range(oh):
         rows = slice(r * sh, r * sh + dh * (kh - 1) + 1, dh)
         for a in range(0, ow * N, piece):
             b = min(a + piece, ow * N)
             cols = xp.matmul(wt, gt[:, r, a:b], out=_scratch_array(
-                xp, "cols", (C * kh * kw, b - a), dtype)).reshape(C, kh, kw, b - a)
+                xp, "cols", (kw * C * kh, b - a), dtype)).reshape(kw, C, kh, b - a)
             for j in range(kw):
                 if sw == 1:
-                    flat[:, rows, j * dw * N + a:j * dw * N + b] += cols[:, :, j]
+                    flat[:, rows, j * dw * N + a:j * dw * N + b] += cols[j]
                 else:
                     dx[:, rows, j * dw:j * dw + sw * (ow - 1) + 1:sw] += \
-                        cols[:, :, j].reshape(C, kh, ow, N)
+                        cols[j].reshape(C, kh, ow, N)
     out = xp.empty((N, C, H, W), dtype=dtype)               # dx is scratch: copy out
     out[...] = dx[:, ph0:ph0 + H, pw0:pw0 + W].transpose(3, 0, 1, 2)
     return out
