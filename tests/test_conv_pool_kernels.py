@@ -159,3 +159,24 @@ def test_kernels_on_non_contiguous_inputs_match_torch_and_leave_them_unchanged(l
         run([base(xshape), rng.standard_normal(wshape).astype(dt)], pool, conv=True)
         # The pool alone on small integers: tied maxima.
         run([np.maximum(np.rint(base(xshape) * 2), 0)], pool, conv=False)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("piece_bytes", [1, 10000, 1 << 20])   # pieces of N, 69, a row
+def test_input_grad_rows_in_pieces_matches_torch(piece_bytes, stride):
+    """The short-row input gradient split into several pieces per output row (only
+    whole rows at the sizes the property test draws), with padding and dilation."""
+    from distgrad.ops import nn as kernels
+    rng = np.random.default_rng(3)
+    x_shape, w_shape = (40, 3, 11, 11), (4, 3, 3, 2)
+    kw = dict(stride=stride, padding=(1, 2), dilation=(2, 1))
+    g = rng.standard_normal(tuple(torch.nn.functional.conv2d(
+        torch.zeros(x_shape), torch.zeros(w_shape), **kw).shape))
+    w = rng.standard_normal(w_shape)
+    kernel, out_hw, pads = kernels._conv_geom(x_shape, w_shape, stride, kw["padding"],
+                                              kw["dilation"])
+    assert out_hw[1] < 16 and g.shape[-2:] == out_hw
+    got = kernels._conv2d_input_grad_rows(np, g, w, x_shape[-2:], kernel, stride, pads,
+                                          kw["dilation"], out_hw, piece_bytes=piece_bytes)
+    want = torch.nn.grad.conv2d_input(x_shape, torch.tensor(w), torch.tensor(g), **kw)
+    _close(got, want, 1e-10)
