@@ -239,14 +239,18 @@ def test_a_ray_worker_keeps_no_object_store_pages_of_the_parameters_it_replaced(
 
 
 @pytest.mark.ray
-def test_a_replicated_value_goes_into_the_object_store_once_for_every_worker(ray_session, monkeypatch):
+@pytest.mark.parametrize("driver_socket", [False, True])
+def test_a_replicated_value_goes_into_the_object_store_once_for_every_worker(
+        ray_session, monkeypatch, driver_socket):
+    """By Ray calls, a replicated value is put in the object store once, not once per
+    worker; over the driver's socket channel (workers on its node) not at all."""
     from distgrad.scheduler import ray_gang
     puts, put = [], ray_gang.ray.put
     monkeypatch.setattr(ray_gang.ray, "put", lambda a: puts.append(a.nbytes) or put(a))
     w = np.random.default_rng(1).standard_normal((512, 512))      # 2 MB: beside the message
-    with dg.init(workers=2, backend="ray", timeout_s=30) as cluster:
+    with dg.init(workers=2, backend="ray", timeout_s=30, driver_socket=driver_socket) as cluster:
         W = cluster.replicate(dg.tensor(w))
         np.testing.assert_array_equal((W * 2).numpy(), w * 2)
-        assert puts == [w.nbytes]
+        assert puts == ([] if driver_socket else [w.nbytes])
         for a in replicas(cluster, W):
             np.testing.assert_array_equal(a, w)
