@@ -433,7 +433,9 @@ def _max_pool2d_tiles(xp, x, kernel_size, out_hw):
     cols = best[..., :ow * kw]
     out = cols[..., ::kw].copy()
     for j in range(1, kw):
-        xp.maximum(out, cols[..., j::kw], out=out)
+        # A contiguous copy of the strided operand first: numpy's maximum is ~2x slower
+        # with a strided input than the copy costs.
+        xp.maximum(out, xp.ascontiguousarray(cols[..., j::kw]), out=out)
     return out
 
 
