@@ -493,13 +493,18 @@ def _first_argmax(xp, views, want_max=True):
     """
     if len(views) == 1:
         return None, views[0]
-    idx = xp.greater(views[1], views[0])
-    if len(views) == 2 and not want_max:
-        return idx, None
-    # Contiguous copies first: numpy's maximum on two strided operands is slower than
-    # copying them and taking it on contiguous ones.
-    best = views[0].copy()                  # never x itself: maximum writes into it
-    xp.maximum(best, xp.ascontiguousarray(views[1]), out=best)
+    if not want_max:
+        idx = xp.greater(views[1], views[0])
+        if len(views) == 2:
+            return idx, None
+        best = xp.maximum(views[0], views[1])
+    else:
+        # Contiguous copies first: numpy's greater and maximum on strided operands are
+        # slower than copying them once and working on contiguous ones.
+        best = views[0].copy()              # never x itself: maximum writes into it
+        second = xp.ascontiguousarray(views[1])
+        idx = xp.greater(second, best)
+        xp.maximum(best, second, out=best)
     for k in range(2, len(views)):
         upd = xp.greater(views[k], best)
         idx = xp.where(upd, np.int8(k), idx.astype(np.int8, copy=False))
