@@ -530,7 +530,7 @@ def _max_pool2d_grad_tiles(xp, g, x, kernel_size, out_hw):
 
     The first maximum in row-major order is found separably: in each tile row, the
     first column holding the row's maximum; then the first tile row whose maximum is
-    the tile's. Both are strict ``>`` scans over strided views (ties keep the earlier
+    the tile's. Both are strict ``>`` scans (ties keep the earlier
     offset, as PyTorch does), and g is routed to the row, then to the column. No
     recomputed forward and no per-offset equality masks: at LeNet's 2x2 pools, 9
     array ops instead of 20. (A tile holding a NaN routes g as the scans' comparisons
