@@ -18,7 +18,10 @@ Example::
     reader.feed(b"".join(bytes(b) for b in buffers))
     message, side = reader.next_frame()
 """
+import hashlib
+import hmac
 import math
+import secrets
 import struct
 
 import msgpack
@@ -35,8 +38,52 @@ MAX_DESCRIPTOR_BYTES = 1 << 10
 MAX_ARRAY_BYTES = 1 << 40
 
 
+HELLO = b"distgrad-channel-v1"
+NONCE_BYTES = 32
+
+
 class FrameError(ValueError):
     """Bytes on a channel that are not a valid frame (the stream cannot be trusted after)."""
+
+
+class HelloError(ConnectionError):
+    """The other end of a channel did not prove it holds the channel's token."""
+
+
+def _proof(token, role, first, second):
+    return hmac.new(token, b"|".join([HELLO, role, first, second]), hashlib.sha256).digest()
+
+
+def _recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        more = sock.recv(n - len(buf))
+        if not more:
+            raise HelloError("the channel closed during its hello")
+        buf += more
+    return buf
+
+
+def hello_server(sock, token):
+    """The worker's side of a channel's challenge-response hello: both ends prove they
+    hold ``token`` with an HMAC over both fresh nonces (roles differ, so a proof cannot be
+    reflected; nonces are fresh, so a recorded hello cannot be replayed); the token never
+    crosses the wire. Raises ``HelloError``. Example: ``hello_server(conn, token)``."""
+    mine = secrets.token_bytes(NONCE_BYTES)
+    sock.sendall(mine)
+    theirs = _recv_exact(sock, NONCE_BYTES)
+    if not hmac.compare_digest(_recv_exact(sock, 32), _proof(token, b"driver", mine, theirs)):
+        raise HelloError("the driver's proof of the channel token is wrong")
+    sock.sendall(_proof(token, b"worker", theirs, mine))
+
+
+def hello_client(sock, token):
+    """The driver's side of :func:`hello_server`. Example: ``hello_client(sock, token)``."""
+    theirs = _recv_exact(sock, NONCE_BYTES)
+    mine = secrets.token_bytes(NONCE_BYTES)
+    sock.sendall(mine + _proof(token, b"driver", theirs, mine))
+    if not hmac.compare_digest(_recv_exact(sock, 32), _proof(token, b"worker", mine, theirs)):
+        raise HelloError("the worker's proof of the channel token is wrong")
 
 
 def frame_buffers(message, side=()):

@@ -101,13 +101,13 @@ def _putter():
     return put
 
 
-def _open_channel(actor, rank, timeout_s, start_timeout_s):
-    """A socket channel to ``actor`` (on this node), or None if it cannot open one: its
-    programs then go by Ray calls, slower but the same."""
+def _open_channel(actor, rank, tcp, timeout_s, start_timeout_s):
+    """A socket channel to ``actor`` (TCP if ``tcp``: it runs on another node), or None if
+    it cannot open one: its programs then go by Ray calls, slower but the same."""
     token = secrets.token_bytes(32)
     try:
-        path = ray.get(actor.open_channel.remote(token), timeout=start_timeout_s)
-        return SocketChannel(path, token, rank, timeout_s)
+        address = ray.get(actor.open_channel.remote(token, tcp), timeout=start_timeout_s)
+        return SocketChannel(address, token, rank, timeout_s)
     except Exception as e:
         log.warning("worker %d: no direct channel (%s: %s); programs go by Ray calls",
                     rank, type(e).__name__, e)
@@ -157,8 +157,8 @@ class RayGang:
                  num_cpus_per_worker=1, collective=None, strategy="PACK", place_timeout_s=None,
                  compress=None, log_to_driver=True, driver_socket=True):
         self.timeout_s = timeout_s
-        # Programs to CPU workers on the driver's own node go over a Unix socket
-        # (scheduler.socket_channel), not one Ray call each; False: always Ray calls.
+        # Programs to CPU workers go over a socket (scheduler.socket_channel: Unix on the
+        # driver's node, TCP to others), not one Ray call each; False: always Ray calls.
         self.driver_socket = driver_socket
         self.compress = compress
         self.device, self.bucket_cap_mb = device, bucket_cap_mb
@@ -268,14 +268,16 @@ class RayGang:
 
     # ------------------------------------------------------------------ direct channels
     def _open_channels(self):
-        """A socket channel to each CPU worker on this node that lacks one (a worker that
-        cannot open one keeps Ray calls: slower, not wrong)."""
+        """A socket channel to each CPU worker that lacks one: a Unix socket on this node,
+        TCP to the others (a worker that cannot open one keeps Ray calls: slower, not
+        wrong)."""
         if not self.driver_socket or self.device != "cpu":
             return
         here = ray.get_runtime_context().get_node_id()
         for r, actor in enumerate(self.actors):
-            if self.channels[r] is None and self.nodes[r] == here:
-                self.channels[r] = _open_channel(actor, r, self.timeout_s, self.start_timeout_s)
+            if self.channels[r] is None:
+                self.channels[r] = _open_channel(actor, r, self.nodes[r] != here, self.timeout_s,
+                                                 self.start_timeout_s)
 
     def _close_channel(self, rank):
         if rank < len(self.channels) and self.channels[rank] is not None:

@@ -1,15 +1,15 @@
-"""The driver's end of a direct channel to a worker on its own machine (a Unix socket).
+"""The driver's end of a direct channel to a worker (a Unix socket on the driver's own
+machine, TCP to another).
 
-``RayGang`` sends programs to a worker that runs on the driver's node through one of
-these instead of an actor call (see ``workers.socket_channel`` for why and for the
-worker's end). Messages keep their order; each ``post`` returns a :class:`Ticket` that
+``RayGang`` sends programs to a CPU worker through one of these instead of an actor
+call (see ``workers.socket_channel`` for why and for the worker's end). Messages keep their order; each ``post`` returns a :class:`Ticket` that
 ``wait_all`` fills in. A worker whose process ends closes its socket, so its death is
 seen at once; one that does not answer by the deadline is reported as hung, as a Ray
 call would be.
 
 Example::
 
-    ch = SocketChannel(path, token, rank=0, timeout_s=60)
+    ch = SocketChannel(address, token, rank=0, timeout_s=60)
     ticket = ch.post(data, side)
     wait_all([ticket], time.time() + 60, "its program")
     data, side = ticket.reply
@@ -20,7 +20,7 @@ import time
 import weakref
 
 from distgrad._interrupt import atomic
-from distgrad.framing import FrameError, FrameReader, send_frame
+from distgrad.framing import FrameError, FrameReader, hello_client, send_frame
 
 from .errors import WorkerError, WorkerTimeoutError
 
@@ -39,17 +39,20 @@ class Ticket:
 
 
 class SocketChannel:
-    """A connected, authenticated channel to worker ``rank``."""
+    """A connected, authenticated channel to worker ``rank`` at ``address`` (a Unix
+    socket's path, or ``[host, port]``)."""
 
-    def __init__(self, path, token, rank, timeout_s):
+    def __init__(self, address, token, rank, timeout_s):
         self.rank, self.timeout_s = rank, timeout_s
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix = isinstance(address, str)
+        self.kind = "unix" if unix else "tcp"
+        self.sock = socket.socket(socket.AF_UNIX if unix else socket.AF_INET, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(HELLO_TIMEOUT_S)
-            self.sock.connect(path)
-            self.sock.sendall(token)
-            if self.sock.recv(2) != b"OK":
-                raise ConnectionError(f"worker {rank} refused the channel")
+            self.sock.connect(address if unix else tuple(address))
+            if not unix:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello_client(self.sock, token)
         except BaseException:
             self.sock.close()
             raise

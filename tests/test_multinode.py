@@ -18,6 +18,7 @@ def test_node_removed_mid_run_recovers_exactly():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     collective, nodes = lines["collective"].split()
     assert collective == "hierarchical" and nodes == "2"      # workers really on two nodes
+    assert lines["channels"] == "tcp tcp"     # the driver's node has no worker: TCP channels
     recoveries, world = map(int, lines["recoveries"].split())
     assert recoveries >= 1 and world in (1, 2)
     assert lines["removed"] == "1"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distgrad.errors import WorkerError, WorkerTimeoutError
-from distgrad.framing import HEADER, MAGIC, FrameError, FrameReader, frame_buffers
+from distgrad.framing import HEADER, MAGIC, FrameError, FrameReader, HelloError, frame_buffers
 from distgrad.scheduler.socket_channel import SocketChannel, drain, wait_all
 from distgrad.workers.socket_channel import SocketChannelServer
 
@@ -83,10 +83,10 @@ def test_a_truncated_frame_waits_for_the_rest():
     assert msg == b"abc" and np.array_equal(a, np.ones(10))
 
 
-@pytest.fixture
-def echo_pair():
+@pytest.fixture(params=["unix", "tcp"])
+def echo_pair(request):
     """A server that echoes (upper-cased) with its side arrays doubled, and a connected
-    driver end."""
+    driver end: over a Unix socket, and over TCP (a worker on another node)."""
     calls, gate = [], threading.Event()
     gate.set()
 
@@ -96,8 +96,8 @@ def echo_pair():
         return message.upper(), [a * 2 for a in side]
 
     token = secrets.token_bytes(32)
-    server = SocketChannelServer(token, handle)
-    ch = SocketChannel(server.path, token, rank=3, timeout_s=5)
+    server = SocketChannelServer(token, handle, "127.0.0.1" if request.param == "tcp" else None)
+    ch = SocketChannel(server.address, token, rank=3, timeout_s=5)
     yield server, ch, calls, gate
     gate.set()
     ch.close()
@@ -106,7 +106,8 @@ def echo_pair():
 
 def test_replies_come_back_in_order_and_unwaited_ones_are_dropped(echo_pair):
     server, ch, calls, _ = echo_pair
-    assert not os.path.exists(os.path.dirname(server.path))   # the name goes once connected
+    if isinstance(server.address, str):      # a Unix socket's name goes once the driver is in
+        assert not os.path.exists(os.path.dirname(server.address))
     ch.post(b"commit")                                       # posted, never waited on
     tickets = [ch.post(f"m{i}".encode(), [np.arange(i + 1.0)]) for i in range(5)]
     wait_all(tickets, time.time() + 10, "its program")
@@ -147,13 +148,14 @@ def test_a_worker_that_goes_away_is_reported_dead_at_once(echo_pair):
         wait_all([ch.post(b"y")], time.time() + 30, "its program")
 
 
-def test_a_connection_without_the_token_is_refused():
+@pytest.mark.parametrize("host", [None, "127.0.0.1"])
+def test_a_connection_without_the_token_is_refused(host):
     token = secrets.token_bytes(32)
-    server = SocketChannelServer(token, lambda m, s: (m, s))
+    server = SocketChannelServer(token, lambda m, s: (m, s), host)
     try:
-        with pytest.raises((ConnectionError, OSError)):
-            SocketChannel(server.path, secrets.token_bytes(32), rank=0, timeout_s=5)
-        ch = SocketChannel(server.path, token, rank=0, timeout_s=5)     # the driver still gets in
+        with pytest.raises(HelloError):
+            SocketChannel(server.address, secrets.token_bytes(32), rank=0, timeout_s=5)
+        ch = SocketChannel(server.address, token, rank=0, timeout_s=5)     # the driver still gets in
         t = ch.post(b"hello")
         wait_all([t], time.time() + 10, "its program")
         assert t.reply[0] == b"hello"

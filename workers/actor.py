@@ -104,15 +104,17 @@ class WorkerActor:
         finally:
             release_shared_pages(side)
 
-    def open_channel(self, token):
-        """Serve the driver's messages from a Unix socket (``workers.socket_channel``);
-        returns its path. Messages that come that way run on the channel's thread, in
-        order; the driver sends none by Ray calls while the channel is open."""
+    def open_channel(self, token, tcp=False):
+        """Serve the driver's messages from a socket (``workers.socket_channel``): a Unix
+        socket, or with ``tcp`` one on this node's address; returns the address. Messages
+        that come that way run on the channel's thread, in order; the driver sends none by
+        Ray calls while the channel is open."""
         from .socket_channel import SocketChannelServer
         if self.channel is not None:
             self.channel.close()
-        self.channel = SocketChannelServer(token, self.worker.execute)
-        return self.channel.path
+        self.channel = SocketChannelServer(token, self.worker.execute,
+                                           self.host_address() if tcp else None)
+        return self.channel.address
 
     def add_source(self, payload, obj, *side):
         """Register a data source (see ``Worker.add_source``)."""

@@ -1,22 +1,23 @@
-"""The worker's end of the driver's direct channel: programs over a Unix socket.
+"""The worker's end of the driver's direct channel: programs over a socket.
 
 A Ray actor call costs 1-2 ms each way on a loaded machine, and a training step that
-ends in ``loss.item()`` pays it twice while every worker waits. A worker on the driver's
-machine instead serves the driver's messages from a Unix socket on a thread of its own:
-the same ``execute`` as the Ray call, the same bytes (``distgrad.framing`` frames around
-them), tens of microseconds each way.
+ends in ``loss.item()`` pays it twice while every worker waits. A worker instead serves
+the driver's messages from a socket on a thread of its own: the same ``execute`` as the
+Ray call, the same bytes (``distgrad.framing`` frames around them), tens of
+microseconds each way. On the driver's machine the socket is a Unix socket in a
+directory only this user can enter (its name goes once the driver is in); elsewhere a
+TCP socket on the worker's node address.
 
-Only the driver that asked for it can connect: the socket lies in a directory only this
-user can enter, and the first bytes on a connection must be the 32-byte token the driver
-gave (through Ray) when it opened the channel; a connection that fails that is closed.
-The socket's name is removed as soon as the driver is in.
+Only the driver that asked for it gets in: it gave the worker a 32-byte token through
+Ray when it opened the channel, and a connection is served only after both ends proved
+they hold it (``framing.hello_server``: HMACs over fresh nonces; the token never crosses
+the wire). A connection that fails the hello is closed and the next one awaited.
 
 Example (inside the actor)::
 
-    server = SocketChannelServer(token, handle=lambda msg, side: actor.execute(msg, *side))
-    path = server.path            # the driver connects here (scheduler.socket_channel)
+    server = SocketChannelServer(token, handle=worker.execute)
+    server.address           # the driver connects here (scheduler.socket_channel)
 """
-import hmac
 import os
 import shutil
 import socket
@@ -24,26 +25,32 @@ import sys
 import tempfile
 import threading
 
-from distgrad.framing import FrameError, FrameReader, send_frame
+from distgrad.framing import FrameError, FrameReader, HelloError, hello_server, send_frame
 
 TOKEN_BYTES = 32
 HELLO_TIMEOUT_S = 10.0
-ACCEPT_TIMEOUT_S = 120.0     # the driver connects right after it is told the path
+ACCEPT_TIMEOUT_S = 120.0     # the driver connects right after it is told the address
 READ_BYTES = 1 << 20
 
 
 class SocketChannelServer:
     """Accepts the driver's connection and runs ``handle(message, side) -> (bytes, side)``
-    for each frame, in order, on one thread; replies go back in the same order."""
+    for each frame, in order, on one thread; replies go back in the same order.
+    ``host``: listen on TCP at that address; None: a Unix socket (``address`` its path)."""
 
-    def __init__(self, token, handle):
+    def __init__(self, token, handle, host=None):
         if not isinstance(token, bytes) or len(token) != TOKEN_BYTES:
             raise ValueError(f"channel token must be {TOKEN_BYTES} bytes")
         self._token, self._handle = token, handle
-        self._dir = tempfile.mkdtemp(prefix="distgrad-ch-")       # mode 0700
-        self.path = os.path.join(self._dir, "s")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.path)
+        self._dir = None
+        if host is None:
+            self._dir = tempfile.mkdtemp(prefix="distgrad-ch-")       # mode 0700
+            self.address = os.path.join(self._dir, "s")
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(self.address)
+        else:
+            self._listener = socket.create_server((host, 0))
+            self.address = [host, self._listener.getsockname()[1]]
         self._listener.listen(4)
         self._listener.settimeout(ACCEPT_TIMEOUT_S)
         self._conn = None
@@ -52,31 +59,27 @@ class SocketChannelServer:
         self._thread.start()
 
     def _remove_name(self):
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _accept(self):
-        """The driver's connection (token checked), or None when none came in time."""
+        """The driver's connection (its hello checked), or None when none came in time."""
         try:
             while True:
                 conn, _ = self._listener.accept()
                 conn.settimeout(HELLO_TIMEOUT_S)
                 try:
-                    got = b""
-                    while len(got) < TOKEN_BYTES:
-                        more = conn.recv(TOKEN_BYTES - len(got))
-                        if not more:
-                            break
-                        got += more
-                    if hmac.compare_digest(got, self._token):
-                        # the name goes before the driver hears it is in: no one else can come
-                        self._listener.close()
-                        self._remove_name()
-                        conn.settimeout(None)
-                        conn.sendall(b"OK")
-                        return conn
-                except OSError:
-                    pass
-                conn.close()
+                    hello_server(conn, self._token)
+                except (HelloError, OSError):
+                    conn.close()
+                    continue
+                # No one else can come: the listener goes before the driver starts sending.
+                self._listener.close()
+                self._remove_name()
+                conn.settimeout(None)
+                if conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return conn
         except OSError:               # timed out, or closed by close()
             return None
         finally:

@@ -28,6 +28,7 @@ def main():
     try:
         with dg.init(workers=2, backend="ray", timeout_s=10, strategy="SPREAD") as c:
             print("RESULT collective", c.gang.collective, len(set(c.gang.nodes)))
+            print("RESULT channels", " ".join(ch.kind if ch else "ray" for ch in c.gang.channels))
             victim_node = c.gang.nodes[1]
 
             def remove(i):
