@@ -40,9 +40,11 @@ opt = dg.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 fired = threading.Event()
 done = threading.Event()
+go = threading.Event()        # set inside the catching loop: no interrupt lands before it
 
 
 def interrupter():
+    go.wait()
     for _ in range(interrupts):
         time.sleep(rng.uniform(0.0, 0.004))
         fired.clear()
@@ -64,6 +66,7 @@ def step(idx):
 
 
 def train_until_done():
+    go.set()
     while not done.is_set():
         step(rng.integers(0, 512, 64))
         if rng.random() < 0.3:
