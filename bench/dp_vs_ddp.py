@@ -366,6 +366,9 @@ def main():
                              (_collective_wait(cluster) - usage[2]) / n)
                     phases, buckets, lag = _breakdown(cluster, since, starts)
                     links = _tcp_links([cluster.gang.pid(r) for r in range(workers)])
+                    programs = " and ".join(sorted({
+                        {"unix": "a Unix socket", "tcp": "TCP"}[ch.kind] if ch else "Ray calls"
+                        for ch in cluster.gang.channels}))
                 gloo_s, grad_bytes = ddp.allreduce(3 if args.quick else 5)
                 ddp_links = _tcp_links(ddp.pids)
             finally:
@@ -375,7 +378,8 @@ def main():
                                  f"({links[0]}) or the DDP processes ({ddp_links[0]}): no ratio")
             transport = (f"distgrad: {'/'.join(sorted(set(topo)))} collective on {where} Ray "
                          f"node(s), {links[0]} TCP connections between the workers "
-                         f"({', '.join(links[1]) or 'none'}); DDP: gloo, {ddp_links[0]} TCP "
+                         f"({', '.join(links[1]) or 'none'}), driver to workers over {programs}; "
+                         f"DDP: gloo, {ddp_links[0]} TCP "
                          f"connections between its processes ({', '.join(ddp_links[1]) or 'none'})"
                          + (", GLOO_SOCKET_IFNAME=lo" if ddp_env else ""))
             ratios = [t / o for o, t in zip(ours, theirs)]
