@@ -20,6 +20,7 @@ _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "workers", "__init__.py")) and _root not in __path__:
     __path__.append(_root)
 
+from . import heap as _heap
 from . import autograd  # noqa: F401  (dg.autograd)
 from .autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled  # noqa: F401
 from .autograd import no_grad as inference_mode  # noqa: F401  (no view/version tracking to skip)
@@ -30,6 +31,10 @@ from .random import Generator, manual_seed  # noqa: F401
 from .tensor import Size, Tensor, Variable, apply_op  # noqa: F401
 
 __version__ = "0.1.0"
+
+# Freed activations stay in the heap for the next step (glibc would hand them back and
+# fault them in again: twice the CPU of a training step; see distgrad/heap.py).
+_heap.keep_freed_heap_unless_told_not_to()
 
 float16, float32, float64 = np.float16, np.float32, np.float64
 half, float, double = np.float16, np.float32, np.float64

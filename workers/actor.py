@@ -1,7 +1,6 @@
 """The Ray actor around :class:`~distgrad.workers.worker.Worker` (``backend="ray"``)."""
 import numpy as np
 
-from .heap import keep_freed_heap
 from .shared_pages import release_shared_pages
 from .worker import Worker
 
@@ -12,7 +11,6 @@ class WorkerActor:
 
     def __init__(self, rank, world_size, device="cpu", bucket_cap_mb=25.0, timeout_s=60.0,
                  compress=None, blas_threads=None):
-        keep_freed_heap()
         if blas_threads:
             # numpy is loaded before the actor is made, so OMP_NUM_THREADS set now would come
             # too late: limit the loaded BLAS pools to this worker's CPU share instead (N
