@@ -7,6 +7,7 @@ to restore is decided by the driver (``distgrad.scheduler.recovery``).
 import logging
 import os
 import secrets
+import shutil
 import time
 import uuid
 
@@ -104,11 +105,14 @@ def _putter():
 def _open_channel(actor, rank, tcp, timeout_s, start_timeout_s):
     """A socket channel to ``actor`` (TCP if ``tcp``: it runs on another node), or None if
     it cannot open one: its programs then go by Ray calls, slower but the same."""
-    token = secrets.token_bytes(32)
+    token, address = secrets.token_bytes(32), None
     try:
         address = ray.get(actor.open_channel.remote(token, tcp), timeout=start_timeout_s)
         return SocketChannel(address, token, rank, timeout_s)
     except Exception as e:
+        if isinstance(address, str) and os.path.basename(os.path.dirname(address)).startswith(
+                "distgrad-ch-"):
+            shutil.rmtree(os.path.dirname(address), ignore_errors=True)   # a name left behind
         log.warning("worker %d: no direct channel (%s: %s); programs go by Ray calls",
                     rank, type(e).__name__, e)
         return None
