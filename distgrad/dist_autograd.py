@@ -26,7 +26,6 @@ Example::
 """
 import math
 
-import numpy as np
 
 from . import engine, placement as pl
 from .autograd.function import run_forward

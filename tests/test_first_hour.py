@@ -2,7 +2,6 @@
 version and output, fast and clear failures, one-time warnings, Ctrl-C, thread settings
 and the bench command (from an installed wheel, without the source tree)."""
 import argparse
-import io
 import os
 import queue
 import re

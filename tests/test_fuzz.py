@@ -19,7 +19,6 @@ is reported with its campaign, seed and case number, which replay it exactly.
 import io
 import os
 import random
-import struct
 import subprocess
 import sys
 import threading
