@@ -26,7 +26,6 @@ Example::
 """
 import math
 
-
 from . import engine, placement as pl
 from .autograd.function import run_forward
 from .ops import get_op
