@@ -33,7 +33,7 @@ from .tensor import Size, Tensor, Variable, apply_op  # noqa: F401
 __version__ = "0.1.0"
 
 # Freed activations stay in the heap for the next step (glibc would hand them back and
-# fault them in again: twice the CPU of a training step; see distgrad/heap.py).
+# fault them in again: 10-15% of a training step; see distgrad/heap.py).
 _heap.keep_freed_heap_unless_told_not_to()
 
 float16, float32, float64 = np.float16, np.float32, np.float64

@@ -2,10 +2,12 @@
 step does not fault the same pages in again.
 
 Set when distgrad is imported (in the user's process and in every worker), unless the
-environment says ``DISTGRAD_KEEP_FREED_HEAP=0``. Measured on LeNet at 128 rows, one
-thread: 53-67 ms of CPU per training step without it, 27 ms with it (PyTorch: 29-32 ms,
-unchanged by it); the MLP 784-1024-1024-10 at 256 rows: 136-184 ms against 77-80 ms.
-The price: up to 64 MiB of freed heap stays with the process for reuse.
+environment says ``DISTGRAD_KEEP_FREED_HEAP=0``. Measured in one process at load < 1.5
+(BLAS and torch threads limited alike; wall ms per training step, without -> with):
+LeNet at 128 rows 27.2 -> 24.5 (one thread), 24.9 -> 21.3 (two); the MLP
+784-1024-1024-10 at 256 rows 75.0 -> 74.9 (one), 42.2 -> 38.1 (two). In a Ray worker
+(where every other process competes for the cores) it was a quarter of a LeNet step's
+CPU. The price: up to 64 MiB of freed heap stays with the process for reuse.
 """
 import ctypes
 import os
