@@ -64,16 +64,19 @@ def _recv_exact(sock, n):
     return buf
 
 
-def hello_server(sock, token):
+def hello_server(sock, token, accepted=None):
     """The worker's side of a channel's challenge-response hello: both ends prove they
     hold ``token`` with an HMAC over both fresh nonces (roles differ, so a proof cannot be
     reflected; nonces are fresh, so a recorded hello cannot be replayed); the token never
-    crosses the wire. Raises ``HelloError``. Example: ``hello_server(conn, token)``."""
+    crosses the wire. ``accepted()`` runs once the driver's proof checked out, before the
+    worker's goes back. Raises ``HelloError``. Example: ``hello_server(conn, token)``."""
     mine = secrets.token_bytes(NONCE_BYTES)
     sock.sendall(mine)
     theirs = _recv_exact(sock, NONCE_BYTES)
     if not hmac.compare_digest(_recv_exact(sock, 32), _proof(token, b"driver", mine, theirs)):
         raise HelloError("the driver's proof of the channel token is wrong")
+    if accepted is not None:
+        accepted()
     sock.sendall(_proof(token, b"worker", theirs, mine))
 
 
@@ -170,7 +173,10 @@ class FrameReader:
             a = np.frombuffer(buf, dtype, math.prod(shape), start).reshape(shape).copy()
             a.flags.writeable = False     # as an array from Ray's object store: copy on write
             side.append(a)
-        del buf[:at]
+        # A fresh buffer for what follows (at most the start of the next frame): deleting
+        # from the front would keep the capacity of the biggest frame ever read (a
+        # replicated model's 200 MB) allocated for as long as the channel lives.
+        self.buf = bytearray(buf[at:]) if len(buf) > at else bytearray()
         return message, side
 
 

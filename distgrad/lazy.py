@@ -612,6 +612,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         return self.emit(op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs, into)
 
     @atomic
+    @atomic
     def record_inplace(self, target, op, others, attrs):
         """``target.<op>_(*others, **attrs)`` with grad recording off, on a distributed
         ``target`` (an optimizer's update, issue 13): what ``Tensor._inplace`` records

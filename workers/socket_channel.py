@@ -62,6 +62,10 @@ class SocketChannelServer:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
+    def _stop_listening(self):
+        self._listener.close()
+        self._remove_name()
+
     def _accept(self):
         """The driver's connection (its hello checked), or None when none came in time."""
         try:
@@ -69,13 +73,12 @@ class SocketChannelServer:
                 conn, _ = self._listener.accept()
                 conn.settimeout(HELLO_TIMEOUT_S)
                 try:
-                    hello_server(conn, self._token)
+                    # No one else can come once the driver is in: the listener and its name
+                    # go before the driver hears so.
+                    hello_server(conn, self._token, accepted=self._stop_listening)
                 except (HelloError, OSError):
                     conn.close()
                     continue
-                # No one else can come: the listener goes before the driver starts sending.
-                self._listener.close()
-                self._remove_name()
                 conn.settimeout(None)
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -83,8 +86,7 @@ class SocketChannelServer:
         except OSError:               # timed out, or closed by close()
             return None
         finally:
-            self._listener.close()
-            self._remove_name()
+            self._stop_listening()
 
     def _serve(self):
         conn = self._accept()
