@@ -80,7 +80,10 @@ def encode(obj, side=None):
         if hasattr(o, "__array__") and hasattr(o, "shape"):      # cupy arrays: sent as host data
             return default(np.asarray(o.get() if hasattr(o, "get") else o))
         raise TypeError(f"cannot encode {type(o).__name__} in a program")
-    return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+    try:
+        return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+    finally:
+        default = None   # it holds itself and ``side``: no cycle left behind
 
 
 def _array_from(payload):
@@ -166,6 +169,11 @@ def decode(data, side=(), max_bytes=MAX_MESSAGE_BYTES):
         raise
     except Exception as e:         # msgpack raises several types for malformed input
         raise ProgramError(f"malformed message: {type(e).__name__}: {e}") from None
+    finally:
+        # hook and nested hold each other (closure cells): a reference cycle that kept
+        # ``side`` (a message's big arrays: a model's parameters, a batch) alive until the
+        # cyclic collector ran, 200 MB of a worker's resident memory at times.
+        hook = nested = None
     if _checks.too_deep(out, MAX_DEPTH):
         raise ProgramError(f"message nests deeper than {MAX_DEPTH} levels")
     return out

@@ -162,3 +162,27 @@ def test_object_dtype_in_a_crafted_file_is_rejected(tmp_path):
     (tmp_path / "evil.dgt").write_bytes(blob)
     with pytest.raises(SerializationError, match="dtype '|O' is not allowed"):
         dg.load(tmp_path / "evil.dgt")
+
+
+def test_decoding_a_message_leaves_no_cycle_holding_its_side_arrays():
+    """The side arrays of a decoded message (a model's parameters, a batch) go as soon as
+    nothing references them, not when the cyclic collector happens to run."""
+    import gc
+    import weakref
+    from distgrad import program as prog
+
+    def decode_and_drop():
+        big = np.ones(300_000)                   # beside the message (over the inline limit)
+        side = []
+        data = prog.encode({"v": 1, "x": big, "t": (1, 2)}, side)
+        msg = prog.decode(data, side)
+        same = len(side) == 1 and msg["x"] is big
+        return weakref.ref(big), same            # big, side, msg: dropped on return
+
+    gc.disable()
+    try:
+        ref, same = decode_and_drop()
+        alive = ref() is not None
+    finally:
+        gc.enable()
+    assert same and not alive
