@@ -15,6 +15,7 @@ Example::
     y.item()                                          # a sync point: the program runs
 """
 import contextlib
+import gc
 import itertools
 import weakref
 
@@ -124,8 +125,17 @@ class LiveTable:
         return len(self.items())
 
     def items(self):
-        return [(vid, store) for vid, store in ((v, r()) for v, r in list(self.refs.items()))
-                if store is not None]
+        # The snapshot is taken with the cyclic collector off: building it allocates, an
+        # allocation may run the collector, and a storage it frees pops itself from
+        # ``refs`` (__del__) in the middle ("dictionary changed size during iteration").
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            refs = list(self.refs.items())
+        finally:
+            if enabled:
+                gc.enable()
+        return [(vid, store) for vid, store in ((v, r()) for v, r in refs) if store is not None]
 
     def values(self):
         return [store for _, store in self.items()]

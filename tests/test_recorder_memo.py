@@ -87,3 +87,26 @@ def test_live_table_forgets_dropped_values(cluster):
     del y
     assert live.get(vid) is None and vid not in live
     assert all(v != vid for v, _ in live.items())
+
+
+def test_live_table_reads_survive_a_collection_that_frees_storages(cluster):
+    """A collection that runs while the table is read (any allocation may start one) frees
+    storages held only by reference cycles; their __del__ takes them out of the table, and
+    the read must not fail with "dictionary changed size during iteration"."""
+    import gc
+    x = cluster.shard(np.ones((6, 2), np.float32))
+
+    class Cycle:
+        pass
+    for t in [x * 3.0 for _ in range(200)]:
+        o = Cycle()
+        o.me, o.t = o, t                 # each storage reachable only through a cycle
+    del t, o
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)                  # a collection at nearly every allocation
+    try:
+        for _ in range(20):
+            cluster.recorder.live.items()
+    finally:
+        gc.set_threshold(*threshold)
+    assert x.store.vid in cluster.recorder.live
