@@ -129,7 +129,6 @@ class FrameReader:
 
     def __init__(self):
         self.buf = bytearray()
-        self._need = None            # (message length, side count), once the header is read
 
     def feed(self, data):
         self.buf += data
@@ -176,7 +175,7 @@ class FrameReader:
         # A fresh buffer for what follows (at most the start of the next frame): deleting
         # from the front would keep the capacity of the biggest frame ever read (a
         # replicated model's 200 MB) allocated for as long as the channel lives.
-        self.buf = bytearray(buf[at:]) if len(buf) > at else bytearray()
+        self.buf = buf[at:]      # (a bytearray's slice is a new bytearray)
         return message, side
 
 

@@ -2,10 +2,10 @@
 machine, TCP to another).
 
 ``RayGang`` sends programs to a CPU worker through one of these instead of an actor
-call (see ``workers.socket_channel`` for why and for the worker's end). Messages keep their order; each ``post`` returns a :class:`Ticket` that
-``wait_all`` fills in. A worker whose process ends closes its socket, so its death is
-seen at once; one that does not answer by the deadline is reported as hung, as a Ray
-call would be.
+call (see ``workers.socket_channel`` for why and for the worker's end). Messages keep
+their order; each ``post`` returns a :class:`Ticket` that ``wait_all`` fills in. A
+worker whose process ends closes its socket, so its death is seen at once; one that
+does not answer by the deadline is reported as hung, as a Ray call would be.
 
 Example::
 
