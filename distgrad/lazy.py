@@ -636,6 +636,85 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         return target
 
     @atomic
+    def record_foreach_inplace(self, op, targets, others, attrs):
+        """``t.<op>_(*o, **attrs)`` for each ``t, o`` of ``targets, others``, as one
+        ``foreach`` instruction (PyTorch's ``_foreach_`` updates): what
+        :meth:`record_inplace` records for each pair, where every result keeps its
+        target's placement, shape and dtype, so each write needs nothing but the result
+        (issue 13: an optimizer's step was two instructions per parameter, recorded
+        while the workers waited). Returns False, recording nothing, where a pair needs
+        more (grad recording on, an input of another cluster or lost, a Partial one, a
+        result placed otherwise): the caller then records each pair by itself.
+
+        Example: ``rec.record_foreach_inplace(get_op("axpby"), bufs, [(g,) for g in grads],
+        {"a": 0.9, "b": 1.0})``."""
+        if engine.is_grad_enabled() or self.traced or self.cluster.closed or not op.inplace:
+            return False
+        rec = self.rec
+        slot_of, groups, sigs = rec.slot_of, [], [op]
+        for t, os in zip(targets, others):
+            args = []
+            for x in (t, *os):
+                if not isinstance(x, Tensor):
+                    if type(x) is float or not isinstance(x, (int, bool, type(None))):
+                        return False      # a tensor operand's slot, or an int constant
+                    args.append(["c", x])
+                    sigs.append((type(x), x))
+                    continue
+                store = x.store
+                if not store.lazy or store.cluster is not self.cluster or store.vid in self.lost:
+                    return False
+                slot = slot_of.get(store.vid)
+                args.append(["s", slot if slot is not None else -1 - store.vid])
+                sigs.append(store.sig if store.sig_for is store.placement else self.sig(store))
+            groups.append(args)
+            sigs.append(None)             # where one pair's inputs end
+        floats = {k: v for k, v in attrs.items() if type(v) is float}
+        static = {k: v for k, v in attrs.items() if type(v) is not float}
+        key = ("foreach", tuple(sigs), tuple(floats), tuple(static.items()))
+        try:
+            fits = self._out_cache.get(key)
+        except TypeError:                 # an unhashable attr
+            return False
+        if fits is None:
+            fits = self._out_cache[key] = self._foreach_fits(op, targets, others, attrs)
+        if not fits:
+            return False
+        for args in groups:               # the slots of values not yet in this program
+            for a in args:
+                if a[0] == "s" and a[1] < 0:
+                    a[1] = rec.ref(-1 - a[1])
+        rec.instrs.append(["foreach", op.name, groups, static,
+                           {k: rec.add_scalar(v) for k, v in floats.items()}])
+        for t in targets:
+            t.store.version += 1
+        return True
+
+    def _foreach_fits(self, op, targets, others, attrs):
+        """Whether :meth:`record_foreach_inplace` may record these pairs as one
+        instruction: each result keeps its target's placement, global shape and dtype,
+        and no input is Partial (which would need an all-reduce first)."""
+        for t, os in zip(targets, others):
+            inputs = (t, *os)
+            stores = [x.store if isinstance(x, Tensor) else x for x in inputs]
+            placements = [s.placement if isinstance(x, Tensor) else None
+                          for x, s in zip(inputs, stores)]
+            if any(isinstance(p, Partial) for p in placements):
+                return False
+            shapes = [s.shape if isinstance(x, Tensor) else None for x, s in zip(inputs, stores)]
+            args = [["s", 0] if isinstance(x, Tensor) else ["c", x] for x in inputs]
+            try:
+                out_p, shape, dtype, *_ = self._work_out(op, args, placements, shapes, stores,
+                                                         attrs, None)
+            except (RuntimeError, ValueError, TypeError, PlacementError):
+                return False              # the pair's own path raises its error
+            target = stores[0]
+            if not (shape == target.shape and dtype == target.dtype and
+                    (out_p is target.placement or out_p == target.placement)):
+                return False
+        return True
+
+    @atomic
     def record_assign(self, target, result):
         """In-place write of ``result`` into the distributed value ``target``."""
         if self.cluster.closed:

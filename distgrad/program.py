@@ -10,6 +10,8 @@ records from ops on distributed values and what every worker runs. Instructions:
     ["put", slot, input_index, requires_grad]           a new value from the message's arrays
     ["update", slot, input_index]                       new data for an existing value
     ["assign", target_slot, source_slot]                in-place write (optimizer steps)
+    ["foreach", name, [args, ...], attrs, {attr: scalar_index}]
+                                                        op(*args) into args[0]'s slot, for each
     ["detach", source_slot, out_slot, requires_grad]    the value without its history
     ["backward", roots, seeds, root_placements, retain, leaves, create_graph, hooks]
                                                         leaves: [[leaf, prev_grad, new_grad,
@@ -222,6 +224,12 @@ class _Checker:
 
 def _check_op(ins, c, where):
     name, args, attrs, out = ins[1:5]
+    _check_op_call(name, args, attrs, ins[6] if len(ins) > 6 else {}, c, where)
+    c.define(out, where)
+
+
+def _check_op_call(name, args, attrs, floats, c, where):
+    """An op's name, arguments, attrs and float attrs (name -> index of a message scalar)."""
     if not isinstance(name, str) or name not in OPS:
         raise ProgramError(f"{where}: unknown op {name!r}")
     if not isinstance(args, list) or not isinstance(attrs, dict):
@@ -235,12 +243,20 @@ def _check_op(ins, c, where):
             c.slot(a[1], where)
         elif a[0] == "k":
             c.index(a[1], where, "scalar index")
-    if len(ins) > 6:                  # float attrs: name -> index of a message scalar
-        if not (isinstance(ins[6], dict) and all(isinstance(k, str) for k in ins[6])):
-            raise ProgramError(f"{where}: scalar attrs must map names to indices")
-        for i in ins[6].values():
-            c.index(i, where, "scalar index")
-    c.define(out, where)
+    if not (isinstance(floats, dict) and all(isinstance(k, str) for k in floats)):
+        raise ProgramError(f"{where}: scalar attrs must map names to indices")
+    for i in floats.values():
+        c.index(i, where, "scalar index")
+
+
+def _check_foreach(ins, c, where):
+    _, name, groups, attrs, floats = ins
+    if not _list(groups, where, "argument lists"):
+        raise ProgramError(f"{where}: a foreach names at least one argument list")
+    for args in groups:
+        _check_op_call(name, args, attrs, floats, c, where)
+        if not (args and args[0][0] == "s"):
+            raise ProgramError(f"{where}: each argument list starts with the slot written")
 
 
 def _check_put(ins, c, where):
@@ -380,6 +396,7 @@ INSTRUCTIONS = {
     "put": (4, _check_put),
     "update": (3, _check_update),
     "assign": (3, _check_assign),
+    "foreach": (5, _check_foreach),
     "fetch": (2, _check_fetch),
     "backward": (8, _check_backward),
     "grad": (9, _check_grad),
@@ -409,7 +426,7 @@ def _check_instructions(instrs, c, table, prefix=""):
         if len(ins) != arity and not (kind == "op" and len(ins) == arity + 1):
             raise ProgramError(f"{prefix}instruction {n} ({kind}): expected {arity} fields, "
                                f"got {len(ins)}")
-        named = kind in ("op", "custom") and isinstance(ins[1], str)
+        named = kind in ("op", "custom", "foreach") and isinstance(ins[1], str)
         c.n = n
         check(ins, c, f"{prefix}instruction {n} ({kind}{' ' + ins[1][:40] if named else ''})")
 

@@ -499,8 +499,13 @@ def test_validate_raises_only_program_error(structure):
     except ProgramError:
         return
     # accepted: then it is well formed, and a worker allocates at most what it names
-    assert structure["nslots"] <= 1 + len(structure["ext"]) + sum(len(i) * 4 for i in
+    assert structure["nslots"] <= 1 + len(structure["ext"]) + sum(_leaves(i) for i in
                                                                      structure["instrs"])
+
+
+def _leaves(value):
+    """How many scalars a nested list holds: a bound on the slots an instruction names."""
+    return sum(map(_leaves, value)) if isinstance(value, list) else 1
 
 
 @HYPO
@@ -607,6 +612,16 @@ def test_nested_tuples_within_the_limit_still_load(tmp_path):
      "bad input index"),
     ({"instrs": [["op", "add", [], {1: 2}, 0, True]], "nslots": 1, "ext": [], "keep": []},
      "attribute names"),
+    ({"instrs": [["foreach", "axpby", [], {}, {}]], "nslots": 1, "ext": [0], "keep": []},
+     "at least one argument list"),
+    ({"instrs": [["foreach", "axpby", [[["c", 1.0], ["s", 0]]], {}, {}]], "nslots": 1,
+      "ext": [0], "keep": []}, "starts with the slot written"),
+    ({"instrs": [["foreach", "no_such_op", [[["s", 0]]], {}, {}]], "nslots": 1, "ext": [0],
+      "keep": []}, "unknown op"),
+    ({"instrs": [["foreach", "axpby", [[["s", 0], ["s", 1]]], {}, {"a": -1}]], "nslots": 2,
+      "ext": [0, 1], "keep": []}, "bad scalar index"),
+    ({"instrs": [["foreach", "axpby", [[["s", 0], ["s", 3]]], {}, {}]], "nslots": 2,
+      "ext": [0, 1], "keep": []}, "out of range"),
 ])
 def test_validate_reports_malformed_structures_as_program_errors(structure, match):
     with pytest.raises(ProgramError, match=match):

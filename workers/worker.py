@@ -257,10 +257,7 @@ class Worker(AutogradSteps):  # long: the instruction interpreter, one short met
         kind = ins[0]
         if kind == "op":
             name, args, attrs, out, grad_enabled = ins[1:6]
-            vals = [env[a[1]] if a[0] == "s" else scalars[a[1]] if a[0] == "k" else a[1]
-                    for a in args]
-            if len(ins) > 6:               # float attrs travel as message scalars
-                attrs = dict(attrs, **{k: scalars[i] for k, i in ins[6].items()})
+            vals, attrs = _call(args, attrs, ins[6] if len(ins) > 6 else None, env, scalars)
             if traced:
                 env[out] = apply_op(name, *vals, **attrs)
                 return
@@ -284,17 +281,9 @@ class Worker(AutogradSteps):  # long: the instruction interpreter, one short met
             t.store.version += 1
         elif kind == "assign":
             _, target, src = ins
-            t, v = env[target], env[src]
-            if src in dying and _can_take(t, v):
-                # An optimizer update: the fresh result becomes the value and the undo log
-                # keeps the old array (until the commit), so the step costs no copy at all.
-                self.undo.write(t, copy=False)
-                t.store.array = v.store.array
-                t.store.version += 1
-                return
-            self.undo.write(t)
-            with engine.no_grad() if not v.requires_grad else contextlib.nullcontext():
-                t.overwrite(v, "assign")
+            self._write(env[target], env[src], src in dying)
+        elif kind == "foreach":
+            self._foreach(ins, env, scalars)
         elif kind == "fetch":
             v = env[ins[1]]
             fetched[ins[1]] = _backend.to_numpy(v.store.array if isinstance(v, Tensor) else v)
@@ -322,6 +311,33 @@ class Worker(AutogradSteps):  # long: the instruction interpreter, one short met
             self._backward(ins, env, scalars)
         elif kind == "grad":
             self._grad(ins, env, scalars)
+
+    def _write(self, t, v, fresh):
+        """The in-place write of ``v`` into ``t`` (``fresh``: no later instruction reads ``v``)."""
+        if fresh and _can_take(t, v):
+            # An optimizer update: the fresh result becomes the value and the undo log
+            # keeps the old array (until the commit), so the step costs no copy at all.
+            self.undo.write(t, copy=False)
+            t.store.array = v.store.array
+            t.store.version += 1
+            return
+        self.undo.write(t)
+        with engine.no_grad() if not v.requires_grad else contextlib.nullcontext():
+            t.overwrite(v, "assign")
+
+    def _foreach(self, ins, env, scalars):
+        """``["foreach", op, groups, attrs, floats]``: for each argument list of
+        ``groups``, the op (grad recording off) written into its first argument, as an
+        ``op`` then an ``assign`` of its result would be."""
+        _, name, groups, attrs, floats = ins
+        prev = engine.is_grad_enabled()
+        engine.set_grad_enabled(False)
+        try:
+            for args in groups:
+                vals, kw = _call(args, attrs, floats, env, scalars)
+                self._write(vals[0], apply_op(name, *vals, **kw), True)
+        finally:
+            engine.set_grad_enabled(prev)
 
     # ------------------------------------------------------------------ data sources
     def add_source(self, payload, side=(), obj=None):
@@ -362,6 +378,15 @@ class Worker(AutogradSteps):  # long: the instruction interpreter, one short met
         for table in self.sources.values():
             table.close()
         self.sources.clear()
+
+
+def _call(args, attrs, floats, env, scalars):
+    """An op instruction's argument values and attrs: slots from ``env``, message scalars
+    (float operands, and the float attrs ``floats`` names) from ``scalars``."""
+    vals = [env[a[1]] if a[0] == "s" else scalars[a[1]] if a[0] == "k" else a[1] for a in args]
+    if floats:
+        attrs = dict(attrs, **{k: scalars[i] for k, i in floats.items()})
+    return vals, attrs
 
 
 def _can_take(t, v):
@@ -478,7 +503,7 @@ def _phase(ins):
     kind = ins[0]
     if kind == "op":
         return "forward" if ins[5] else "optimizer step"
-    if kind == "assign":
+    if kind in ("assign", "foreach"):
         return "optimizer step"
     return {"backward": "backward", "grad": "backward", "custom": "forward",
             "fetch": "fetch", "source": "data"}.get(kind, "inputs")

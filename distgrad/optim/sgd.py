@@ -1,5 +1,5 @@
 """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
-from .optimizer import Optimizer, axpby_, required
+from .optimizer import Optimizer, axpby_all_, required
 
 
 class SGD(Optimizer):
@@ -23,16 +23,21 @@ class SGD(Optimizer):
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize))
 
-    def _update(self, p, grad, state, group):
+    def _update_group(self, group, params, grads, states):
+        # PyTorch's multi-tensor SGD: each update for all parameters at once (one
+        # instruction on a cluster); every parameter's arithmetic is what a loop would do.
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        d_p = -grad if group["maximize"] else grad
-        if wd:
-            d_p = d_p.axpby(p.data, 1.0, wd)
+        d_ps = [-g if group["maximize"] else g for g in grads]
+        if wd:   # p itself, not p.data: grad recording is off here (no detach to record)
+            d_ps = [d_p.axpby(p, 1.0, wd) for d_p, p in zip(d_ps, params)]
         if momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = d_p.clone()
-            else:
-                axpby_(buf, d_p, momentum, 1 - group["dampening"])
-            d_p = d_p.axpby(buf, 1.0, momentum) if group["nesterov"] else buf
-        axpby_(p.data, d_p, 1.0, -lr)
+            bufs = [state.get("momentum_buffer") for state in states]
+            old = [i for i, buf in enumerate(bufs) if buf is not None]
+            axpby_all_([bufs[i] for i in old], [d_ps[i] for i in old], momentum,
+                       1 - group["dampening"])
+            for i, state in enumerate(states):
+                if bufs[i] is None:      # the buffer starts as the first gradient
+                    bufs[i] = state["momentum_buffer"] = d_ps[i].clone()
+            d_ps = ([d_p.axpby(buf, 1.0, momentum) for d_p, buf in zip(d_ps, bufs)]
+                    if group["nesterov"] else bufs)
+        axpby_all_(params, d_ps, 1.0, -lr)

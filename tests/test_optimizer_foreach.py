@@ -1,0 +1,91 @@
+"""An optimizer step on a cluster's replicated parameters is the single-process step, bit
+for bit, now that SGD records each update for all parameters as one ``foreach``
+instruction (issue 13); where a pair does not fit one instruction the recorder says so
+and records nothing, and the update goes pair by pair."""
+import numpy as np
+import pytest
+
+import distgrad as dg
+from distgrad.ops import get_op
+from distgrad.optim.optimizer import axpby_all_
+
+CONFIGS = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.1, momentum=0.9, dampening=0.3),
+           dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-2),
+           dict(lr=0.1, momentum=0.5, maximize=True, weight_decay=0.1)]
+
+
+def _model():
+    dg.manual_seed(0)
+    return dg.nn.Sequential(dg.nn.Linear(5, 4), dg.nn.ReLU(), dg.nn.Linear(4, 3))
+
+
+def _steps(cluster, config, make_opt, steps=3):
+    """The same gradients fed to a local and a replicated model's optimizer for ``steps``
+    steps (at step 1 the first parameter has none: its momentum buffer starts later);
+    yields after each step the recorded instruction kinds, the local and the cluster's
+    parameters."""
+    local, remote = _model(), cluster.replicate(_model())
+    opt_local, opt_remote = make_opt(local.parameters(), config), make_opt(remote.parameters(), config)
+    for step in range(steps):
+        rng = np.random.default_rng(step)
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in local.parameters()]
+        if step == 1:
+            grads[0] = None
+        for p, q, g in zip(local.parameters(), remote.parameters(), grads):
+            p.grad = None if g is None else dg.tensor(g)
+            q.grad = None if g is None else cluster.replicate(dg.tensor(g))
+        cluster.sync()
+        opt_local.step()
+        opt_remote.step()
+        kinds = [ins[0] for ins in cluster.recorder.rec.instrs]
+        yield kinds, [p.detach().numpy() for p in local.parameters()], \
+            [cluster.gather(p).numpy() for p in remote.parameters()]
+
+
+def _sgd(params, config):
+    return dg.optim.SGD(params, **config)
+
+
+@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def cluster(request):
+    if request.param == "ray":
+        request.getfixturevalue("ray_session")
+    c = dg.init(workers=2, backend=request.param, timeout_s=60)
+    yield c
+    c.shutdown()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_sgd_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster, config):
+    for step, (kinds, mine, theirs) in enumerate(_steps(cluster, config, _sgd)):
+        # The parameters' update is one instruction; the buffers' too once they exist.
+        buffers = 1 if config.get("momentum") and step > 0 else 0
+        assert kinds.count("foreach") == 1 + buffers, kinds
+        assert "assign" not in kinds and "detach" not in kinds, kinds
+        for a, b in zip(mine, theirs):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_adam_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster):
+    adam = lambda params, config: dg.optim.Adam(params, **config)
+    for _, mine, theirs in _steps(cluster, dict(lr=0.01, weight_decay=0.1), adam):
+        for a, b in zip(mine, theirs):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_pairs_that_need_more_than_one_instruction_are_recorded_one_by_one(cluster):
+    x = cluster.shard(np.ones((4, 3), np.float32))
+    t = x * 1.0
+    partial = x.sum(0)                       # Partial: needs an all-reduce before the write
+    replicated = cluster.replicate(dg.ones(3))
+    axpby = get_op("axpby")
+    cluster.sync()
+    rec = cluster.recorder
+    with dg.no_grad():
+        assert not rec.record_foreach_inplace(axpby, [replicated], [(partial,)], {"a": 1.0, "b": 1.0})
+        assert not rec.record_foreach_inplace(axpby, [t], [(dg.ones(4, 3),)], {"a": 1.0, "b": 1.0})
+        assert rec.rec.instrs == [] and rec.rec.ext == [] and rec.rec.root.scalars == []
+        axpby_all_([replicated, t], [partial, x], 2.0, 1.0)      # pair by pair, exactly
+    assert rec.record_foreach_inplace(axpby, [t], [(x,)], {"a": 1.0, "b": 1.0}) is False  # grad on
+    np.testing.assert_array_equal(cluster.gather(replicated).numpy(), np.full(3, 6.0, np.float32))
+    np.testing.assert_array_equal(cluster.gather(t).numpy(), np.full((4, 3), 3.0, np.float32))
