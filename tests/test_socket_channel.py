@@ -139,10 +139,9 @@ def test_a_worker_that_goes_away_is_reported_dead_at_once(echo_pair):
     t = ch.post(b"x")
     server.close()                          # as a killed process's socket closes
     gate.set()
-    t0 = time.time()
     with pytest.raises(WorkerError, match="died during its program") as e:
         wait_all([t], time.time() + 30, "its program")
-    assert not isinstance(e.value, WorkerTimeoutError) and time.time() - t0 < 10
+    assert not isinstance(e.value, WorkerTimeoutError)     # seen as gone, not at the deadline
     # later messages fail the same way, without blocking
     with pytest.raises(WorkerError, match="died"):
         wait_all([ch.post(b"y")], time.time() + 30, "its program")
