@@ -428,7 +428,31 @@ CASES["cross_entropy"] = [
     Case(_ce_weighted, (2, 3, 2), C(3,)),
     Case(lambda m, x: m.nn.functional.cross_entropy(x * 1e4, m.tensor([1, 0]), reduction="sum"),
          (2, 3))]
+
+
+def _ce_total_weight(m, x):
+    """The loss op with a given divisor (total_weight: a sharded batch's global one)."""
+    t = m.tensor([[1, -100], [0, 2]])
+    if m is not dg:
+        return m.nn.functional.cross_entropy(x, t, reduction="sum") / 2.5
+    return x.apply("cross_entropy", t, None, dg.tensor(2.5, dtype=x.dtype), ignore_index=-100,
+                   reduction="mean")
+
+
+def _nll_total_weight(m, x, w):
+    """nll_loss with a given divisor and class weights."""
+    t, w = m.tensor([1, 0, 3]), w.detach() + 2
+    if m is not dg:
+        return m.nn.functional.nll_loss(x, t, w, reduction="sum") / 4.0
+    return x.apply("nll_loss", t, w, dg.tensor(4.0, dtype=x.dtype), ignore_index=-100,
+                   reduction="mean")
+
+
+CASES["cross_entropy"].append(Case(_ce_total_weight, (2, 3, 2)))
+CASES["nll_loss"].append(Case(_nll_total_weight, (3, 4), C(4)))
+CASES["nll_loss_grad"].append(Case(_grad_of(_nll_total_weight, 0), C(3, 4), C(4), ()))
 CASES["cross_entropy_grad"] = [
+    Case(_second_order(_ce_total_weight), (2, 3, 2), ()),
     Case(_second_order(lambda m, x: m.nn.functional.cross_entropy(x, m.tensor([1, 0, 3]))),
          (3, 4), ()),
     Case(_second_order(_ce_none), (3, 4), (3,)),
@@ -470,6 +494,14 @@ FORWARD_CASES = {
                lambda m, a, b: a.argmax(dim=-1, keepdim=True), lambda m, a, b: a.max(0)[1]],
     "argmin": [lambda m, a, b: a.argmin(), lambda m, a, b: b.argmin(0),
                lambda m, a, b: a.argmin(-2, keepdim=True), lambda m, a, b: a.min(dim=1).indices],
+    # The divisor of a 'mean' nll_loss: targets not ignored (a's signs), or their weights.
+    "nll_total_weight": [
+        lambda m, a, b: dg.apply_op("nll_total_weight", (a > 0).sum(1), ignore_index=2)
+        if m is dg else ((a > 0).sum(1) != 2).sum().double(),
+        lambda m, a, b: dg.apply_op("nll_total_weight", (a > 0).sum(1), (b * 4).floor() + 0.5,
+                                    ignore_index=4)
+        if m is dg else m.where((a > 0).sum(1) != 4, (b * 4).floor()[(a > 0).sum(1) % 4] + 0.5,
+                                0.0).sum()],
     # dg.full_like runs the op only for distributed values: call it directly here.
     "full_like": [lambda m, a, b: m.full_like(a, 2.5) if m is not dg
                   else dg.apply_op("full_like", a, value=2.5),

@@ -648,8 +648,10 @@ defop("avg_pool2d_grad", _avg_pool2d_grad, _apg_vjp, placement=P.rule_batch_loca
 
 # ---------------------------------------------------------------- nll_loss
 
-def _nll_parts(xp, target, weight, ignore_index, reduction):
-    """Per-element weights (0 where ignored) and the divisor for ``reduction``."""
+def _nll_parts(xp, target, weight, ignore_index, reduction, total_weight=None):
+    """Per-element weights (0 where ignored) and the divisor for ``reduction``: for a
+    'mean', ``total_weight`` when given (the global one of a sharded batch), else the
+    weight of the targets here that are not ignored."""
     t = target
     valid = t != ignore_index
     if weight is None and xp is np and valid.all():
@@ -659,7 +661,7 @@ def _nll_parts(xp, target, weight, ignore_index, reduction):
         safe_t = xp.where(valid, t, 0)
         w = valid.astype(np.float64) if weight is None else xp.where(valid, weight[safe_t], 0)
     if reduction == "mean":
-        denom = t.size if w is None else w.sum()
+        denom = total_weight if total_weight is not None else t.size if w is None else w.sum()
     elif reduction in ("sum", "none"):
         denom = 1
     else:
@@ -667,8 +669,9 @@ def _nll_parts(xp, target, weight, ignore_index, reduction):
     return safe_t, w, denom
 
 
-def _nll_loss(xp, logp, target, weight=None, ignore_index=-100, reduction="mean"):
-    safe_t, w, denom = _nll_parts(xp, target, weight, ignore_index, reduction)
+def _nll_loss(xp, logp, target, weight=None, total_weight=None, ignore_index=-100,
+              reduction="mean"):
+    safe_t, w, denom = _nll_parts(xp, target, weight, ignore_index, reduction, total_weight)
     if logp.ndim == 2:            # fancy indexing: several times faster than take_along_axis
         picked = logp[xp.arange(logp.shape[0]), safe_t]
     else:
@@ -682,9 +685,9 @@ def _nll_loss(xp, logp, target, weight=None, ignore_index=-100, reduction="mean"
         return xp.asarray(-picked.sum() / denom, dtype=logp.dtype)
 
 
-def _nll_coef(xp, g, target, weight, ignore_index, reduction):
+def _nll_coef(xp, g, target, weight, ignore_index, reduction, total_weight=None):
     """Class indices and per-sample coefficients -g * w / denom of d(nll_loss)/d(logp)."""
-    safe_t, w, denom = _nll_parts(xp, target, weight, ignore_index, reduction)
+    safe_t, w, denom = _nll_parts(xp, target, weight, ignore_index, reduction, total_weight)
     with np.errstate(invalid="ignore", divide="ignore"):
         coef = (-(g if w is None else g * w) / denom).astype(g.dtype, copy=False)
     return safe_t, coef
@@ -700,36 +703,43 @@ def _add_at_class(xp, out, safe_t, coef):
     xp.put_along_axis(out, idx, xp.take_along_axis(out, idx, axis=1) + coef, axis=1)
 
 
-def _nll_loss_grad(xp, g, target, weight=None, shape=None, ignore_index=-100, reduction="mean"):
+def _nll_loss_grad(xp, g, target, weight=None, total_weight=None, shape=None, ignore_index=-100,
+                   reduction="mean"):
     """d(nll_loss)/d(logp) applied to g: -g * w / denom at each target class, 0 elsewhere."""
-    safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction)
+    safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction, total_weight)
     out = xp.zeros(shape, dtype=g.dtype)
     _add_at_class(xp, out, safe_t, coef)
     return out
 
 
-def _nll_vjp(g, ans, logp, target, weight=None, **a):
-    return g.apply("nll_loss_grad", target, weight, shape=tuple(logp.shape), **a)
+def _nll_vjp(g, ans, logp, target, weight=None, total_weight=None, **a):
+    return g.apply("nll_loss_grad", target, weight, total_weight, shape=tuple(logp.shape), **a)
 
 
-def _nll_grad_vjp(gg, ans, g, target, weight=None, shape=None, **a):
+def _nll_grad_vjp(gg, ans, g, target, weight=None, total_weight=None, shape=None, **a):
     # nll_loss_grad is linear in g with exactly nll_loss's coefficients.
-    return gg.apply("nll_loss", target, weight, **a)
+    return gg.apply("nll_loss", target, weight, total_weight, **a)
 
 
 def rule_nll_loss(op, placements, shapes, attrs, out_ndim):
-    """Log-probabilities and targets sharded alike along the batch: a 'sum' is Partial."""
+    """Log-probabilities and targets sharded alike along the batch: a 'sum' is Partial, and
+    so is a 'mean' given the global divisor (``total_weight``, replicated): each worker's
+    term is its own sum over that divisor. Class weights and the divisor are never sharded."""
+    if any(isinstance(p, P.Shard) for p in placements[2:]):
+        P.fail(op, placements, "class weights and the total weight must not be sharded")
     s = [p for p in placements[:2] if isinstance(p, P.Shard)]
     if not s:
         return P.Decision(P.non_shard_out(placements), attrs)
     if len(s) != 2 or any(p.dim != 0 for p in s):
         P.fail(op, placements, "log-probabilities and targets must both be sharded on dim 0")
+    if s[0].sizes != s[1].sizes:
+        P.fail(op, placements, "log-probabilities and targets must be split alike")
     reduction = attrs.get("reduction", "mean")
-    if reduction == "mean":
-        # The mean's divisor (targets not ignored) is global data: F.nll_loss divides a
-        # 'sum' by an all-reduced count instead.
-        P.fail(op, placements, "reduction='mean' needs a global divisor; use 'sum'")
-    return P.Decision(P.PARTIAL if reduction == "sum" else s[0], attrs)
+    if reduction == "mean" and (len(placements) < 4 or placements[3] is None):
+        # The mean's divisor (the weight of the targets not ignored) is global data:
+        # F.nll_loss gives it as total_weight (nll_total_weight, all-reduced).
+        P.fail(op, placements, "reduction='mean' needs the global divisor as total_weight")
+    return P.Decision(P.PARTIAL if reduction != "none" else s[0], attrs)
 
 
 def rule_like_target(op, placements, shapes, attrs, out_ndim):
@@ -743,10 +753,36 @@ def _no_grad_for_targets(*args, **a):
     return None
 
 
+# Inputs: log-probabilities, targets, class weights, and total_weight (None, or the
+# divisor of a 'mean' given from outside: F.nll_loss on a sharded batch gives the global one).
 defop("nll_loss", _nll_loss, _nll_vjp, _no_grad_for_targets, _no_grad_for_targets,
-      placement=rule_nll_loss)
+      _no_grad_for_targets, placement=rule_nll_loss)
 defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
-      _no_grad_for_targets, placement=rule_like_target)
+      _no_grad_for_targets, _no_grad_for_targets, placement=rule_like_target)
+
+
+def _nll_total_weight(xp, target, weight=None, ignore_index=-100):
+    """The divisor of a 'mean' nll_loss (float64): the number of targets not ignored, or
+    the sum of their class weights."""
+    valid = target != ignore_index
+    if weight is None:
+        return xp.asarray(xp.count_nonzero(valid), dtype=np.float64)
+    w = xp.where(valid, weight[xp.where(valid, target, 0)], 0)
+    return xp.asarray(w.sum(dtype=np.float64))
+
+
+def rule_total_weight(op, placements, shapes, attrs, out_ndim):
+    """A sum over the targets: sharded targets give a Partial total (weights replicated)."""
+    if any(isinstance(p, P.Shard) for p in placements[1:]):
+        P.fail(op, placements, "class weights must not be sharded")
+    if isinstance(placements[0], P.Shard):
+        return P.Decision(P.PARTIAL, attrs)
+    return P.Decision(P.non_shard_out(placements), attrs)
+
+
+# What a sharded 'mean' nll_loss / cross_entropy divides by: all-reduced, it is their
+# total_weight input (one scalar all-reduce; the loss stays Partial, so backward needs none).
+defop("nll_total_weight", _nll_total_weight, differentiable=False, placement=rule_total_weight)
 
 
 # ---------------------------------------------------------------- cross_entropy
@@ -754,39 +790,48 @@ defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
 # log_softmax over dim 1 and nll_loss as one op, and its gradient (softmax minus the
 # weighted one-hot, times the per-sample coefficient) as one more: two dispatches per
 # classifier step instead of four. F.cross_entropy uses it for class-index targets.
-def _cross_entropy(xp, logits, target, weight=None, ignore_index=-100, reduction="mean"):
-    return _nll_loss(xp, log_softmax_forward(xp, logits, 1), target, weight, ignore_index, reduction)
+def _cross_entropy(xp, logits, target, weight=None, total_weight=None, ignore_index=-100,
+                   reduction="mean"):
+    return _nll_loss(xp, log_softmax_forward(xp, logits, 1), target, weight, total_weight,
+                     ignore_index, reduction)
 
 
-def _cross_entropy_grad(xp, g, logits, target, weight=None, ignore_index=-100, reduction="mean"):
+def _cross_entropy_grad(xp, g, logits, target, weight=None, total_weight=None, ignore_index=-100,
+                        reduction="mean"):
     # coef * (onehot - softmax) per sample, where coef = -g * w / denom (nll_loss's).
-    safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction)
+    safe_t, coef = _nll_coef(xp, g, target, weight, ignore_index, reduction, total_weight)
     out = softmax_forward(xp, logits, 1)
     out *= -(coef if coef.ndim == 0 else xp.expand_dims(coef, 1))
     _add_at_class(xp, out, safe_t, coef)
     return out
 
 
-def _ce_vjp(g, ans, logits, target, weight=None, **a):
-    return g.apply("cross_entropy_grad", logits, target, weight, **a)
+def _ce_vjp(g, ans, logits, target, weight=None, total_weight=None, **a):
+    return g.apply("cross_entropy_grad", logits, target, weight, total_weight, **a)
 
 
-def _ce_grad_vjp_g(gg, ans, g, logits, target, weight=None, **a):
+def _ce_grad_vjp_g(gg, ans, g, logits, target, weight=None, total_weight=None, **a):
     # Linear in g: the cotangent contracted with the gradient for a unit g.
-    unit = g.apply("full_like", value=1).apply("cross_entropy_grad", logits, target, weight, **a)
+    unit = g.apply("full_like", value=1).apply("cross_entropy_grad", logits, target, weight,
+                                               total_weight, **a)
     per_sample = (gg * unit).sum(dim=1)
-    return per_sample.sum() if g.ndim == 0 else per_sample
+    if a.get("reduction", "mean") == "none":
+        return per_sample
+    # A reduced loss: g holds one number, whatever its shape (a worker may get a
+    # seed of shape (1,) for a scalar).
+    return per_sample.sum().reshape(tuple(g.shape))
 
 
-def _ce_grad_vjp_logits(gg, ans, g, logits, target, weight=None, **a):
+def _ce_grad_vjp_logits(gg, ans, g, logits, target, weight=None, total_weight=None, **a):
     # out = c * (p - onehot) per sample, so d out/d logits = c * (diag(p) - p p^T).
-    picked = g.apply("nll_loss_grad", target, weight, shape=tuple(logits.shape), **a)
+    picked = g.apply("nll_loss_grad", target, weight, total_weight, shape=tuple(logits.shape), **a)
     coef = -picked.sum(dim=1, keepdim=True)
     p = logits.softmax(1)
     return coef * p * (gg - (gg * p).sum(dim=1, keepdim=True))
 
 
 defop("cross_entropy", _cross_entropy, _ce_vjp, _no_grad_for_targets, _no_grad_for_targets,
-      placement=rule_nll_loss)
+      _no_grad_for_targets, placement=rule_nll_loss)
 defop("cross_entropy_grad", _cross_entropy_grad, _ce_grad_vjp_g, _ce_grad_vjp_logits,
-      _no_grad_for_targets, _no_grad_for_targets, placement=rule_like_target)
+      _no_grad_for_targets, _no_grad_for_targets, _no_grad_for_targets,
+      placement=rule_like_target)
