@@ -636,83 +636,103 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         return target
 
     @atomic
-    def record_foreach_inplace(self, op, targets, others, attrs):
-        """``t.<op>_(*o, **attrs)`` for each ``t, o`` of ``targets, others``, as one
-        ``foreach`` instruction (PyTorch's ``_foreach_`` updates): what
-        :meth:`record_inplace` records for each pair, where every result keeps its
-        target's placement, shape and dtype, so each write needs nothing but the result
-        (issue 13: an optimizer's step was two instructions per parameter, recorded
-        while the workers waited). Returns False, recording nothing, where a pair needs
-        more (grad recording on, an input of another cluster or lost, a Partial one, a
-        result placed otherwise): the caller then records each pair by itself.
+    def record_foreach(self, op, calls, attrs, inplace=False):
+        """``op(*call, **attrs)`` for each ``call`` of ``calls`` (tuples of inputs), with
+        grad recording off, as one ``foreach`` instruction (PyTorch's ``_foreach_`` ops):
+        the memo checks all calls at once, where op by op each is checked by itself
+        (issue 13: an optimizer's step was a few instructions per parameter, recorded
+        while the workers waited). ``inplace``: each result is written into ``call[0]``,
+        which must keep its placement, global shape and dtype (what
+        :meth:`record_inplace` records for each); True is returned. Otherwise the
+        results' tensors are returned. None, recording nothing, where a call needs more
+        than that (grad recording on, an input of another cluster or lost, a Partial
+        one, a device attr): the caller then records each call by itself.
 
-        Example: ``rec.record_foreach_inplace(get_op("axpby"), bufs, [(g,) for g in grads],
-        {"a": 0.9, "b": 1.0})``."""
-        if engine.is_grad_enabled() or self.traced or self.cluster.closed or not op.inplace:
-            return False
+        Example: ``rec.record_foreach(get_op("axpby"), [(b, g) for b, g in zip(bufs, grads)],
+        {"a": 0.9, "b": 1.0}, inplace=True)``."""
+        if engine.is_grad_enabled() or self.traced or self.cluster.closed or op.device_attr \
+                or (inplace and not op.inplace) or not calls:
+            return None
         rec = self.rec
-        slot_of, groups, sigs = rec.slot_of, [], [op]
-        for t, os in zip(targets, others):
+        slot_of, groups, key = rec.slot_of, [], [op, inplace]
+        for call in calls:
             args = []
-            for x in (t, *os):
-                if not isinstance(x, Tensor):
-                    if type(x) is float or not isinstance(x, (int, bool, type(None))):
-                        return False      # a tensor operand's slot, or an int constant
+            for x in call:
+                if isinstance(x, Tensor):
+                    store = x.store
+                    if not store.lazy or store.cluster is not self.cluster or store.vid in self.lost:
+                        return None
+                    slot = slot_of.get(store.vid)
+                    # A value not yet in this program gets its slot once the calls fit.
+                    args.append(["s", slot] if slot is not None else ["v", store.vid])
+                    key.append(store.sig if store.sig_for is store.placement else self.sig(store))
+                elif type(x) is float:
+                    args.append(["k", x])       # a message scalar, as record_op's
+                    key.append("k")
+                elif isinstance(x, (int, bool, type(None))):
                     args.append(["c", x])
-                    sigs.append((type(x), x))
-                    continue
-                store = x.store
-                if not store.lazy or store.cluster is not self.cluster or store.vid in self.lost:
-                    return False
-                slot = slot_of.get(store.vid)
-                args.append(["s", slot if slot is not None else -1 - store.vid])
-                sigs.append(store.sig if store.sig_for is store.placement else self.sig(store))
+                    key.append((type(x), x))
+                else:
+                    return None
             groups.append(args)
-            sigs.append(None)             # where one pair's inputs end
+            key.append(None)                    # where one call's inputs end
         floats = {k: v for k, v in attrs.items() if type(v) is float}
         static = {k: v for k, v in attrs.items() if type(v) is not float}
-        key = ("foreach", tuple(sigs), tuple(floats), tuple(static.items()))
+        key = (tuple(key), tuple(floats), tuple(static.items()))
         try:
-            fits = self._out_cache.get(key)
-        except TypeError:                 # an unhashable attr
-            return False
-        if fits is None:
-            fits = self._out_cache[key] = self._foreach_fits(op, targets, others, attrs)
-        if not fits:
-            return False
-        for args in groups:               # the slots of values not yet in this program
+            outs = self._out_cache.get(key)
+        except TypeError:                       # an unhashable attr
+            return None
+        if outs is None:
+            outs = self._out_cache[key] = self._foreach_outs(op, calls, groups, attrs, inplace)
+        if not outs:
+            return None
+        for args in groups:
             for a in args:
-                if a[0] == "s" and a[1] < 0:
-                    a[1] = rec.ref(-1 - a[1])
-        rec.instrs.append(["foreach", op.name, groups, static,
-                           {k: rec.add_scalar(v) for k, v in floats.items()}])
-        for t in targets:
-            t.store.version += 1
-        return True
+                if a[0] == "v":
+                    a[0], a[1] = "s", rec.ref(a[1])
+                elif a[0] == "k":
+                    a[1] = rec.add_scalar(a[1])
+        ins = ["foreach", op.name, groups, static, {k: rec.add_scalar(v) for k, v in floats.items()}, []]
+        rec.instrs.append(ins)
+        if inplace:
+            for call in calls:
+                call[0].store.version += 1
+            return True
+        results = []
+        for call, (out_p, shape, dtype, sig) in zip(calls, outs):
+            first = next(x for x in call if isinstance(x, Tensor))
+            store = self._new_value(shape, dtype, out_p, frozenset(), first.store.device, sig)
+            ins[5].append(rec.new_slot(store.vid))
+            cls = Variable if any(isinstance(x, Variable) for x in call) else Tensor
+            results.append(cls.from_storage(store, grad_fn=None, requires_grad=False))
+        return results
 
-    def _foreach_fits(self, op, targets, others, attrs):
-        """Whether :meth:`record_foreach_inplace` may record these pairs as one
-        instruction: each result keeps its target's placement, global shape and dtype,
-        and no input is Partial (which would need an all-reduce first)."""
-        for t, os in zip(targets, others):
-            inputs = (t, *os)
-            stores = [x.store if isinstance(x, Tensor) else x for x in inputs]
-            placements = [s.placement if isinstance(x, Tensor) else None
-                          for x, s in zip(inputs, stores)]
+    def _foreach_outs(self, op, calls, groups, attrs, inplace):
+        """What :meth:`record_foreach` needs of each call's output: ``(placement, global
+        shape, dtype, sig)`` each, or False where a call has a Partial input (an
+        all-reduce first), its placement rule changes its attrs (a reshape's local shape)
+        or its output would not fit its target (``inplace``)."""
+        outs = []
+        for call, args in zip(calls, groups):
+            stores = [x.store if isinstance(x, Tensor) else x for x in call]
+            placements = [x.store.placement if isinstance(x, Tensor) else None for x in call]
             if any(isinstance(p, Partial) for p in placements):
                 return False
-            shapes = [s.shape if isinstance(x, Tensor) else None for x, s in zip(inputs, stores)]
-            args = [["s", 0] if isinstance(x, Tensor) else ["c", x] for x in inputs]
+            shapes = [x.store.shape if isinstance(x, Tensor) else None for x in call]
             try:
-                out_p, shape, dtype, *_ = self._work_out(op, args, placements, shapes, stores,
-                                                         attrs, None)
+                out_p, shape, dtype, sig, rule_attrs, *_ = self._work_out(
+                    op, args, placements, shapes, stores, attrs, None)
             except (RuntimeError, ValueError, TypeError, PlacementError):
-                return False              # the pair's own path raises its error
-            target = stores[0]
-            if not (shape == target.shape and dtype == target.dtype and
-                    (out_p is target.placement or out_p == target.placement)):
+                return False                    # the call's own path raises its error
+            if rule_attrs is not None:          # the workers would run other attrs
                 return False
-        return True
+            target = stores[0]
+            if inplace and not (shape == target.shape and dtype == target.dtype and
+                                (out_p is target.placement or out_p == target.placement)):
+                return False
+            outs.append((out_p, shape, dtype, sig))
+        return outs
 
     @atomic
     def record_assign(self, target, result):

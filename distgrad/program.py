@@ -10,8 +10,9 @@ records from ops on distributed values and what every worker runs. Instructions:
     ["put", slot, input_index, requires_grad]           a new value from the message's arrays
     ["update", slot, input_index]                       new data for an existing value
     ["assign", target_slot, source_slot]                in-place write (optimizer steps)
-    ["foreach", name, [args, ...], attrs, {attr: scalar_index}]
-                                                        op(*args) into args[0]'s slot, for each
+    ["foreach", name, [args, ...], attrs, {attr: scalar_index}, out_slots]
+                                                        op(*args) for each args, into its out
+                                                        slot, or (no out slots) into args[0]'s
     ["detach", source_slot, out_slot, requires_grad]    the value without its history
     ["backward", roots, seeds, root_placements, retain, leaves, create_graph, hooks]
                                                         leaves: [[leaf, prev_grad, new_grad,
@@ -250,13 +251,17 @@ def _check_op_call(name, args, attrs, floats, c, where):
 
 
 def _check_foreach(ins, c, where):
-    _, name, groups, attrs, floats = ins
+    _, name, groups, attrs, floats, outs = ins
     if not _list(groups, where, "argument lists"):
         raise ProgramError(f"{where}: a foreach names at least one argument list")
+    if _list(outs, where, "output slots") and len(outs) != len(groups):
+        raise ProgramError(f"{where}: one output slot per argument list, or none (in place)")
     for args in groups:
         _check_op_call(name, args, attrs, floats, c, where)
-        if not (args and args[0][0] == "s"):
+        if not outs and not (args and args[0][0] == "s"):
             raise ProgramError(f"{where}: each argument list starts with the slot written")
+    for s in outs:
+        c.define(s, where)
 
 
 def _check_put(ins, c, where):
@@ -396,7 +401,7 @@ INSTRUCTIONS = {
     "put": (4, _check_put),
     "update": (3, _check_update),
     "assign": (3, _check_assign),
-    "foreach": (5, _check_foreach),
+    "foreach": (6, _check_foreach),
     "fetch": (2, _check_fetch),
     "backward": (8, _check_backward),
     "grad": (9, _check_grad),

@@ -1,13 +1,13 @@
 """An optimizer step on a cluster's replicated parameters is the single-process step, bit
-for bit, now that SGD records each update for all parameters as one ``foreach``
-instruction (issue 13); where a pair does not fit one instruction the recorder says so
-and records nothing, and the update goes pair by pair."""
+for bit, now that SGD and Adam record each op for all parameters as one ``foreach``
+instruction (issue 13); where a call does not fit one instruction the recorder says so
+and records nothing, and the calls go one by one."""
 import numpy as np
 import pytest
 
 import distgrad as dg
 from distgrad.ops import get_op
-from distgrad.optim.optimizer import axpby_all_
+from distgrad.optim.foreach import foreach, foreach_
 
 CONFIGS = [dict(lr=0.1), dict(lr=0.1, momentum=0.9), dict(lr=0.1, momentum=0.9, dampening=0.3),
            dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-2),
@@ -66,14 +66,19 @@ def test_sgd_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster, config):
             np.testing.assert_array_equal(a, b)
 
 
-def test_adam_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster):
-    adam = lambda params, config: dg.optim.Adam(params, **config)
-    for _, mine, theirs in _steps(cluster, dict(lr=0.01, weight_decay=0.1), adam):
+@pytest.mark.parametrize("config", [dict(lr=0.01), dict(lr=0.01, weight_decay=0.1, maximize=True),
+                                    dict(lr=0.02, amsgrad=True)], ids=str)
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+def test_adam_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster, config, kind):
+    make = lambda params, config: getattr(dg.optim, kind)(params, **config)
+    for kinds, mine, theirs in _steps(cluster, config, make, steps=4):
+        # Ops for all parameters at once: a handful of instructions, not a few per parameter.
+        assert kinds.count("op") <= (8 if config.get("amsgrad") else 0) and "detach" not in kinds, kinds
         for a, b in zip(mine, theirs):
             np.testing.assert_array_equal(a, b)
 
 
-def test_pairs_that_need_more_than_one_instruction_are_recorded_one_by_one(cluster):
+def test_calls_that_need_more_than_one_instruction_are_recorded_one_by_one(cluster):
     x = cluster.shard(np.ones((4, 3), np.float32))
     t = x * 1.0
     partial = x.sum(0)                       # Partial: needs an all-reduce before the write
@@ -82,10 +87,14 @@ def test_pairs_that_need_more_than_one_instruction_are_recorded_one_by_one(clust
     cluster.sync()
     rec = cluster.recorder
     with dg.no_grad():
-        assert not rec.record_foreach_inplace(axpby, [replicated], [(partial,)], {"a": 1.0, "b": 1.0})
-        assert not rec.record_foreach_inplace(axpby, [t], [(dg.ones(4, 3),)], {"a": 1.0, "b": 1.0})
+        assert rec.record_foreach(axpby, [(replicated, partial)], {"a": 1.0, "b": 1.0}, True) is None
+        assert rec.record_foreach(axpby, [(t, dg.ones(4, 3))], {"a": 1.0, "b": 1.0}, True) is None
+        assert rec.record_foreach(get_op("reshape"), [(t,)], {"shape": (2, 6)}) is None
         assert rec.rec.instrs == [] and rec.rec.ext == [] and rec.rec.root.scalars == []
-        axpby_all_([replicated, t], [partial, x], 2.0, 1.0)      # pair by pair, exactly
-    assert rec.record_foreach_inplace(axpby, [t], [(x,)], {"a": 1.0, "b": 1.0}) is False  # grad on
+        foreach_("axpby", [replicated, t], [(partial,), (x,)], a=2.0, b=1.0)   # one by one
+        doubled, flat = foreach("mul", [(partial, 2.0), (t, 1.0)])
+    assert rec.record_foreach(axpby, [(t, x)], {"a": 1.0, "b": 1.0}, True) is None   # grad on
     np.testing.assert_array_equal(cluster.gather(replicated).numpy(), np.full(3, 6.0, np.float32))
     np.testing.assert_array_equal(cluster.gather(t).numpy(), np.full((4, 3), 3.0, np.float32))
+    np.testing.assert_array_equal(cluster.gather(doubled).numpy(), np.full(3, 8.0, np.float32))
+    np.testing.assert_array_equal(cluster.gather(flat).numpy(), np.full((4, 3), 3.0, np.float32))

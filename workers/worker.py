@@ -326,16 +326,20 @@ class Worker(AutogradSteps):  # long: the instruction interpreter, one short met
             t.overwrite(v, "assign")
 
     def _foreach(self, ins, env, scalars):
-        """``["foreach", op, groups, attrs, floats]``: for each argument list of
-        ``groups``, the op (grad recording off) written into its first argument, as an
-        ``op`` then an ``assign`` of its result would be."""
-        _, name, groups, attrs, floats = ins
+        """``["foreach", op, groups, attrs, floats, outs]``: the op (grad recording off)
+        on each argument list of ``groups``, its result in the slot ``outs`` names, or,
+        with no ``outs``, written into its first argument (as an ``op`` then an
+        ``assign`` of its result would be)."""
+        _, name, groups, attrs, floats, outs = ins
         prev = engine.is_grad_enabled()
         engine.set_grad_enabled(False)
         try:
-            for args in groups:
+            for i, args in enumerate(groups):
                 vals, kw = _call(args, attrs, floats, env, scalars)
-                self._write(vals[0], apply_op(name, *vals, **kw), True)
+                if outs:
+                    env[outs[i]] = apply_op(name, *vals, **kw)
+                else:
+                    self._write(vals[0], apply_op(name, *vals, **kw), True)
         finally:
             engine.set_grad_enabled(prev)
 

@@ -1,7 +1,8 @@
 """Adam and AdamW (decoupled weight decay), with optional AMSGrad."""
 import math
 
-from .optimizer import Optimizer, axpby_
+from .foreach import foreach, foreach_
+from .optimizer import Optimizer
 
 
 class Adam(Optimizer):
@@ -26,31 +27,50 @@ class Adam(Optimizer):
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize))
 
-    def _update(self, p, grad, state, group):
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    def _update_group(self, group, params, grads, states):
+        # PyTorch's multi-tensor Adam: each op for all parameters at once (one instruction
+        # on a cluster), each parameter's arithmetic what the single-tensor Adam computes.
+        lr, wd = group["lr"], group["weight_decay"]
         if group["maximize"]:
-            grad = -grad
+            grads = foreach("neg", [(g,) for g in grads])
         if wd and self._decoupled:
-            p.data.mul_(1 - lr * wd)
-        elif wd:
-            grad = grad.axpby(p.data, 1.0, wd)
-        step = state["step"] = state.get("step", 0) + 1
+            foreach_("mul", params, [(1 - lr * wd,)] * len(params))
+        elif wd:      # p itself, not p.data: grad recording is off here (no detach to record)
+            grads = foreach("axpby", [(g, p) for g, p in zip(grads, params)], a=1.0, b=wd)
+        by_step = {}      # parameters that got their first gradient later are steps behind
+        for i, state in enumerate(states):
+            state["step"] = state.get("step", 0) + 1
+            by_step.setdefault(state["step"], []).append(i)
+        for step, ids in by_step.items():
+            self._adam_steps(group, step, [params[i] for i in ids], [grads[i] for i in ids],
+                             [states[i] for i in ids])
+
+    @staticmethod
+    def _adam_steps(group, step, params, grads, states):
+        """The moments' and the parameters' update of parameters at one ``step``."""
+        lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+        squares = foreach("mul", [(g, g) for g in grads])
         if step == 1:
             # Zero-initialised moments after one update, without materialising the zeros.
-            state["exp_avg"] = m = grad * (1 - b1)
-            state["exp_avg_sq"] = v = grad * grad * (1 - b2)
+            ms = foreach("mul", [(g, 1 - b1) for g in grads])
+            vs = foreach("mul", [(sq, 1 - b2) for sq in squares])
+            for state, m, v in zip(states, ms, vs):
+                state["exp_avg"], state["exp_avg_sq"] = m, v
         else:
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            axpby_(m, grad, b1, 1 - b1)
-            axpby_(v, grad * grad, b2, 1 - b2)
+            ms = [state["exp_avg"] for state in states]
+            vs = [state["exp_avg_sq"] for state in states]
+            foreach_("axpby", ms, [(g,) for g in grads], a=b1, b=1 - b1)
+            foreach_("axpby", vs, [(sq,) for sq in squares], a=b2, b=1 - b2)
         if group["amsgrad"]:
-            vmax = state.get("max_exp_avg_sq")
-            vmax = state["max_exp_avg_sq"] = v.clone() if vmax is None else vmax.maximum(v)
-            v = vmax
+            for i, state in enumerate(states):
+                vmax = state.get("max_exp_avg_sq")
+                vs[i] = state["max_exp_avg_sq"] = vs[i].clone() if vmax is None else vmax.maximum(vs[i])
         bc1 = 1 - b1 ** step
         bc2_sqrt = math.sqrt(1 - b2 ** step)
-        denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        axpby_(p.data, m / denom, 1.0, -lr / bc1)
+        denoms = foreach("div", [(r, bc2_sqrt) for r in foreach("sqrt", [(v,) for v in vs])])
+        foreach_("add", denoms, [(eps,)] * len(denoms))
+        foreach_("axpby", params, [(d,) for d in foreach("div", list(zip(ms, denoms)))],
+                 a=1.0, b=-lr / bc1)
 
 
 class AdamW(Adam):

@@ -7,7 +7,6 @@ import copy
 
 from ..autograd import engine
 from ..nn.module import clear_grad
-from ..ops import get_op
 from ..tensor import Tensor
 
 
@@ -24,27 +23,6 @@ def axpby_(t, o, a, b):
     if store.lazy and not engine.is_grad_enabled():
         return store.record_inplace(t, "axpby", (o,), {"a": a, "b": b})
     return t.axpby_(o, a, b)
-
-
-def axpby_all_(targets, others, a, b):
-    """``t.data = a*t.data + b*o`` in place for each pair of ``targets, others``, outside
-    the graph (PyTorch's ``torch._foreach_`` updates). On distributed tensors it is one
-    ``foreach`` instruction for them all where each write keeps its target's placement,
-    shape and dtype (issue 13: two instructions per parameter were most of what the
-    driver recorded for an optimizer step); otherwise one :func:`axpby_` per pair.
-
-    Example: ``axpby_all_([p for p in params], [p.grad for p in params], 1.0, -lr)``.
-    """
-    if targets and targets[0].store.lazy and not engine.is_grad_enabled():
-        cluster = targets[0].store.cluster
-        recorder = cluster.recorder
-        if recorder.record_foreach_inplace(get_op("axpby"), targets, [(o,) for o in others],
-                                           {"a": a, "b": b}):
-            if recorder.too_long():
-                cluster.sync()
-            return
-    for t, o in zip(targets, others):
-        axpby_(t.data, o, a, b)
 
 
 class _Required:
@@ -142,8 +120,8 @@ class Optimizer:
     def _update_group(self, group, params, grads, states):
         """Update the ``params`` of one group that have a gradient. Here one ``_update``
         per parameter; an optimizer whose arithmetic is the same for every parameter
-        overrides it with :func:`axpby_all_`-style calls (one instruction per update for
-        all the parameters of a cluster)."""
+        overrides it with :mod:`.foreach` calls (one instruction per update for all the
+        parameters of a cluster)."""
         for p, grad, state in zip(params, grads, states):
             self._update(p, grad, state, group)
 

@@ -1,5 +1,6 @@
 """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
-from .optimizer import Optimizer, axpby_all_, required
+from .foreach import foreach_
+from .optimizer import Optimizer, required
 
 
 class SGD(Optimizer):
@@ -33,11 +34,11 @@ class SGD(Optimizer):
         if momentum:
             bufs = [state.get("momentum_buffer") for state in states]
             old = [i for i, buf in enumerate(bufs) if buf is not None]
-            axpby_all_([bufs[i] for i in old], [d_ps[i] for i in old], momentum,
-                       1 - group["dampening"])
+            foreach_("axpby", [bufs[i] for i in old], [(d_ps[i],) for i in old], a=momentum,
+                     b=1 - group["dampening"])
             for i, state in enumerate(states):
                 if bufs[i] is None:      # the buffer starts as the first gradient
                     bufs[i] = state["momentum_buffer"] = d_ps[i].clone()
             d_ps = ([d_p.axpby(buf, 1.0, momentum) for d_p, buf in zip(d_ps, bufs)]
                     if group["nesterov"] else bufs)
-        axpby_all_(params, d_ps, 1.0, -lr)
+        foreach_("axpby", params, [(d_p,) for d_p in d_ps], a=1.0, b=-lr)
