@@ -64,20 +64,6 @@ class LazyStorage:
     def assign(self, result):
         self.cluster.recorder.record_assign(self, result)
 
-    def record_inplace(self, t, op_name, others, attrs):
-        """``t.<op_name>_(*others, **attrs)`` on ``t``, a tensor on this storage, with grad
-        recording off: the instructions ``Tensor._inplace`` records (through
-        :meth:`assign`), without the tensor of the intermediate result. The optimizers'
-        updates come here (issue 13: the driver records every step's updates while the
-        workers wait). Returns ``t``.
-
-        Example: ``buf.store.record_inplace(buf, "axpby", (g,), {"a": 0.9, "b": 1.0})``."""
-        recorder = self.cluster.recorder
-        recorder.record_inplace(t, get_op(op_name), others, attrs)
-        if recorder.too_long():
-            self.cluster.sync()
-        return t
-
     version = Storage.version     # the same counter protocol as a local storage
 
     def bring_home(self, array):
@@ -464,20 +450,14 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         return ["c", x], None, None, None
 
     @atomic
-    def emit(self, op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs=(),
-             into=None):
+    def emit(self, op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs=()):
         """Record one op whose inputs are already resolved; return the result tensor.
 
         ``stores[i]`` is the input's storage, or the value of a float operand (which
         travels as a message scalar); ``inputs`` are the tensors, for the graph's edges.
         What the output and its instruction depend on besides the inputs' ids (placement,
         global shape, dtype, the attrs the workers run with) is memoized by :meth:`op_key`:
-        a cached step records the same ops on the same placements and shapes every time.
-
-        ``into`` (a LazyStorage, from :meth:`record_inplace`): the result is written into
-        it. Where that assign needs nothing of the result but its slot (no graph, same
-        placement and shape) it is recorded here and None returned: the result gets its id
-        and slot as before, but no storage or tensor, which nothing would observe."""
+        a cached step records the same ops on the same placements and shapes every time."""
         key = self.op_key(op, args, stores, attrs)
         try:
             out = self._out_cache.get(key)
@@ -490,12 +470,6 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         grad_enabled = engine.is_grad_enabled()
         requires_grad = requires_grad and grad_enabled and op.differentiable
         rec = self.rec
-        if into is not None and not requires_grad and shape == into.shape and (
-                out_p is into.placement or out_p == into.placement):
-            slot = rec.new_slot(next(self._ids))
-            self._append_op(rec, op, args, dattrs, static, floats, slot, grad_enabled)
-            rec.instrs.append(["assign", rec.ref(into.vid), slot])
-            return None
         leaves, device = frozenset(), None
         for s in stores:
             if isinstance(s, LazyStorage):
@@ -579,9 +553,8 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
                          () if source is None else (source,))
 
     @atomic
-    def record_op(self, op, inputs, attrs, into=None):
-        """Record ``op(*inputs, **attrs)`` on distributed values (``tensor.lazy_dispatch``).
-        ``into``: see :meth:`emit` (None may be returned then)."""
+    def record_op(self, op, inputs, attrs):
+        """Record ``op(*inputs, **attrs)`` on distributed values (``tensor.lazy_dispatch``)."""
         if self.cluster.closed:
             self.check_open()
         inputs = list(inputs)
@@ -619,22 +592,9 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             total = self.emit(get_op("sum"), args, placements, shapes, stores, attrs, cls, requires_grad,
                               inputs)
             return total / pl.global_count(shapes[0], attrs.get("dim"))
-        return self.emit(op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs, into)
+        return self.emit(op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs)
 
     @atomic
-    @atomic
-    def record_inplace(self, target, op, others, attrs):
-        """``target.<op>_(*others, **attrs)`` with grad recording off, on a distributed
-        ``target`` (an optimizer's update, issue 13): what ``Tensor._inplace`` records
-        then (the op, an ``assign`` into ``target``, the version bumped), without a
-        tensor for the intermediate result, which nothing observes. Returns ``target``."""
-        store = target.store
-        result = self.record_op(op, [target, *others], attrs, into=store)
-        if result is not None:          # the assign needs more than a slot (Tensor.overwrite's)
-            self.record_assign(store, result)
-        store.version += 1
-        return target
-
     @atomic
     def record_foreach(self, op, calls, attrs, inplace=False):
         """``op(*call, **attrs)`` for each ``call`` of ``calls`` (tuples of inputs), with
@@ -643,7 +603,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         (issue 13: an optimizer's step was a few instructions per parameter, recorded
         while the workers waited). ``inplace``: each result is written into ``call[0]``,
         which must keep its placement, global shape and dtype (what
-        :meth:`record_inplace` records for each); True is returned. Otherwise the
+        ``Tensor._inplace`` records for each); True is returned. Otherwise the
         results' tensors are returned. None, recording nothing, where a call needs more
         than that (grad recording on, an input of another cluster or lost, a Partial
         one, a device attr): the caller then records each call by itself.

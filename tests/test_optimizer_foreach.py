@@ -78,6 +78,16 @@ def test_adam_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster, config, k
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("config", [dict(), dict(lr=0.5, rho=0.8, weight_decay=0.1, maximize=True)],
+                         ids=str)
+def test_adadelta_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster, config):
+    make = lambda params, config: dg.optim.Adadelta(params, **config)
+    for kinds, mine, theirs in _steps(cluster, config, make, steps=4):
+        assert "op" not in kinds and "detach" not in kinds, kinds
+        for a, b in zip(mine, theirs):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_calls_that_need_more_than_one_instruction_are_recorded_one_by_one(cluster):
     x = cluster.shard(np.ones((4, 3), np.float32))
     t = x * 1.0

@@ -1,5 +1,6 @@
 """Adadelta (Zeiler 2012), step for step as PyTorch computes it."""
-from .optimizer import Optimizer, axpby_
+from .foreach import foreach, foreach_
+from .optimizer import Optimizer
 
 
 class Adadelta(Optimizer):
@@ -21,18 +22,28 @@ class Adadelta(Optimizer):
         super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
                                       maximize=maximize))
 
-    def _update(self, p, grad, state, group):
+    def _update_group(self, group, params, grads, states):
+        # Each op for all parameters at once (one instruction on a cluster), each
+        # parameter's arithmetic what the single-tensor Adadelta computes.
         lr, rho, eps, wd = group["lr"], group["rho"], group["eps"], group["weight_decay"]
         if group["maximize"]:
-            grad = -grad
-        if wd:
-            grad = grad.axpby(p.data, 1.0, wd)
-        state["step"] = state.get("step", 0) + 1
-        if "square_avg" not in state:
-            state["square_avg"] = grad * 0
-            state["acc_delta"] = grad * 0
-        square_avg, acc_delta = state["square_avg"], state["acc_delta"]
-        axpby_(square_avg, grad * grad, rho, 1 - rho)
-        delta = (acc_delta + eps).sqrt() / (square_avg + eps).sqrt() * grad
-        axpby_(acc_delta, delta * delta, rho, 1 - rho)
-        axpby_(p.data, delta, 1.0, -lr)
+            grads = foreach("neg", [(g,) for g in grads])
+        if wd:        # p itself, not p.data: grad recording is off here (no detach to record)
+            grads = foreach("axpby", [(g, p) for g, p in zip(grads, params)], a=1.0, b=wd)
+        new = [i for i, state in enumerate(states) if "square_avg" not in state]
+        zeros = foreach("mul", [(grads[i], 0) for i in new] * 2)
+        for k, i in enumerate(new):
+            states[i]["square_avg"], states[i]["acc_delta"] = zeros[k], zeros[k + len(new)]
+        for state in states:
+            state["step"] = state.get("step", 0) + 1
+        square_avgs = [state["square_avg"] for state in states]
+        acc_deltas = [state["acc_delta"] for state in states]
+        foreach_("axpby", square_avgs, [(sq,) for sq in foreach("mul", [(g, g) for g in grads])],
+                 a=rho, b=1 - rho)
+        # delta = (acc_delta + eps).sqrt() / (square_avg + eps).sqrt() * grad
+        roots = [foreach("sqrt", [(s,) for s in foreach("add", [(a, eps) for a in avgs])])
+                 for avgs in (acc_deltas, square_avgs)]
+        deltas = foreach("mul", list(zip(foreach("div", list(zip(*roots))), grads)))
+        foreach_("axpby", acc_deltas, [(sq,) for sq in foreach("mul", [(d, d) for d in deltas])],
+                 a=rho, b=1 - rho)
+        foreach_("axpby", params, [(d,) for d in deltas], a=1.0, b=-lr)

@@ -1,28 +1,14 @@
 """``Optimizer``: parameter groups, state, zero_grad and state_dict shared by SGD/Adam/AdamW.
 
-Updates are tensor ops on ``p.data`` and ``p.grad.data`` (never raw arrays), so on
-distributed parameters they are recorded and run on the workers.
+Updates are tensor ops on the parameters' data and ``p.grad.data`` (never raw arrays), so
+on distributed parameters they are recorded and run on the workers: as one instruction per
+op for all parameters where an optimizer uses :mod:`.foreach`.
 """
 import copy
 
 from ..autograd import engine
 from ..nn.module import clear_grad
 from ..tensor import Tensor
-
-
-def axpby_(t, o, a, b):
-    """``t.axpby_(o, a, b)`` (``t = a*t + b*o`` in place), the optimizers' update. On a
-    distributed ``t`` with grad recording off (as in every ``step``) its storage records
-    it directly: the same instructions, without the intermediate tensor the general
-    in-place path makes (issue 13: the driver records every step's updates while the
-    workers wait).
-
-    Example: ``axpby_(p.data, grad, 1.0, -lr)``.
-    """
-    store = t.store
-    if store.lazy and not engine.is_grad_enabled():
-        return store.record_inplace(t, "axpby", (o,), {"a": a, "b": b})
-    return t.axpby_(o, a, b)
 
 
 class _Required:
