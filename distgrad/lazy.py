@@ -638,7 +638,7 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
             key.append(None)                    # where one call's inputs end
         floats = {k: v for k, v in attrs.items() if type(v) is float}
         static = {k: v for k, v in attrs.items() if type(v) is not float}
-        key = (tuple(key), tuple(floats), tuple(static.items()))
+        key = (tuple(key), tuple(floats), tuple((k, type(v), v) for k, v in static.items()))
         try:
             outs = self._out_cache.get(key)
         except TypeError:                       # an unhashable attr
