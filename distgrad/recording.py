@@ -37,7 +37,6 @@ class Recording:
         self.ext = []                 # slots bound to values of earlier programs
         self.outputs = {}             # slot -> vid (values this program defines)
         self.parent = parent
-        self.root = self if parent is None else parent.root
         if parent is None:
             self.inputs = [[] for _ in range(world)]
             self.scalars = []         # float operands and attrs: inputs, not constants
@@ -46,6 +45,14 @@ class Recording:
             self.source_reads = []    # (input index, data source, batch rows, stores)
             self.rollback = []        # driver-side undo, run if this program fails
             self.committed = False    # every worker finished it: nothing to undo
+
+    @property
+    def root(self):
+        """The recording whose message carries this one. (Not an attribute: a root that
+        named itself would be a reference cycle, and everything it holds (a step's input
+        arrays, the storages of its sharded inputs, whose workers' values then stay) would
+        wait for the cyclic collector.)"""
+        return self if self.parent is None else self.parent.root
 
     def new_slot(self, vid=None):
         s = self.nslots

@@ -29,34 +29,41 @@ def gather(cluster, obj, copy=True):
     """
     cluster.sync()
     found = {}
-
-    def collect(o):
-        if isinstance(o, Tensor) and o.store.lazy:
-            found[o.store.vid] = o
-        elif isinstance(o, dict):
-            for v in o.values():
-                collect(v)
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                collect(v)
-    collect(obj)
+    _collect(obj, found)
     rep = [vid for vid, t in found.items() if isinstance(t.store.placement, Replicate)]
     arrays = cluster.executor.control([0], {"control": "export", "vids": rep})[0] if rep else {}
+    return _convert(obj, arrays, copy)
 
-    def convert(o):
-        if isinstance(o, Tensor) and o.store.lazy:
-            vid = o.store.vid
-            a = arrays[vid][0] if vid in arrays else o.store.array
-            # Arrays from the object store are read-only views; copy=False is for
-            # callers that only read them (checkpoints).
-            a = np.array(a, copy=True) if copy else a
-            return (Variable if isinstance(o, Variable) else Tensor).from_array(a)
-        if isinstance(o, dict):
-            return {k: convert(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return type(o)(convert(v) for v in o)
-        return o
-    return convert(obj)
+
+# Module functions, not closures: a closure that calls itself is a reference cycle, and
+# the cycle would keep ``arrays`` (a whole model's parameters) until the collector ran.
+def _collect(o, found):
+    """The distributed tensors in ``o``, by vid, into ``found``."""
+    if isinstance(o, Tensor) and o.store.lazy:
+        found[o.store.vid] = o
+    elif isinstance(o, dict):
+        for v in o.values():
+            _collect(v, found)
+    elif isinstance(o, (list, tuple)):
+        for v in o:
+            _collect(v, found)
+
+
+def _convert(o, arrays, copy):
+    """``o`` with each distributed tensor replaced by a local one: its array from
+    ``arrays`` (replicated values, by vid) or fetched."""
+    if isinstance(o, Tensor) and o.store.lazy:
+        vid = o.store.vid
+        a = arrays[vid][0] if vid in arrays else o.store.array
+        # Arrays from the object store are read-only views; copy=False is for
+        # callers that only read them (checkpoints).
+        a = np.array(a, copy=True) if copy else a
+        return (Variable if isinstance(o, Variable) else Tensor).from_array(a)
+    if isinstance(o, dict):
+        return {k: _convert(v, arrays, copy) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return type(o)(_convert(v, arrays, copy) for v in o)
+    return o
 
 
 def save_checkpoint(cluster, path, model=None, optimizer=None, step=None, **extra):
