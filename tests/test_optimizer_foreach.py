@@ -66,6 +66,18 @@ def test_sgd_step_on_a_cluster_is_the_local_step_bit_for_bit(cluster, config):
             np.testing.assert_array_equal(a, b)
 
 
+def test_updates_go_in_chunks_of_parameters(cluster, monkeypatch):
+    """A foreach op's temporaries exist for all its parameters at once: a step updates
+    FOREACH_CHUNK_BYTES of parameters per call (here one parameter each), exactly."""
+    from distgrad.optim import optimizer
+    monkeypatch.setattr(optimizer, "FOREACH_CHUNK_BYTES", 1)
+    for step, (kinds, mine, theirs) in enumerate(_steps(cluster, CONFIGS[1], _sgd)):
+        with_grad = 4 - (step == 1)
+        assert kinds.count("foreach") == with_grad * (2 if step > 0 else 1), kinds
+        for a, b in zip(mine, theirs):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("config", [dict(lr=0.01), dict(lr=0.01, weight_decay=0.1, maximize=True),
                                     dict(lr=0.02, amsgrad=True)], ids=str)
 @pytest.mark.parametrize("kind", ["Adam", "AdamW"])

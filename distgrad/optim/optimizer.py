@@ -11,6 +11,26 @@ from ..nn.module import clear_grad
 from ..tensor import Tensor
 
 
+# A foreach op's temporaries live for every parameter of its call at once: updates go in
+# chunks of this many bytes of parameters, so that a step's peak memory stays near that of
+# a loop over parameters (a 48M-parameter MLP's Adam step in one call: +450 MB at its peak).
+FOREACH_CHUNK_BYTES = 32 << 20
+
+
+def _chunks(params):
+    """``params`` in consecutive runs of at most FOREACH_CHUNK_BYTES (or one parameter)."""
+    chunk, size = [], 0
+    for p in params:
+        nbytes = p.numel() * p.dtype.itemsize
+        if chunk and size + nbytes > FOREACH_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
 class _Required:
     def __repr__(self):
         return "<required parameter>"
@@ -98,9 +118,9 @@ class Optimizer:
         self._keep_for_rollback()
         with engine.no_grad():
             for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                self._update_group(group, params, [p.grad.data for p in params],
-                                   [self.state.setdefault(p, {}) for p in params])
+                for params in _chunks([p for p in group["params"] if p.grad is not None]):
+                    self._update_group(group, params, [p.grad.data for p in params],
+                                       [self.state.setdefault(p, {}) for p in params])
         return loss
 
     def _update_group(self, group, params, grads, states):
