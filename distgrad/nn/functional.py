@@ -83,6 +83,36 @@ def linear(input, weight, bias=None):
     return apply_op("linear", input, weight, bias)
 
 
+# The checked, normalized attrs of a layer call (conv2d, pooling), by its op, input shapes
+# and raw arguments: a model calls each layer with the same ones every step, and the
+# checks and pair() conversions cost more than recording the op. Only calls that passed
+# the checks are kept; an unhashable argument (a list) is checked every time.
+_ATTRS = {}
+
+
+def _memo_attrs(key, make):
+    """``make()`` (the attrs dict, or its exception), memoized under ``key``."""
+    try:
+        attrs = _ATTRS.get(key)
+    except TypeError:             # an unhashable argument
+        return make()
+    if attrs is None:
+        attrs = make()
+        if len(_ATTRS) >= 1024:
+            _ATTRS.clear()
+        _ATTRS[key] = attrs
+    return attrs
+
+
+def _shape_key(t):
+    """A batched (4-D) tensor's shape, for a memo key; None for anything else (not memoized)."""
+    if isinstance(t, Tensor):
+        shape = t.store.shape
+        if len(shape) == 4:
+            return shape
+    return None
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation) over NCHW input, via im2col and one matmul.
 
@@ -90,9 +120,22 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
         y = F.conv2d(x, w, b, stride=1, padding=2)   # x (N, C, H, W), w (O, C/groups, kh, kw)
     """
+    shape = _shape_key(input)
+    if shape is not None and isinstance(weight, Tensor):
+        key = ("conv2d", shape, weight.store.shape, stride, padding, dilation, groups)
+        attrs = _memo_attrs(key, lambda: _conv2d_attrs(input, weight, stride, padding, dilation,
+                                                       groups))
+        return apply_op("conv2d", input, weight, bias, **attrs)
     unbatched = input.ndim == 3
     if unbatched:
         input = input.unsqueeze(0)
+    out = apply_op("conv2d", input, weight, bias,
+                   **_conv2d_attrs(input, weight, stride, padding, dilation, groups, unbatched))
+    return out.squeeze(0) if unbatched else out
+
+
+def _conv2d_attrs(input, weight, stride, padding, dilation, groups, unbatched=False):
+    """conv2d's checked attrs for a batched ``input``."""
     c_in = weight.shape[1] * groups
     if input.ndim != 4 or input.shape[1] != c_in:
         raise InputShapeError(f"expected input of shape (N, {c_in}, H, W), got "
@@ -104,9 +147,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         if n + 2 * p < d * (k - 1) + 1:
             raise InputShapeError(f"input of shape {_shape(input)} (padded by {padding}) is smaller "
                                   f"than the kernel {(kh, kw)} (dilation {dilation})")
-    out = apply_op("conv2d", input, weight, bias, stride=stride, padding=padding,
-                   dilation=dilation, groups=int(groups))
-    return out.squeeze(0) if unbatched else out
+    return dict(stride=stride, padding=padding, dilation=dilation, groups=int(groups))
 
 
 def _conv_padding(padding, kernel, stride, dilation):
@@ -143,12 +184,21 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """Max over sliding windows (PyTorch's first-maximum gradient rule). Example: ``F.max_pool2d(x, 2)``."""
     if return_indices:
         raise NotImplementedError("max_pool2d(return_indices=True) is not supported")
+    shape = _shape_key(input)
+    if shape is not None:
+        key = ("max_pool2d", shape, kernel_size, stride, padding, dilation, ceil_mode)
+        return apply_op("max_pool2d", input, **_memo_attrs(key, lambda: _max_pool2d_attrs(
+            input, kernel_size, stride, padding, dilation, ceil_mode)))
     unbatched = input.ndim == 3
     x = input.unsqueeze(0) if unbatched else input
-    k, s, p, d = _pool_args(x, kernel_size, stride, padding, dilation)
-    out = apply_op("max_pool2d", x, kernel_size=k, stride=s, padding=p, dilation=d,
-                   ceil_mode=bool(ceil_mode))
+    out = apply_op("max_pool2d", x, **_max_pool2d_attrs(x, kernel_size, stride, padding, dilation,
+                                                        ceil_mode))
     return out.squeeze(0) if unbatched else out
+
+
+def _max_pool2d_attrs(x, kernel_size, stride, padding, dilation, ceil_mode):
+    k, s, p, d = _pool_args(x, kernel_size, stride, padding, dilation)
+    return dict(kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=bool(ceil_mode))
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
@@ -156,12 +206,22 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
     """Mean over sliding windows. Example: ``F.avg_pool2d(x, 2)``."""
     if divisor_override is not None:
         raise NotImplementedError("avg_pool2d(divisor_override=...) is not supported")
+    shape = _shape_key(input)
+    if shape is not None:
+        key = ("avg_pool2d", shape, kernel_size, stride, padding, ceil_mode, count_include_pad)
+        return apply_op("avg_pool2d", input, **_memo_attrs(key, lambda: _avg_pool2d_attrs(
+            input, kernel_size, stride, padding, ceil_mode, count_include_pad)))
     unbatched = input.ndim == 3
     x = input.unsqueeze(0) if unbatched else input
-    k, s, p, _ = _pool_args(x, kernel_size, stride, padding)
-    out = apply_op("avg_pool2d", x, kernel_size=k, stride=s, padding=p, ceil_mode=bool(ceil_mode),
-                   count_include_pad=bool(count_include_pad))
+    out = apply_op("avg_pool2d", x, **_avg_pool2d_attrs(x, kernel_size, stride, padding, ceil_mode,
+                                                        count_include_pad))
     return out.squeeze(0) if unbatched else out
+
+
+def _avg_pool2d_attrs(x, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    k, s, p, _ = _pool_args(x, kernel_size, stride, padding)
+    return dict(kernel_size=k, stride=s, padding=p, ceil_mode=bool(ceil_mode),
+                count_include_pad=bool(count_include_pad))
 
 
 def adaptive_avg_pool2d(input, output_size):
