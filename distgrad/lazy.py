@@ -84,6 +84,23 @@ class LazyStorage:
                 recorder.release(vid)
 
 
+def snapshot(table):
+    """``list(table.items())`` of a dict that storages' finalizers change (the recorder's
+    live values, shard sources, data-source reads), taken with the cyclic collector off:
+    building the list allocates, an allocation may run the collector, and a storage it
+    frees pops itself from the dict in the middle ("dictionary changed size during
+    iteration").
+
+    Example: ``for vid, (pieces, rg) in snapshot(recorder.sources): ...``."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return list(table.items())
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class LiveTable:
     """vid -> LazyStorage of the values the driver still references, without keeping them
     alive: plain weak references, each taken out by its storage's ``__del__`` (a
@@ -111,17 +128,8 @@ class LiveTable:
         return len(self.items())
 
     def items(self):
-        # The snapshot is taken with the cyclic collector off: building it allocates, an
-        # allocation may run the collector, and a storage it frees pops itself from
-        # ``refs`` (__del__) in the middle ("dictionary changed size during iteration").
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            refs = list(self.refs.items())
-        finally:
-            if enabled:
-                gc.enable()
-        return [(vid, store) for vid, store in ((v, r()) for v, r in refs) if store is not None]
+        return [(vid, store) for vid, store in ((v, r()) for v, r in snapshot(self.refs))
+                if store is not None]
 
     def values(self):
         return [store for _, store in self.items()]

@@ -20,6 +20,7 @@ import time
 
 from distgrad import placement as pl
 from distgrad.errors import RecoveryError, ResizeError
+from distgrad.lazy import snapshot
 from distgrad.placement import Partial, Replicate, Shard
 from distgrad.utils.data import sources as data_sources
 
@@ -87,7 +88,7 @@ class Recovery:
         cluster, recorder = self.cluster, self.cluster.recorder
         old = cluster.world_size
         cluster.world_size = n
-        for vid, (pieces, rg) in list(recorder.sources.items()):
+        for vid, (pieces, rg) in snapshot(recorder.sources):
             store = recorder.live.get(vid)
             if store is None:
                 continue

@@ -37,6 +37,7 @@ import numpy as np
 from ... import _backend, _hints, program as prog
 from ...autograd import no_grad
 from ...errors import RecoveryError, ResizeError
+from ...lazy import snapshot
 from ...placement import Shard, split_sizes
 from ...tensor import Tensor, Variable
 
@@ -192,7 +193,7 @@ def rehydrate(cluster, live, ranks, resharded):
         except RecoveryError as e:      # a stream cannot resume: the others still can
             broken.append(e)
     reread, world = set(), cluster.world_size
-    groups = {group: (src, rows) for vid, (src, rows, group) in list(cluster.recorder.data_reads.items())
+    groups = {group: (src, rows) for vid, (src, rows, group) in snapshot(cluster.recorder.data_reads)
               if vid in live}
     for group, (src, rows) in groups.items():
         per, sizes = src.split(rows, world)
