@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .ops.registry import number_operand
+from .ops.registry import NUMBER_OPERANDS
 from .storage import StaleStorage, check_version  # noqa: F401  (check_version: part of this API)
 
 class _GradMode(threading.local):
@@ -158,7 +158,7 @@ class OpNode(Node):
         arrays = []
         for x, v in zip(self.inputs, self.versions):
             if v is None:                     # a Python number: as numpy casts it against
-                arrays.append(number_operand(x, g_array.dtype)   # the gradient
+                arrays.append(NUMBER_OPERANDS[x, g_array.dtype]   # the gradient
                               if type(x) in _NUMBER_TYPES else x)
                 continue
             store = x._store
@@ -369,28 +369,29 @@ def _walk(buffers, heap, capture, need, ready, owners, retain_graph, create_grap
             grad = buffers.pop(id(node))
         else:
             node, grad, follow = follow, follow_grad, None
-        key = id(node)
-        if need is not None and key not in need:
+        if need is not None and id(node) not in need:
             continue
-        if not isinstance(grad, _Tensor) and (node.pre_hooks or capture
-                                              or not isinstance(node, OpNode)):
-            grad = as_gradient(node, grad)     # a raw array (see OpNode) leaves the walk
-        if node.pre_hooks:
-            for hook in node.pre_hooks:
-                res = hook(grad)
-                if res is not None:
-                    grad = res
-        if capture and key in capture:
-            capture[key] = grad
+        # The common node, an op's with no hook and nothing captured, skips this block.
+        if node.pre_hooks or capture or not isinstance(node, OpNode):
+            if not isinstance(grad, _Tensor):
+                grad = as_gradient(node, grad)     # a raw array (see OpNode) leaves the walk
+            if node.pre_hooks:
+                for hook in node.pre_hooks:
+                    res = hook(grad)
+                    if res is not None:
+                        grad = res
+            key = id(node)
+            if capture and key in capture:
+                capture[key] = grad
+                if isinstance(node, AccumulateGrad):
+                    continue
             if isinstance(node, AccumulateGrad):
+                if on_leaf_ready is None:
+                    ready.append((node, grad))   # written after the walk (see run_backward)
+                    continue
+                node.accumulate(grad, create_graph, owners.take(grad))
+                on_leaf_ready(node.variable)
                 continue
-        if isinstance(node, AccumulateGrad):
-            if on_leaf_ready is None:
-                ready.append((node, grad))   # written after the walk (see run_backward)
-                continue
-            node.accumulate(grad, create_graph, owners.take(grad))
-            on_leaf_ready(node.variable)
-            continue
         grads = node.input_grads(grad)
         if not retain_graph:
             node.release()
@@ -473,6 +474,16 @@ def make_node(op, inputs, attrs, out_array):
     """
     if not op.differentiable or not _state.grad_enabled:
         return None
+    return record_node(op, inputs, attrs, out_array)
+
+
+def record_node(op, inputs, attrs, out_array):
+    """``make_node`` for a caller that has checked that ``op`` is differentiable and grad
+    mode is on (``apply_op``, which runs for every op, reads the mode once).
+
+    Example: ``record_node(op, (x, 2.0), {}, out) if op.differentiable and is_grad_enabled()
+    else None``.
+    """
     # One pass over the inputs (this runs for every recorded op): the node each input's
     # gradient goes to, and the version of each tensor input for the in-place check.
     next_nodes, versions, wanted = [], [], False
@@ -492,7 +503,7 @@ def make_node(op, inputs, attrs, out_array):
     cls = _op_node_classes.get(op)
     if cls is None:
         cls = _op_node_classes[op] = node_class(op.name, OpNode)
-    node = cls(op, inputs, attrs, tuple(next_nodes), tuple(versions))
+    node = cls(op, inputs, attrs, tuple(next_nodes), versions)
     if op.uses_output:
         node.out_array, node.out_store, node.out_version = out_array, None, 0
     return node

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _backend, engine, random, views
 from ._printing import format_tensor, parse_type_name, type_name
-from .ops.registry import OPS, get_op, number_operand
+from .engine import _state as _grad_mode
+from .ops.registry import NUMBER_OPERANDS, OPS, get_op
 from .placement import Shard
 from .storage import StaleStorage, Storage  # noqa: F401  (Storage: the distributed layer reuses its protocol)
 
@@ -129,9 +130,9 @@ def apply_op(name, *inputs, **attrs):
         # (numpy's own cast of the number, without its per-call cost).
         a, b = arrays
         if type(b) in _NUMBER_TYPES:
-            arrays[1] = number_operand(b, a.dtype)
+            arrays[1] = NUMBER_OPERANDS[b, a.dtype]
         elif type(a) in _NUMBER_TYPES:
-            arrays[0] = number_operand(a, b.dtype)
+            arrays[0] = NUMBER_OPERANDS[a, b.dtype]
     xp = np
     if not on_host:                     # the CPU-only case skips this
         devices = {t.device for t in tensors}
@@ -139,7 +140,8 @@ def apply_op(name, *inputs, **attrs):
             raise RuntimeError(f"{name}: expected all tensors on one device, got {sorted(devices)}")
         xp = _backend.array_module(*arrays)
     try:
-        out = op.forward(xp, *arrays, **attrs)
+        # Without attrs (most arithmetic), no keyword dict is built for the call.
+        out = op.forward(xp, *arrays, **attrs) if attrs else op.forward(xp, *arrays)
     except (ValueError, IndexError, TypeError) as e:
         shapes = " and ".join(str(tuple(t.shape)) for t in tensors)
         raise RuntimeError(f"{name}: cannot apply to tensors of shapes {shapes}: {e}") from None
@@ -149,8 +151,12 @@ def apply_op(name, *inputs, **attrs):
         elif not hasattr(out, "flags") and not _backend.is_cupy_array(out):
             out = np.asarray(out)          # numpy scalar -> 0-d array
     # Under no_grad (every VJP of a plain backward) no node is asked for.
-    node = engine.make_node(op, inputs, attrs, out) if engine._state.grad_enabled else None
-    result = cls.from_array(out, node, node is not None)
+    node = (engine.record_node(op, inputs, attrs, out)
+            if op.differentiable and _grad_mode.grad_enabled else None)
+    result = cls.__new__(cls)             # from_array(out, node, ...) without the call
+    result._store = Storage(out)
+    if node is not None:
+        result.grad_fn, result.requires_grad = node, True
     if op.view is not None:
         views.track_view(result, inputs[0], op, attrs, out, arrays[0], xp)
     if node is not None and op.uses_output:

@@ -166,6 +166,16 @@ def test_number_operands_give_numpys_own_results():
     assert number_operand(3, np.dtype(np.int64)) == 3
 
 
+def test_the_number_operand_cache_keeps_only_cast_numbers():
+    from distgrad.ops.registry import NUMBER_OPERANDS, number_operand
+    f32 = np.dtype(np.float32)
+    z = NUMBER_OPERANDS[0.375, f32]
+    assert z.dtype == f32 and z == 0.375 and number_operand(0.375, f32) is z
+    assert NUMBER_OPERANDS[0.375, np.dtype(np.float64)].dtype == np.float64
+    for kept, dtype in ((0.0, f32), (1e39, f32), (3, np.dtype(np.int64))):
+        assert NUMBER_OPERANDS[kept, dtype] is kept and (kept, dtype) not in NUMBER_OPERANDS
+
+
 def test_integer_and_bool_operands_keep_numpys_rules():
     x = dg.tensor(np.array([1, 2, 3], dtype=np.int16))
     assert (x * 2).dtype == np.int16 and (x * 1.5).dtype == np.float64

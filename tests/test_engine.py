@@ -682,3 +682,34 @@ def test_leaf_gradients_never_alias_each_other_or_the_graph():
     assert z.grad.tolist() == [1.0, 1.0, 1.0]
     (x + y).sum().backward()                   # in-place accumulation into x.grad only
     assert x.grad.tolist() == [6.0, 6.0, 6.0] and y.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_chain_of_ops_still_runs_hooks_captures_and_custom_nodes_in_its_middle():
+    # The walk takes a shortcut for an op's node with no hook and nothing captured: each of
+    # these, in the middle of a chain of ops on raw arrays, must still be seen.
+    x = var([1.0, 2.0])
+    seen = []
+    y = x * 3.0 + 1.0
+    y.register_hook(lambda g: seen.append(type(g)) or g * 2)
+    z = Exp.apply(y * 0.5) * 2.0
+    w = (z - 1.0).sum()
+    gy, gx = dg.autograd.grad(w, [y, x], retain_graph=True)
+    ey = np.exp(0.5 * (3.0 * x.data.numpy() + 1.0))
+    np.testing.assert_allclose(gy.numpy(), 2 * ey)            # captured after its hook ran
+    np.testing.assert_allclose(gx.numpy(), 2 * 3.0 * ey)
+    w.backward()
+    np.testing.assert_allclose(x.grad.numpy(), 2 * 3.0 * ey)
+    assert seen == [Variable, Variable]
+
+
+def test_op_results_carry_the_graph_flags_of_their_inputs():
+    x, c = var([1.0, 2.0]), dg.tensor(np.array([1.0, 2.0]))
+    y = x * 2.0
+    assert type(y) is Variable and y.requires_grad and not y.is_leaf
+    assert type(y.grad_fn).__name__ == "MulBackward" and y.grad_fn.next_nodes[1] is None
+    z = c * 2.0
+    assert type(z) is dg.Tensor and not z.requires_grad and z.grad_fn is None
+    with dg.no_grad():
+        n = x * 2.0
+    assert type(n) is Variable and not n.requires_grad and n.grad_fn is None
+    assert (x > 1.0).grad_fn is None and not (x > 1.0).requires_grad   # not differentiable

@@ -134,7 +134,26 @@ def shape_of(x):
     return () if shape is None else tuple(shape)
 
 
-_NUMBERS = {}       # (Python number, float dtype) -> read-only 0-d array: number_operand's cache
+class _NumberOperands(dict):
+    """number_operand's cache, (Python number, float dtype) -> read-only 0-d array: a dict
+    whose miss computes the answer, so a hit is one lookup and no Python call."""
+
+    def __missing__(self, key):
+        x, dtype = key
+        if dtype.kind != "f" or not x or x != x or type(x) is int and not -2 ** 53 < x < 2 ** 53:
+            return x
+        with np.errstate(over="ignore"):
+            arr = np.asarray(x, dtype)
+        if not np.isfinite(arr):
+            return x
+        arr.flags.writeable = False
+        if len(self) >= 4096:           # a program making ever new numbers: start again
+            self.clear()
+        self[key] = arr
+        return arr
+
+
+NUMBER_OPERANDS = _NumberOperands()
 
 
 def number_operand(x, dtype):
@@ -142,25 +161,12 @@ def number_operand(x, dtype):
     to that dtype), as a cached read-only 0-d array: the same result, without numpy's
     per-call conversion of a Python number, which costs more than the op on a small array.
     ``x`` itself where the cast could differ: not a float dtype, zero (its sign), or a value
-    that does not fit the dtype.
+    that does not fit the dtype. The per-op paths read ``NUMBER_OPERANDS[x, dtype]``, the
+    same answer without this call.
 
     Example: ``number_operand(0.5, np.dtype(np.float32))`` is ``array(0.5, dtype=float32)``.
     """
-    key = (x, dtype)
-    arr = _NUMBERS.get(key)
-    if arr is not None:
-        return arr
-    if dtype.kind != "f" or not x or x != x or type(x) is int and not -2 ** 53 < x < 2 ** 53:
-        return x
-    with np.errstate(over="ignore"):
-        arr = np.asarray(x, dtype)
-    if not np.isfinite(arr):
-        return x
-    arr.flags.writeable = False
-    if len(_NUMBERS) >= 4096:           # a program making ever new numbers: start again
-        _NUMBERS.clear()
-    _NUMBERS[key] = arr
-    return arr
+    return NUMBER_OPERANDS[x, dtype]
 
 
 def unbroadcast_to(g, x):
