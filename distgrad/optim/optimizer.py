@@ -5,6 +5,7 @@ on distributed parameters they are recorded and run on the workers: as one instr
 op for all parameters where an optimizer uses :mod:`.foreach`.
 """
 import copy
+import math
 
 from ..autograd import engine
 from ..nn.module import clear_grad
@@ -21,7 +22,8 @@ def _chunks(params):
     """``params`` in consecutive runs of at most FOREACH_CHUNK_BYTES (or one parameter)."""
     chunk, size = [], 0
     for p in params:
-        nbytes = p.numel() * p.dtype.itemsize
+        store = p.store
+        nbytes = math.prod(store.shape) * store.dtype.itemsize
         if chunk and size + nbytes > FOREACH_CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
