@@ -1,10 +1,11 @@
 """Class-index losses (``F.cross_entropy``, ``F.nll_loss``) on a sharded batch.
 
 The property: for every reduction, class weights or none, ignored targets (none, some, a
-whole shard's, all), spatial targets, label smoothing and any uneven split over 1-4 workers, the loss and
-the gradients equal the single-process ones (float64). A sharded 'mean' records one
-scalar all-reduce (the global divisor) and gives a Partial loss, whose backward needs no
-collective: that recording is checked too.
+whole shard's, all), spatial targets, label smoothing and any uneven split over 1-4
+workers, the loss and the gradients equal the single-process ones (float64). A sharded
+'mean' records two ops (the global divisor, counted and all-reduced in one, then the
+loss) and gives a Partial loss, whose backward needs no collective: that recording is
+checked too.
 """
 import numpy as np
 import pytest
@@ -124,9 +125,9 @@ def test_sharded_class_index_losses_match_single_process(p):
     _check(p, _cluster(p["world"]))
 
 
-def test_sharded_mean_records_one_scalar_allreduce_and_a_partial_loss():
-    """The mean's divisor is all-reduced once; the loss itself is Partial (each worker's sum
-    over the global divisor), so neither its forward nor its backward all-reduces it."""
+def test_sharded_mean_records_two_ops_and_a_partial_loss():
+    """The mean's divisor is counted and all-reduced by one op; the loss itself is Partial
+    (each worker's sum over the global divisor): no all-reduce of it, forward or backward."""
     cluster = _cluster(2)
     x, t = np.random.default_rng(0).standard_normal((5, 3)), np.array([0, 1, 2, 1, 0])
     X, T = cluster.shard(x, sizes=(2, 3)), cluster.shard(t, sizes=(2, 3))
@@ -135,13 +136,26 @@ def test_sharded_mean_records_one_scalar_allreduce_and_a_partial_loss():
         cluster.sync()
         loss = getattr(F, op)(logits, T, dg.tensor([1.0, 2.0, 0.5]), ignore_index=1)
         ops = [ins[1] for ins in cluster.recorder.rec.instrs if ins[0] == "op"]
-        assert ops[-3:] == ["nll_total_weight", "allreduce", op], ops
-        assert ops.count("allreduce") == 1, ops
+        assert ops[-2:] == ["nll_total_weight", op] and "allreduce" not in ops, ops
         assert isinstance(loss.placement, Partial)
         ref = getattr(F, op)(dg.tensor(x) if op == "cross_entropy" else
                              F.log_softmax(dg.tensor(x), 1), dg.tensor(t),
                              dg.tensor([1.0, 2.0, 0.5]), ignore_index=1)
         assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_replicated_batch_counts_its_targets_once():
+    """Every worker holding the whole batch: the divisor is not summed over the workers
+    (not even when asked to), and the loss is the local one."""
+    cluster = _cluster(3)
+    x, t = np.random.default_rng(5).standard_normal((5, 3)), np.array([0, 1, 2, 1, -100])
+    X, T = cluster.replicate(dg.tensor(x)), cluster.replicate(dg.tensor(t))
+    assert dg.apply_op("nll_total_weight", T, across_workers=True).item() == 4.0
+    w = dg.tensor([1.0, 2.0, 0.5])
+    for op in ("cross_entropy", "nll_loss"):
+        loss = getattr(F, op)(X, T, w)
+        assert loss.item() == pytest.approx(getattr(F, op)(dg.tensor(x), dg.tensor(t), w).item(),
+                                            rel=1e-12)
 
 
 def test_sharded_mean_without_the_global_divisor_is_refused():

@@ -467,10 +467,9 @@ def _class_index_loss(op, input, target, weight, ignore_index, reduction):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     attrs = dict(ignore_index=int(ignore_index))
     if reduction == "mean" and input.store.lazy:
-        # Distributed: the divisor (the weight of the targets not ignored) is a global sum.
-        # Each worker divides its own sum by it (one scalar all-reduce, recorded because
-        # the loss op takes no Partial input): the loss is Partial, so its backward needs
-        # no collective.
+        # Distributed: the divisor (the weight of the targets not ignored) is a global sum
+        # (nll_total_weight all-reduces it). Each worker divides its own sum by it: the
+        # loss is Partial, so its backward needs no collective.
         total_weight = apply_op("nll_total_weight", target, weight, **attrs)
         return apply_op(op, input, target, weight, total_weight, reduction="mean", **attrs)
     return apply_op(op, input, target, weight, reduction=reduction, **attrs)

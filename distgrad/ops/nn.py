@@ -18,6 +18,7 @@ import threading
 import numpy as np
 
 from .. import placement as P
+from .collective import current
 from .linalg import rule_batch_reduce
 from .math import log_softmax_forward, softmax_forward
 from .registry import defop
@@ -761,27 +762,33 @@ defop("nll_loss_grad", _nll_loss_grad, _nll_grad_vjp, _no_grad_for_targets,
       _no_grad_for_targets, _no_grad_for_targets, placement=rule_like_target)
 
 
-def _nll_total_weight(xp, target, weight=None, ignore_index=-100):
+def _nll_total_weight(xp, target, weight=None, ignore_index=-100, across_workers=False):
     """The divisor of a 'mean' nll_loss (float64): the number of targets not ignored, or
-    the sum of their class weights."""
+    the sum of their class weights; ``across_workers``: summed over the workers too."""
     valid = target != ignore_index
     if weight is None:
-        return xp.asarray(xp.count_nonzero(valid), dtype=np.float64)
-    w = xp.where(valid, weight[xp.where(valid, target, 0)], 0)
-    return xp.asarray(w.sum(dtype=np.float64))
+        total = xp.asarray(xp.count_nonzero(valid), dtype=np.float64)
+    else:
+        w = xp.where(valid, weight[xp.where(valid, target, 0)], 0)
+        total = xp.asarray(w.sum(dtype=np.float64))
+    return current().allreduce(total, op="sum") if across_workers else total
 
 
 def rule_total_weight(op, placements, shapes, attrs, out_ndim):
-    """A sum over the targets: sharded targets give a Partial total (weights replicated)."""
+    """Sharded targets: the op sums over the workers itself (one scalar all-reduce) and its
+    value is replicated. Otherwise every worker has all the targets: no sum over workers."""
     if any(isinstance(p, P.Shard) for p in placements[1:]):
         P.fail(op, placements, "class weights must not be sharded")
     if isinstance(placements[0], P.Shard):
-        return P.Decision(P.PARTIAL, attrs)
+        return P.Decision(P.REPLICATE, dict(attrs, across_workers=True))
+    if attrs.get("across_workers"):
+        attrs = dict(attrs, across_workers=False)
     return P.Decision(P.non_shard_out(placements), attrs)
 
 
-# What a sharded 'mean' nll_loss / cross_entropy divides by: all-reduced, it is their
-# total_weight input (one scalar all-reduce; the loss stays Partial, so backward needs none).
+# What a sharded 'mean' nll_loss / cross_entropy divides by (their total_weight input):
+# the count and its all-reduce in one op, so a loss records two ops, not three. The loss
+# stays Partial (each worker's sum over the global divisor): its backward needs no collective.
 defop("nll_total_weight", _nll_total_weight, differentiable=False, placement=rule_total_weight)
 
 
