@@ -285,8 +285,8 @@ def record_backward(cluster, tensors, grad_tensors, retain_graph, create_graph, 
         prev = obj.grad
         if prev is not None and not prev.store.lazy:
             prev = cluster.replicate(prev.detach())
-        new = cluster.recorder.new_storage(leaf_store.shape, leaf_store.dtype, leaf_store.placement,
-                                   leaf_store.leaves | leaf_vids if create_graph else frozenset())
+        new = cluster.recorder.new_storage_like(
+            leaf_store, leaf_store.leaves | leaf_vids if create_graph else frozenset())
         leaves.append([rec.ref(leaf_store.vid), -1 if prev is None else rec.ref(prev.store.vid),
                        rec.new_slot(new.vid), isinstance(leaf_store.placement, Replicate)])
         grad_fn = None

@@ -217,6 +217,12 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         """A LazyStorage for a value the pending program is about to define."""
         return self._new_value(tuple(map(int, shape)), np.dtype(dtype), placement, leaves, device)
 
+    def new_storage_like(self, store, leaves=frozenset()):
+        """A LazyStorage placed, shaped and typed as ``store`` (a leaf's new gradient), with
+        its :meth:`sig` when known."""
+        return self._new_value(store.shape, store.dtype, store.placement, leaves, store.device,
+                               store.sig if store.sig_for is store.placement else None)
+
     @atomic
     def _new_value(self, shape, dtype, placement, leaves, device, sig=None):
         """:meth:`new_storage` of a ``shape`` (tuple of ints) and ``dtype`` (numpy dtype)
