@@ -57,7 +57,7 @@ class ProgramError(ValueError):
 
 
 def _array_bytes(a):
-    a = np.ascontiguousarray(a)
+    # tobytes() is C order whatever the layout (ascontiguousarray would make 0-d arrays 1-d)
     return msgpack.packb([a.dtype.str, list(a.shape), a.tobytes()], use_bin_type=True)
 
 

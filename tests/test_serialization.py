@@ -186,3 +186,27 @@ def test_decoding_a_message_leaves_no_cycle_holding_its_side_arrays():
     finally:
         gc.enable()
     assert same and not alive
+
+
+@pytest.mark.parametrize("a", [np.array(2.5, np.float32), np.arange(3.0), np.arange(6).reshape(2, 3).T,
+                               np.arange(24.0).reshape(4, 6)[::2, 1::2], np.zeros((0, 3), np.int8)],
+                         ids=["0-d", "1-d", "transposed", "strided", "empty"])
+def test_program_messages_keep_every_array_shape(a):
+    """An inline array arrives with its own shape, values and dtype (a 0-d one stayed 1-d
+    through ascontiguousarray: a replicated scalar reached the workers as shape (1,))."""
+    from distgrad import program
+    back = program.decode(program.encode({"a": a}))["a"]
+    assert back.shape == a.shape and back.dtype == a.dtype
+    np.testing.assert_array_equal(back, a)
+
+
+def test_a_replicated_scalar_is_0_d_on_the_workers():
+    with dg.init(workers=2, backend="local") as cluster:
+        s = cluster.replicate(dg.tensor(3.0))
+        v = cluster.shard(np.arange(4.0, dtype=np.float32))
+        stacked = dg.stack([s, s])          # (2,) here; (2, 1) where the workers held (1,)
+        assert cluster.gather(stacked).numpy().tolist() == [3.0, 3.0]
+        # each worker holds the replicated value in its global shape: (2,), not (2, 1)
+        held = cluster.executor.control([0, 1], {"control": "export", "vids": [stacked.store.vid]})
+        assert [np.shape(h[stacked.store.vid][0]) for h in held] == [(2,), (2,)]
+        np.testing.assert_array_equal(cluster.gather(v * s).numpy(), np.arange(4.0) * 3)
