@@ -19,28 +19,17 @@ import distgrad as dg
 from distgrad.autograd import Function, Variable
 from distgrad.placement import PlacementError
 
+from local_clusters import LocalClusters  # noqa: E402  (tests/ is on sys.path)
 from test_ops import CASES, _make_inputs, _outputs  # noqa: E402  (tests/ is on sys.path)
 
 REFUSALS = (PlacementError, NotImplementedError)
-_clusters = {}
-
-
-def _cluster(n):
-    """The module's local cluster, with ``n`` workers (one cluster per process at a time)."""
-    if n not in _clusters:
-        for c in _clusters.values():
-            c.shutdown()
-        _clusters.clear()
-        _clusters[n] = dg.init(workers=n, backend="local", timeout_s=30)
-    return _clusters[n]
+_cluster = LocalClusters()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _shutdown_clusters():
     yield
-    for c in _clusters.values():
-        c.shutdown()
-    _clusters.clear()
+    _cluster.close()
 
 
 def _sizes(rng, n, world):
@@ -176,9 +165,7 @@ def test_random_programs_match_single_process(p):
 
 @pytest.mark.ray
 def test_random_programs_match_single_process_on_ray(ray_session):
-    for c in _clusters.values():          # one cluster per process
-        c.shutdown()
-    _clusters.clear()
+    _cluster.close()                        # one cluster per process
     with dg.init(workers=3, timeout_s=60) as cluster:
         @settings(max_examples=8, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

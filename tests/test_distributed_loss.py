@@ -15,26 +15,15 @@ import distgrad as dg
 import distgrad.nn.functional as F
 from distgrad.autograd import Variable
 from distgrad.placement import Partial, PlacementError
+from local_clusters import LocalClusters  # noqa: E402  (tests/ is on sys.path)
 
-_clusters = {}
-
-
-def _cluster(n):
-    """The module's local cluster with ``n`` workers (one cluster per process at a time)."""
-    if n not in _clusters:
-        for c in _clusters.values():
-            c.shutdown()
-        _clusters.clear()
-        _clusters[n] = dg.init(workers=n, backend="local", timeout_s=30)
-    return _clusters[n]
+_cluster = LocalClusters()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _shutdown_clusters():
     yield
-    for c in _clusters.values():
-        c.shutdown()
-    _clusters.clear()
+    _cluster.close()
 
 
 def _split(rng, n, world):
@@ -200,9 +189,7 @@ def test_sharded_loss_matches_torch():
 
 @pytest.mark.ray
 def test_sharded_losses_match_single_process_on_ray(ray_session):
-    for c in _clusters.values():          # one cluster per process
-        c.shutdown()
-    _clusters.clear()
+    _cluster.close()                        # one cluster per process
     with dg.init(workers=3, timeout_s=60) as cluster:
         @settings(max_examples=10, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow,
