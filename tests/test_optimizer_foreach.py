@@ -4,6 +4,7 @@ instruction (issue 13); where a call does not fit one instruction the recorder s
 and records nothing, and the calls go one by one."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import distgrad as dg
 from distgrad.ops import get_op
@@ -120,3 +121,54 @@ def test_calls_that_need_more_than_one_instruction_are_recorded_one_by_one(clust
     np.testing.assert_array_equal(cluster.gather(t).numpy(), np.full((4, 3), 3.0, np.float32))
     np.testing.assert_array_equal(cluster.gather(doubled).numpy(), np.full(3, 8.0, np.float32))
     np.testing.assert_array_equal(cluster.gather(flat).numpy(), np.full((4, 3), 3.0, np.float32))
+
+
+# name, number of tensor operands, attrs
+_ELEMENTWISE = [("mul", 2, {}), ("add", 2, {}), ("div", 2, {}), ("sqrt", 1, {}), ("neg", 1, {}),
+                ("axpby", 2, {"a": 0.5, "b": -2.0}), ("axpby", 2, {"a": 1.0, "b": 1})]
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), spec=st.sampled_from(_ELEMENTWISE), inplace=st.booleans(),
+       ncalls=st.integers(1, 4))
+def test_foreach_gives_what_each_op_gives(cluster, data, spec, inplace, ncalls):
+    """Random elementwise foreach calls on sharded, replicated and Partial values, with
+    float or tensor operands (one instruction where they fit, one by one where not):
+    the values a single process computes, bit for bit."""
+    name, arity, attrs = spec
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    calls, local_calls = [], []
+    for _ in range(ncalls):
+        rows, cols = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 3))
+        # (an in-place write into a Partial value is refused, by foreach_ as by the op)
+        kind = data.draw(st.sampled_from(["shard", "replicate"] + ([] if inplace else ["partial"])))
+        a = np.abs(rng.standard_normal((rows, cols))).astype(np.float32) + 0.5
+        if kind == "shard":
+            x = cluster.shard(a)
+        elif kind == "partial":      # a Partial value (a sum over the batch), then its rows
+            x = cluster.shard(a[None].repeat(2, 0) / 2).sum(0)
+            a = (a[None].repeat(2, 0) / 2).sum(0)
+        else:
+            x = cluster.replicate(dg.tensor(a))
+        call, local = [x], [dg.tensor(a)]
+        if arity == 2:
+            if data.draw(st.booleans()) and name != "axpby":
+                f = float(data.draw(st.sampled_from([0.25, 2.0, -3.0])))
+                call.append(f)
+                local.append(f)
+            else:
+                b = np.abs(rng.standard_normal((rows, cols))).astype(np.float32) + 0.5
+                call.append(cluster.shard(b) if kind == "shard" else cluster.replicate(dg.tensor(b)))
+                local.append(dg.tensor(b))
+        calls.append(tuple(call))
+        local_calls.append(tuple(local))
+    with dg.no_grad():
+        if inplace:
+            foreach_(name, [c[0] for c in calls], [c[1:] for c in calls], **attrs)
+            foreach_(name, [c[0] for c in local_calls], [c[1:] for c in local_calls], **attrs)
+            got, want = [c[0] for c in calls], [c[0] for c in local_calls]
+        else:
+            got, want = foreach(name, calls, **attrs), foreach(name, local_calls, **attrs)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(cluster.gather(g).numpy(), w.numpy())
