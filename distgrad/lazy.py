@@ -609,7 +609,6 @@ class Recorder:  # long: one open program's table, driver values and ops (split 
         return self.emit(op, args, placements, shapes, stores, attrs, cls, requires_grad, inputs)
 
     @atomic
-    @atomic
     def record_foreach(self, op, calls, attrs, inplace=False):
         """``op(*call, **attrs)`` for each ``call`` of ``calls`` (tuples of inputs), with
         grad recording off, as one ``foreach`` instruction (PyTorch's ``_foreach_`` ops):
