@@ -1,5 +1,5 @@
 """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay."""
-from .foreach import foreach_
+from .foreach import foreach, foreach_
 from .optimizer import Optimizer, required
 
 
@@ -25,20 +25,21 @@ class SGD(Optimizer):
                                       maximize=maximize))
 
     def _update_group(self, group, params, grads, states):
-        # PyTorch's multi-tensor SGD: each update for all parameters at once (one
-        # instruction on a cluster); every parameter's arithmetic is what a loop would do.
+        # PyTorch's multi-tensor SGD: each op for all parameters at once (one instruction
+        # on a cluster); every parameter's arithmetic is what a loop would do.
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        d_ps = [-g if group["maximize"] else g for g in grads]
+        d_ps = foreach("neg", [(g,) for g in grads]) if group["maximize"] else grads
         if wd:   # p itself, not p.data: grad recording is off here (no detach to record)
-            d_ps = [d_p.axpby(p, 1.0, wd) for d_p, p in zip(d_ps, params)]
+            d_ps = foreach("axpby", list(zip(d_ps, params)), a=1.0, b=wd)
         if momentum:
             bufs = [state.get("momentum_buffer") for state in states]
             old = [i for i, buf in enumerate(bufs) if buf is not None]
+            new = [i for i, buf in enumerate(bufs) if buf is None]
             foreach_("axpby", [bufs[i] for i in old], [(d_ps[i],) for i in old], a=momentum,
                      b=1 - group["dampening"])
-            for i, state in enumerate(states):
-                if bufs[i] is None:      # the buffer starts as the first gradient
-                    bufs[i] = state["momentum_buffer"] = d_ps[i].clone()
-            d_ps = ([d_p.axpby(buf, 1.0, momentum) for d_p, buf in zip(d_ps, bufs)]
+            # a new buffer starts as the first gradient
+            for i, buf in zip(new, foreach("clone", [(d_ps[i],) for i in new])):
+                bufs[i] = states[i]["momentum_buffer"] = buf
+            d_ps = (foreach("axpby", list(zip(d_ps, bufs)), a=1.0, b=momentum)
                     if group["nesterov"] else bufs)
         foreach_("axpby", params, [(d_p,) for d_p in d_ps], a=1.0, b=-lr)
