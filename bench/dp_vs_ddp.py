@@ -68,8 +68,11 @@ def build(m, name):
 BLOCK_TIMEOUT_S = 600        # a block of steps on a loaded machine; past it DDP is hung
 
 
-def _ddp_worker(rank, world, port, name, env, bucket_cap_mb, conn):
+def _ddp_worker(rank, world, port, name, env, bucket_cap_mb, pin, conn):
     os.environ.update(env)            # before gloo makes its device (GLOO_SOCKET_IFNAME)
+    if pin:                           # before torch and gloo start threads: they inherit it
+        from distgrad.workers.cpu_pinning import cores_for, pin_process
+        pin_process(cores_for(rank, world, 1, os.sched_getaffinity(0)))
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -105,7 +108,7 @@ def _ddp_worker(rank, world, port, name, env, bucket_cap_mb, conn):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        loss.item()
+            loss.item()               # the same loop as distgrad's, which reads it every step
         dist.barrier()
         conn.send(time.perf_counter() - t0)
     dist.destroy_process_group()
@@ -113,9 +116,9 @@ def _ddp_worker(rank, world, port, name, env, bucket_cap_mb, conn):
 
 class DDPGang:
     """N DDP processes that run a block of steps on command (and wait in between).
-    ``env``: variables set in each process before gloo starts."""
+    ``env``: variables set in each process before gloo starts; ``pin``: process r on core r."""
 
-    def __init__(self, n, name, env=None, bucket_cap_mb=None):
+    def __init__(self, n, name, env=None, bucket_cap_mb=None, pin=False):
         ctx = mp.get_context("spawn")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -124,7 +127,7 @@ class DDPGang:
         for r in range(n):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_ddp_worker, daemon=True,
-                            args=(r, n, port, name, dict(env or {}), bucket_cap_mb, child))
+                            args=(r, n, port, name, dict(env or {}), bucket_cap_mb, pin, child))
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -285,6 +288,9 @@ def main():
     ap.add_argument("--bucket-cap-mb", type=float, default=None,
                     help="gradient bucket size on both sides (default: each side's own: 25 MB, "
                          "and DDP's 1 MB first bucket)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin each process of both sides to its own core (distgrad's "
+                         "pin_cpus=True; DDP process r on core r)")
     args = ap.parse_args()
     nodes = args.nodes
     workers = args.workers or nodes or 2
@@ -312,6 +318,11 @@ def main():
     if args.bucket_cap_mb:
         init_kw["bucket_cap_mb"] = args.bucket_cap_mb
         who += f", {args.bucket_cap_mb:g} MB buckets on both sides"
+    if args.pin:
+        if nodes or workers > len(os.sched_getaffinity(0)):
+            ap.error("--pin needs one node and a core for each worker")
+        init_kw["pin_cpus"] = True
+        who += ", each process pinned to its own core"
     lines = [f"| model ({who}) | distgrad samples/s | DDP samples/s | "
              "ratio (median of paired blocks) |",
              "|---|---|---|---|"]
@@ -322,7 +333,7 @@ def main():
         for name in args.models.split(","):
             batch = MODELS[name][1]
             X, Y = data(name, batch)
-            ddp = DDPGang(workers, name, ddp_env, args.bucket_cap_mb)
+            ddp = DDPGang(workers, name, ddp_env, args.bucket_cap_mb, args.pin)
             try:
                 with dg.init(workers=workers, timeout_s=120, **init_kw) as cluster:
                     topo = _topologies(cluster)
@@ -331,6 +342,9 @@ def main():
                         raise SystemExit(
                             f"dp_vs_ddp: the workers use {topo} on {where} Ray node(s), not "
                             f"'{expect}' on {nodes}: this is not the TCP setup asked for, no ratio")
+                    if args.pin and None in cluster.gang.pinned:
+                        raise SystemExit(f"dp_vs_ddp: --pin, but the workers' cores are "
+                                         f"{cluster.gang.pinned}: not the setup asked for, no ratio")
                     dg.manual_seed(0)
                     model = cluster.replicate(build(dg, name))
                     opt = dg.optim.SGD(model.parameters(), **MODELS[name][2])
@@ -404,7 +418,8 @@ def main():
         f"({os.cpu_count()} CPUs)."]
     name = "dp_vs_ddp" + (f"_{nodes}nodes" if nodes else "") + (
         "_resident" if args.data == "resident" else "") + (
-        f"_bucket{args.bucket_cap_mb:g}mb" if args.bucket_cap_mb else "")
+        f"_bucket{args.bucket_cap_mb:g}mb" if args.bucket_cap_mb else "") + (
+        "_pinned" if args.pin else "")
     publish(name, "\n".join(text), args.save)
 
 

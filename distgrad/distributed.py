@@ -359,7 +359,9 @@ def init(workers=2, device="cpu", address=None, backend="ray", bucket_cap_mb=25.
     wait on a worker; ``collective`` forces "shm", "tcp" or "hierarchical" (default:
     shm on one node, hierarchical across nodes); other keywords go to the Ray scheduler
     (``strategy="SPREAD"``, ``place_timeout_s``, ``log_to_driver=False`` to keep the
-    workers' output off this terminal).
+    workers' output off this terminal, ``pin_cpus=True`` to give each worker its own
+    cores of its machine: faster when the workers fill the machine, but two pinned jobs on
+    one machine would share its first cores).
 
     One cluster per process: while one is active (not shut down), another ``init`` raises
     at once, whatever its arguments. A GPU request without cupy or a GPU fails at once.
@@ -382,6 +384,9 @@ def init(workers=2, device="cpu", address=None, backend="ray", bucket_cap_mb=25.
         raise ValueError(f"init: workers must be >= 1, got {workers}")
     device = _backend.normalize_device(device)
     if backend == "local":
+        if kwargs:      # Ray scheduler options: silently dropped, a typo would go unseen
+            raise TypeError(f"init: {', '.join(sorted(kwargs))} only apply to backend='ray' "
+                            "(the local backend runs its workers as threads of this process)")
         if device != "cpu":
             _backend.cupy_module()
         gang = LocalGang(workers, device=device, bucket_cap_mb=bucket_cap_mb, timeout_s=timeout_s,

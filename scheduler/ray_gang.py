@@ -154,18 +154,39 @@ def wait_replies(refs, what, deadline, nodes):
     return out
 
 
+def pin_workers(gang):
+    """The cores of each CPU worker of ``gang`` under ``dg.init(pin_cpus=True)``, or None
+    for an unpinned one. The workers of each host (by IP address, so simulated nodes on
+    one machine count as one host) are numbered and each takes its own share of the
+    host's cores (``workers/cpu_pinning.py``), or none does where they do not all fit.
+
+    Example: ``gang.pinned = pin_workers(gang)``.
+    """
+    if not gang.pin_cpus or gang.device != "cpu":
+        return [None] * gang.n
+    deadline, per = time.time() + gang.start_timeout_s, gang.blas_threads
+    hosts = gang._get([a.host_address.remote() for a in gang.actors], "host lookup", deadline)
+    pinned = gang._get([a.pin_cpus.remote(hosts[:r].count(h), hosts.count(h), per)
+                        for r, (a, h) in enumerate(zip(gang.actors, hosts))], "CPU pinning", deadline)
+    loose = [r for r, cores in enumerate(pinned) if cores is None]
+    if loose:
+        log.warning("pin_cpus: worker(s) %s left unpinned: their host has fewer cores than "
+                    "its workers need (%d each)", loose, per)
+    return pinned
+
+
 class RayGang:
     """N worker actors; ``run`` sends one message to each and detects dead or hung ones."""
 
     def __init__(self, n, device="cpu", address=None, bucket_cap_mb=25.0, timeout_s=60.0,
                  num_cpus_per_worker=1, collective=None, strategy="PACK", place_timeout_s=None,
-                 compress=None, log_to_driver=True, driver_socket=True):
+                 compress=None, log_to_driver=True, driver_socket=True, pin_cpus=False):
         self.timeout_s = timeout_s
         # Programs to CPU workers go over a socket (scheduler.socket_channel: Unix on the
         # driver's node, TCP to others), not one Ray call each; False: always Ray calls.
         self.driver_socket = driver_socket
         self.compress = compress
-        self.device, self.bucket_cap_mb = device, bucket_cap_mb
+        self.device, self.bucket_cap_mb, self.pin_cpus = device, bucket_cap_mb, bool(pin_cpus)
         self.requested_collective, self.strategy = collective, strategy
         # timeout_s bounds the wait for resources too; booting the processes gets a floor.
         self.place_timeout_s = place_timeout_s or timeout_s
@@ -268,6 +289,7 @@ class RayGang:
                    for r, a in enumerate(self.actors)], "collective setup",
                   time.time() + self.start_timeout_s)
         self.collective = kind
+        self.pinned = pin_workers(self)         # per worker: its cores, or None
         self._open_channels()
 
     # ------------------------------------------------------------------ direct channels

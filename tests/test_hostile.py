@@ -290,6 +290,9 @@ def test_segments_and_semaphores_are_private():
     ({"compress": "int8"}, ValueError, "compress must be one of None, 'fp16'"),
     ({"device": 0}, TypeError, "device must be 'cpu', 'cuda' or 'cuda:N'"),
     ({"num_cpus_per_worker": 0}, ValueError, "num_cpus_per_worker must be a finite number"),
+    ({"pin_cpus": True}, TypeError, "pin_cpus only apply to backend='ray'"),
+    ({"strategy": "SPREAD", "log_to_driver": False}, TypeError,
+     "log_to_driver, strategy only apply to backend='ray'"),
 ])
 def test_init_names_the_bad_argument(kw, exc, match):
     kw.setdefault("backend", "local")

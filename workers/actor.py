@@ -1,4 +1,6 @@
 """The Ray actor around :class:`~distgrad.workers.worker.Worker` (``backend="ray"``)."""
+import os
+
 import numpy as np
 
 from .shared_pages import release_shared_pages
@@ -24,6 +26,9 @@ class WorkerActor:
         self.worker = None
         self.comm = None
         self.channel = None
+        # The cores this process may use before any pinning (pin_cpus picks among them).
+        self.available_cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else None
 
     def __repr__(self):
         # Ray prefixes each line this actor prints with its repr: "(rank 1 pid=...) ...".
@@ -42,6 +47,17 @@ class WorkerActor:
     def host_address(self):
         import ray
         return ray.util.get_node_ip_address()
+
+    def pin_cpus(self, index, count, per_worker):
+        """Pin this worker to its share of the host's cores as the ``index``-th of ``count``
+        workers there (see ``cpu_pinning``); the cores, or None when they do not all fit
+        (then unpinned)."""
+        from .cpu_pinning import cores_for, pin_process
+        if not self.available_cpus:          # no affinity API here (not Linux)
+            return None
+        cores = cores_for(index, count, per_worker, self.available_cpus)
+        pin_process(cores or self.available_cpus)     # unpinned again when it does not fit
+        return cores
 
     def reset_comm(self, kind, options, rank, world_size):
         """Join a (new) collective group as ``rank`` of ``world_size``. A surviving worker
@@ -79,7 +95,6 @@ class WorkerActor:
         return True
 
     def pid(self):
-        import os
         return os.getpid()
 
     def set_slowdown(self, seconds):
