@@ -71,3 +71,20 @@ def test_unpinned_by_default(ray_session):
     with dg.init(workers=2, log_to_driver=False) as cluster:
         assert cluster.gang.pinned == [None, None]
         assert all(cores == CORES for cores, _ in _thread_cores(cluster))
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(len(CORES) < 2, reason="needs 2 cores")
+def test_resize_pins_the_new_gang_again(ray_session):
+    # resize and recovery re-form the gang: the pins are handed out afresh, so a worker that
+    # stays and one that comes never share a core, and a shrunk gang still uses the first
+    with dg.init(workers=2, pin_cpus=True, log_to_driver=False) as cluster:
+        cluster.resize(1)
+        assert cluster.gang.pinned == [[CORES[0]]]
+        assert [cores for cores, _ in _thread_cores(cluster)] == [[CORES[0]]]
+        cluster.resize(2)
+        assert cluster.gang.pinned == [[CORES[0]], [CORES[1]]]
+        grads = _grads(cluster)
+        assert [cores for cores, _ in _thread_cores(cluster)] == cluster.gang.pinned
+    for got, want in zip(grads, _grads(None)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
