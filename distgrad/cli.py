@@ -34,7 +34,8 @@ def _demo(args):
     res = run(workers=args.workers, address=args.address, device=args.device, steps=args.steps,
               backend=args.backend, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
               plot=args.plot, timeline=args.timeline, progress=not args.no_progress,
-              verbose=args.verbose, log_to_driver=not args.no_worker_output)
+              verbose=args.verbose, log_to_driver=not args.no_worker_output,
+              pin_cpus=args.pin_cpus)
     ok = res["grad_max_diff"] <= 1e-4
     print(f"training accuracy {res['train_accuracy'] * 100:.1f}% ({res['n_train']:,} samples), "
           f"held-out accuracy {res['test_accuracy'] * 100:.1f}% ({res['n_test']:,} samples never "
@@ -183,6 +184,8 @@ def make_parser():
                       help="no progress bar (without a terminal it is a line every few seconds)")
     demo.add_argument("--no-worker-output", action="store_true",
                       help="keep what the Ray workers print off this terminal")
+    demo.add_argument("--pin-cpus", action="store_true",
+                      help="give each Ray worker its own cores (dg.init's pin_cpus)")
     demo.set_defaults(fn=_demo)
 
     sub.add_parser("tutorial", parents=[verbose], formatter_class=fmt,
@@ -210,7 +213,10 @@ def make_parser():
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "pin_cpus", False) and args.backend != "ray":
+        parser.error("--pin-cpus pins Ray workers: it needs --backend ray")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

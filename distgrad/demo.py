@@ -141,7 +141,8 @@ def _startup_messages(verbose, backend):
 
 
 def run(workers=2, address=None, device="cpu", steps=300, backend="ray", batch_size=256, lr=0.1,
-        seed=0, plot=None, timeline=None, progress=True, verbose=False, log_to_driver=True):
+        seed=0, plot=None, timeline=None, progress=True, verbose=False, log_to_driver=True,
+        pin_cpus=False):
     """Train and return a dict of results (accuracies, gradient check, throughput, times).
 
     Example: ``run(workers=2, backend="local", steps=50, progress=False)["test_accuracy"]``.
@@ -152,7 +153,7 @@ def run(workers=2, address=None, device="cpu", steps=300, backend="ray", batch_s
     X_train, y_train, X_test, y_test = split(*spiral_data(seed=seed), seed=seed)
     rng = np.random.default_rng(seed)
     t_start = time.time()
-    kwargs = {"log_to_driver": log_to_driver} if backend == "ray" else {}
+    kwargs = {"log_to_driver": log_to_driver, "pin_cpus": pin_cpus} if backend == "ray" else {}
     with _startup_messages(verbose, backend):
         cluster = dg.init(workers=workers, device=device, address=address, backend=backend, **kwargs)
     with cluster:

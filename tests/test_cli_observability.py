@@ -96,3 +96,27 @@ def test_every_bench_script_takes_the_flags_distgrad_bench_passes(script):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--quick" in proc.stdout
+
+
+def test_demo_pin_cpus_needs_ray():
+    proc = _run("demo", "--backend", "local", "--pin-cpus")
+    assert proc.returncode == 2 and "--pin-cpus pins Ray workers" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(len(getattr(os, "sched_getaffinity", lambda _: [])(0)) < 2,
+                    reason="needs 2 cores")
+def test_demo_pin_cpus_pins_the_workers(ray_session, monkeypatch):
+    from distgrad import demo
+    seen, init = [], dg.init
+
+    def spy(*args, **kwargs):          # the real init; it notes what the demo got
+        cluster = init(*args, **kwargs)
+        seen.append(cluster.gang.pinned)
+        return cluster
+    monkeypatch.setattr(dg, "init", spy)
+    res = demo.run(workers=2, backend="ray", steps=5, progress=False, pin_cpus=True)
+    cores = sorted(os.sched_getaffinity(0))
+    assert seen == [[[cores[0]], [cores[1]]]]
+    assert res["grad_max_diff"] <= 1e-4
